@@ -1,0 +1,234 @@
+"""Block-sparse weight format: W [N, K] (out x in) in BSR with b x b blocks.
+
+`BlockSparseWeight` keeps the BSR arrays as module buffers so that `.to()`,
+`state_dict()` and safetensors round trips work like any other layer:
+
+- `crow`   int32 [N/b + 1]  block-row pointers into `col` / `values`
+- `col`    int32 [nnz]      block-column of each block, sorted within a row
+- `values` [nnz, b, b]      values[i] is the W tile of block i (rows = out)
+
+Derived metadata (not saved, rebuilt from crow/col):
+
+- `row`     int32 [nnz]     block row of each block
+- `t_crow`  int32 [K/b + 1] the transposed structure (block rows over K)
+- `t_row`   int32 [nnz]     block row (over N) of each transposed entry
+- `t_index` int32 [nnz]     index into `values` of each transposed entry:
+                            a permutation, the weights are never copied
+- `ell_*`   padded per-row layout used by the torch backend (see ops.py)
+
+Every construction from index data validates it (in range, sorted, no
+duplicates, monotone crow), so a malformed checkpoint raises a clear error and
+can never make a kernel read out of bounds.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+SUPPORTED_BLOCK_SIZES = (8, 16, 32, 64)
+DEFAULT_BLOCK_SIZE = 16
+
+
+def check_block_size(block_size: int) -> int:
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(
+            f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}"
+        )
+    return int(block_size)
+
+
+def check_divisible(shape: tuple[int, int], block_size: int, what: str = "weight") -> None:
+    n, k = shape
+    if n % block_size or k % block_size:
+        raise ValueError(
+            f"{what} shape (out={n}, in={k}) is not divisible by block_size={block_size}; "
+            f"both dimensions must be multiples of the block size"
+        )
+
+
+def _validate_structure(crow: torch.Tensor, col: torch.Tensor, n_block_rows: int,
+                        n_block_cols: int, nnz: int) -> None:
+    """Raise ValueError unless (crow, col) is a well-formed BSR structure."""
+    for name, t in (("crow", crow), ("col", col)):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be an int32/int64 tensor, got dtype {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if crow.numel() != n_block_rows + 1:
+        raise ValueError(
+            f"crow must have N/b + 1 = {n_block_rows + 1} entries, got {crow.numel()}"
+        )
+    crow64, col64 = crow.long().cpu(), col.long().cpu()
+    if crow64[0].item() != 0:
+        raise ValueError(f"crow[0] must be 0, got {crow64[0].item()}")
+    steps = crow64[1:] - crow64[:-1]
+    if (steps < 0).any():
+        bad = int(torch.nonzero(steps < 0)[0])
+        raise ValueError(
+            f"crow must be non-decreasing: crow[{bad}]={crow64[bad].item()} > "
+            f"crow[{bad + 1}]={crow64[bad + 1].item()}"
+        )
+    if crow64[-1].item() != col64.numel() or col64.numel() != nnz:
+        raise ValueError(
+            f"crow[-1]={crow64[-1].item()}, len(col)={col64.numel()} and "
+            f"len(values)={nnz} must all equal the number of blocks"
+        )
+    if col64.numel():
+        if col64.min() < 0 or col64.max() >= n_block_cols:
+            bad = int(torch.nonzero((col64 < 0) | (col64 >= n_block_cols))[0])
+            raise ValueError(
+                f"col[{bad}]={col64[bad].item()} is out of range [0, {n_block_cols})"
+            )
+        row = torch.repeat_interleave(torch.arange(n_block_rows), steps)
+        same_row = row[1:] == row[:-1]
+        unsorted = same_row & (col64[1:] <= col64[:-1])
+        if unsorted.any():
+            bad = int(torch.nonzero(unsorted)[0])
+            raise ValueError(
+                f"col must be strictly increasing within a block row (sorted, no duplicates): "
+                f"block row {row[bad].item()} has col[{bad}]={col64[bad].item()} followed by "
+                f"col[{bad + 1}]={col64[bad + 1].item()}"
+            )
+
+
+class BlockSparseWeight(nn.Module):
+    """A frozen W [N, K] stored as b x b blocks (BSR). Build with `from_dense`."""
+
+    def __init__(self, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+                 shape: tuple[int, int], *, validate: bool = True):
+        super().__init__()
+        if values.dim() != 3 or values.shape[1] != values.shape[2]:
+            raise ValueError(f"values must be [nnz, b, b], got shape {tuple(values.shape)}")
+        block_size = check_block_size(values.shape[1])
+        shape = (int(shape[0]), int(shape[1]))
+        check_divisible(shape, block_size)
+        n_block_rows, n_block_cols = shape[0] // block_size, shape[1] // block_size
+        if validate:
+            _validate_structure(crow, col, n_block_rows, n_block_cols, values.shape[0])
+        self.shape = shape
+        self.block_size = block_size
+        device = values.device
+        crow = crow.to(device=device, dtype=torch.int32)
+        col = col.to(device=device, dtype=torch.int32)
+        # Frozen by construction: values is a buffer, never a Parameter.
+        self.register_buffer("crow", crow)
+        self.register_buffer("col", col)
+        self.register_buffer("values", values.detach().contiguous())
+        self._register_derived(crow.long(), col.long(), n_block_rows, n_block_cols)
+
+    def _register_derived(self, crow: torch.Tensor, col: torch.Tensor,
+                          n_block_rows: int, n_block_cols: int) -> None:
+        counts = crow[1:] - crow[:-1]
+        row = torch.repeat_interleave(torch.arange(n_block_rows, device=crow.device), counts)
+        # Transposed structure: sort blocks by (col, row); a stable sort keeps rows ordered.
+        t_index = torch.sort(col, stable=True).indices
+        t_counts = torch.bincount(col, minlength=n_block_cols)
+        t_crow = torch.zeros(n_block_cols + 1, dtype=torch.long, device=crow.device)
+        t_crow[1:] = torch.cumsum(t_counts, 0)
+        derived = {
+            "row": row, "t_crow": t_crow, "t_row": row[t_index], "t_index": t_index,
+        }
+        # Padded per-row ("ELL") index for the torch backend: each block row lists
+        # max_blocks_per_row block indices; padding points at block 0 and is masked.
+        width = int(counts.max()) if counts.numel() else 0
+        slot = torch.arange(width, device=crow.device)
+        valid = slot[None, :] < counts[:, None]
+        ell_index = torch.where(valid, crow[:-1, None] + slot[None, :], 0)
+        derived["ell_index"] = ell_index
+        derived["ell_col"] = torch.where(valid, col[ell_index], 0)
+        for name, tensor in derived.items():
+            self.register_buffer(name, tensor.to(torch.int32), persistent=False)
+        self.register_buffer("ell_valid", valid, persistent=False)
+        self.rows_uniform = bool(valid.all())
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, block_mask: torch.Tensor | None = None,
+                   block_size: int | None = None) -> "BlockSparseWeight":
+        """Keep the blocks of `weight` [N, K] where `block_mask` [N/b, K/b] is True.
+
+        The block size is read from the mask's shape (b = N / mask rows); with no
+        mask, every block that holds a nonzero is kept (b defaults to 16).
+        """
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+        n, k = weight.shape
+        if block_mask is None:
+            block_size = check_block_size(block_size or DEFAULT_BLOCK_SIZE)
+            check_divisible((n, k), block_size)
+            tiles = weight.detach().reshape(n // block_size, block_size, k // block_size, block_size)
+            block_mask = tiles.ne(0).any(dim=3).any(dim=1)
+        else:
+            if block_mask.dim() != 2 or block_mask.dtype != torch.bool:
+                raise ValueError(
+                    f"block_mask must be a 2-D bool tensor [N/b, K/b], got dtype "
+                    f"{block_mask.dtype} and shape {tuple(block_mask.shape)}"
+                )
+            rows = block_mask.shape[0]
+            inferred = n // rows if rows and n % rows == 0 else None
+            if block_size is None:
+                block_size = inferred
+            if (block_size is None or block_size not in SUPPORTED_BLOCK_SIZES
+                    or block_mask.shape != (n // block_size, k // block_size)
+                    or n % block_size or k % block_size):
+                raise ValueError(
+                    f"block_mask shape {tuple(block_mask.shape)} does not fit weight shape "
+                    f"({n}, {k}): expected [N/b, K/b] for a block size b in "
+                    f"{SUPPORTED_BLOCK_SIZES} dividing both dimensions"
+                    + (f" (got block_size={block_size})" if block_size else "")
+                )
+        b = block_size
+        block_mask = block_mask.to(weight.device)
+        tiles = weight.detach().reshape(n // b, b, k // b, b).permute(0, 2, 1, 3)
+        rows, cols = torch.nonzero(block_mask, as_tuple=True)  # row-major: sorted
+        values = tiles[rows, cols].contiguous()
+        crow = torch.zeros(n // b + 1, dtype=torch.int32, device=weight.device)
+        crow[1:] = torch.cumsum(block_mask.sum(dim=1), 0)
+        return cls(crow, cols.to(torch.int32), values, (n, k), validate=False)
+
+    @classmethod
+    def from_bsr(cls, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+                 shape: tuple[int, int]) -> "BlockSparseWeight":
+        """Build from (possibly untrusted) BSR arrays, e.g. a checkpoint; validated."""
+        return cls(crow, col, values, shape, validate=True)
+
+    # --------------------------------------------------------------- properties
+    @property
+    def nnz_blocks(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def block_grid(self) -> tuple[int, int]:
+        return self.shape[0] // self.block_size, self.shape[1] // self.block_size
+
+    @property
+    def density(self) -> float:
+        rows, cols = self.block_grid
+        return self.nnz_blocks / (rows * cols) if rows * cols else 0.0
+
+    @property
+    def block_mask(self) -> torch.Tensor:
+        mask = torch.zeros(self.block_grid, dtype=torch.bool, device=self.values.device)
+        mask[self.row.long(), self.col.long()] = True
+        return mask
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def to_dense(self) -> torch.Tensor:
+        """W [N, K] with zeros in the absent blocks."""
+        rows, cols = self.block_grid
+        b = self.block_size
+        tiles = self.values.new_zeros(rows, cols, b, b)
+        tiles[self.row.long(), self.col.long()] = self.values
+        return tiles.permute(0, 2, 1, 3).reshape(self.shape)
+
+    def extra_repr(self) -> str:
+        return (f"shape={self.shape}, block_size={self.block_size}, "
+                f"density={self.density:.3f}, dtype={self.dtype}")

@@ -1,0 +1,133 @@
+"""`BlockSparseLinear`: a drop-in for `nn.Linear` whose weight is block-sparse and frozen."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .format import DEFAULT_BLOCK_SIZE, BlockSparseWeight, check_block_size, check_divisible
+from .ops import block_sparse_linear
+
+
+def magnitude_block_mask(weight: torch.Tensor, sparsity: float,
+                         block_size: int = DEFAULT_BLOCK_SIZE) -> torch.Tensor:
+    """Keep, in every block row, the (1 - sparsity) fraction of blocks with largest |W| sum.
+
+    The simple default of `BlockSparseLinear.from_linear(..., sparsity=s)`; real
+    pruning with calibration data lives in `blocksparse.prune`.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    n, k = weight.shape
+    check_divisible((n, k), block_size)
+    b = block_size
+    scores = weight.detach().abs().float().reshape(n // b, b, k // b, b).sum(dim=(1, 3))
+    keep = (k // b) - int(round(sparsity * (k // b)))
+    keep = max(keep, 1)
+    top = scores.topk(keep, dim=1).indices
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask.scatter_(1, top, True)
+    return mask
+
+
+class BlockSparseLinear(nn.Module):
+    """y = x W^T + bias with W stored as b x b blocks (BSR), frozen.
+
+    The bias (if any) is an ordinary Parameter; the block values are a buffer,
+    so optimizers and PEFT never touch them.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 block_size: int = DEFAULT_BLOCK_SIZE, device=None, dtype=None):
+        super().__init__()
+        block_size = check_block_size(block_size)
+        check_divisible((out_features, in_features), block_size)
+        self.in_features = in_features
+        self.out_features = out_features
+        # An empty structure (density 0) until a weight is set or loaded.
+        empty = torch.empty(0, block_size, block_size, device=device, dtype=dtype)
+        crow = torch.zeros(out_features // block_size + 1, dtype=torch.int32, device=device)
+        col = torch.zeros(0, dtype=torch.int32, device=device)
+        self.sparse_weight = BlockSparseWeight(crow, col, empty, (out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, block_mask: torch.Tensor | None = None,
+                    sparsity: float | None = None,
+                    block_size: int = DEFAULT_BLOCK_SIZE) -> "BlockSparseLinear":
+        """Convert `linear`, keeping the blocks in `block_mask` [out/b, in/b].
+
+        With `sparsity` and no mask, each block row keeps its largest-magnitude
+        blocks; with neither, every block is kept (density 1).
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        if block_mask is not None and sparsity is not None:
+            raise ValueError("give either block_mask or sparsity, not both")
+        weight = linear.weight.detach()
+        if block_mask is None:
+            block_mask = magnitude_block_mask(weight, sparsity or 0.0, block_size)
+        sparse_weight = BlockSparseWeight.from_dense(weight, block_mask.to(weight.device))
+        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                     block_size=sparse_weight.block_size, device=weight.device, dtype=weight.dtype)
+        module.sparse_weight = sparse_weight
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().clone(),
+                                       requires_grad=linear.bias.requires_grad)
+        return module
+
+    # Introspection that users and PEFT look for.
+    @property
+    def weight(self) -> torch.Tensor:
+        """The stored block values [nnz, b, b] (frozen). Use `to_dense()` for W [N, K]."""
+        return self.sparse_weight.values
+
+    @property
+    def block_size(self) -> int:
+        return self.sparse_weight.block_size
+
+    @property
+    def density(self) -> float:
+        return self.sparse_weight.density
+
+    @property
+    def block_mask(self) -> torch.Tensor:
+        return self.sparse_weight.block_mask
+
+    def to_dense(self) -> torch.Tensor:
+        return self.sparse_weight.to_dense()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return block_sparse_linear(x, self.sparse_weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, block_size={self.block_size}, "
+                f"density={self.density:.3f}")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs):
+        # The number of blocks in a checkpoint differs from this module's, so the
+        # structure is rebuilt (and validated) from the stored arrays instead of
+        # copied in place.
+        sw = prefix + "sparse_weight."
+        keys = [sw + name for name in ("crow", "col", "values")]
+        if all(key in state_dict for key in keys):
+            crow, col, values = (state_dict[key] for key in keys)
+            if values.dim() != 3 or values.shape[1:] != (self.block_size, self.block_size):
+                error_msgs.append(
+                    f"{sw}values: expected [nnz, {self.block_size}, {self.block_size}] blocks, "
+                    f"got shape {tuple(values.shape)}"
+                )
+                return
+            try:
+                loaded = BlockSparseWeight.from_bsr(
+                    crow, col, values.to(self.sparse_weight.values.device),
+                    (self.out_features, self.in_features))
+            except ValueError as err:
+                error_msgs.append(f"{sw[:-1]}: malformed block-sparse checkpoint: {err}")
+                return
+            self.sparse_weight = loaded.to(dtype=self.sparse_weight.values.dtype)
+            state_dict = {k: v for k, v in state_dict.items() if k not in keys}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
