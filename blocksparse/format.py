@@ -5,7 +5,9 @@
 
 - `crow`   int32 [N/b + 1]  block-row pointers into `col` / `values`
 - `col`    int32 [nnz]      block-column of each block, sorted within a row
-- `values` [nnz, b, b]      values[i] is the W tile of block i (rows = out)
+- `values` [nnz, b, b]      values[i] is the TRANSPOSED W tile of block i:
+                            values[i][c, j] = W[row*b + j, col*b + c]
+                            (rows = in, columns = out)
 
 Derived metadata (not saved, rebuilt from crow/col):
 
@@ -15,6 +17,12 @@ Derived metadata (not saved, rebuilt from crow/col):
 - `t_index` int32 [nnz]     index into `values` of each transposed entry:
                             a permutation, the weights are never copied
 - `ell_*`   padded per-row layout used by the torch backend (see ops.py)
+
+Why transposed tiles: the forward product X W^T multiplies X by W^T tiles,
+so each tile is stored the way the forward pass reads it: one block row's
+tiles stacked are exactly the [P*b, b] slab of W^T that the row needs (the
+torch backend multiplies it without any copy), and the Triton forward kernel
+loads row-major [k, n] tiles. The backward pass reads them transposed.
 
 Every construction from index data validates it (in range, sorted, no
 duplicates, monotone crow), so a malformed checkpoint raises a clear error and
@@ -180,7 +188,7 @@ class BlockSparseWeight(nn.Module):
                 )
         b = block_size
         block_mask = block_mask.to(weight.device)
-        tiles = weight.detach().reshape(n // b, b, k // b, b).permute(0, 2, 1, 3)
+        tiles = weight.detach().reshape(n // b, b, k // b, b).permute(0, 2, 3, 1)  # [R, C, c, j]
         rows, cols = torch.nonzero(block_mask, as_tuple=True)  # row-major: sorted
         values = tiles[rows, cols].contiguous()
         crow = torch.zeros(n // b + 1, dtype=torch.int32, device=weight.device)
@@ -225,9 +233,10 @@ class BlockSparseWeight(nn.Module):
         """W [N, K] with zeros in the absent blocks."""
         rows, cols = self.block_grid
         b = self.block_size
-        tiles = self.values.new_zeros(rows, cols, b, b)
-        tiles[self.row.long(), self.col.long()] = self.values
-        return tiles.permute(0, 2, 1, 3).reshape(self.shape)
+        dense = self.values.new_zeros(self.shape)
+        # Scatter the tiles through a [R, C, c, j] view of the output: no extra copy.
+        dense.view(rows, b, cols, b).permute(0, 2, 3, 1)[self.row.long(), self.col.long()] = self.values
+        return dense
 
     def extra_repr(self) -> str:
         return (f"shape={self.shape}, block_size={self.block_size}, "

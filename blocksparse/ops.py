@@ -90,10 +90,10 @@ def check_inputs(x: torch.Tensor, weight: BlockSparseWeight, bias: torch.Tensor 
 def _sparse_matmul_small_m(x: torch.Tensor, weight: BlockSparseWeight) -> torch.Tensor:
     """X [M, K] @ W^T over the stored blocks only, for small M.
 
-    Per block row r the kept blocks form a [P*b, b] slab of W^T; gathering the
-    matching X columns into [M, P*b] turns the row into one small GEMM, and a
-    chunk of block rows is one batched GEMM. Chunks keep the gathered X and the
-    transposed tiles in cache, so W is read from memory once, like dense.
+    The transposed tiles of block row r, stacked, are the [P*b, b] slab of W^T
+    that the row needs; gathering the matching X columns into [M, P*b] turns
+    the row into one small GEMM, and a chunk of block rows into one batched
+    GEMM. Chunks keep the gathered X in cache, so W is read from memory once.
     """
     m = x.shape[0]
     b = weight.block_size
@@ -102,21 +102,18 @@ def _sparse_matmul_small_m(x: torch.Tensor, weight: BlockSparseWeight) -> torch.
     out = x.new_zeros(n_rows, m, b)
     if width == 0 or m == 0:
         return out.transpose(0, 1).reshape(m, weight.shape[0])
-    x_blocks = x.reshape(m, n_cols, b).transpose(0, 1)  # [C, M, b]
-    chunk = max(1, _CHUNK_BYTES // (width * b * (m + b) * x.element_size()))
+    x_blocks = x.reshape(m, n_cols, b).transpose(0, 1).contiguous()  # [C, M, b]
+    chunk = max(1, _CHUNK_BYTES // (width * b * m * x.element_size()))
     for r0 in range(0, n_rows, chunk):
         r1 = min(r0 + chunk, n_rows)
         gathered = x_blocks[weight.ell_col[r0:r1].long()]  # [ch, P, M, b]
-        if weight.rows_uniform:
-            tiles = weight.values[int(weight.crow[r0]):int(weight.crow[r1])]
-            tiles = tiles.view(r1 - r0, width, b, b)
-        else:
-            valid = weight.ell_valid[r0:r1, :, None, None]
-            gathered = gathered * valid
-            tiles = weight.values[weight.ell_index[r0:r1].long()]  # [ch, P, b, b]
+        if weight.rows_uniform:  # the row's tiles are contiguous: a free view
+            slab = weight.values[int(weight.crow[r0]):int(weight.crow[r1])]
+        else:  # pad short rows with block 0 and zero its X columns
+            gathered = gathered * weight.ell_valid[r0:r1, :, None, None]
+            slab = weight.values[weight.ell_index[r0:r1].long()]
         gathered = gathered.transpose(1, 2).reshape(r1 - r0, m, width * b)
-        tiles_t = tiles.transpose(-1, -2).reshape(r1 - r0, width * b, b)
-        torch.bmm(gathered, tiles_t, out=out[r0:r1])
+        torch.bmm(gathered, slab.view(r1 - r0, width * b, b), out=out[r0:r1])
     return out.transpose(0, 1).reshape(m, weight.shape[0])
 
 

@@ -24,8 +24,9 @@ def test_blocks_sorted_and_values_are_tiles():
     mask = torch.tensor([[False, True, True], [True, False, False]])
     w = BlockSparseWeight.from_dense(weight, mask)
     assert w.crow.tolist() == [0, 2, 3] and w.col.tolist() == [1, 2, 0]
-    assert torch.equal(w.values[0], weight[0:16, 16:32])
-    assert torch.equal(w.values[2], weight[16:32, 0:16])
+    # tiles are stored transposed: values[i][c, j] = W[row*16 + j, col*16 + c]
+    assert torch.equal(w.values[0], weight[0:16, 16:32].t())
+    assert torch.equal(w.values[2], weight[16:32, 0:16].t())
     assert w.crow.dtype == w.col.dtype == torch.int32
 
 
