@@ -65,4 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as `python -m blocksparse.cli`: use the package's module, so that the
+    # CLIError the subcommands raise is the class caught above.
+    from blocksparse.cli import main as package_main
+
+    sys.exit(package_main())

@@ -25,9 +25,10 @@ from .format import BlockSparseWeight
 BACKENDS = ("auto", "torch", "triton")
 
 # Up to this many tokens the torch backend multiplies only the stored blocks;
-# above it the dense product of the masked weight is faster on a CPU
-# (measured with benchmarks/bench_kernels.py on a 2-core x86 CPU, fp32).
-SMALL_M_MAX = 32
+# above it the dense product of the masked weight is faster on a CPU (4096x4096
+# fp32 at 50%, one thread of a 2-core x86 VM: 1.9x dense at M=4, 0.95x at M=16,
+# 0.48x at M=32).
+SMALL_M_MAX = 16
 # Working-set size of one chunk of block rows in the small-M path: the gathered
 # X slab and the transposed weight tiles of a chunk should stay in cache.
 _CHUNK_BYTES = 1 << 20
@@ -87,41 +88,79 @@ def check_inputs(x: torch.Tensor, weight: BlockSparseWeight, bias: torch.Tensor 
 # --------------------------------------------------------------------------
 # torch backend
 # --------------------------------------------------------------------------
-def _sparse_matmul_small_m(x: torch.Tensor, weight: BlockSparseWeight) -> torch.Tensor:
-    """X [M, K] @ W^T over the stored blocks only, for small M.
+def _row_chunks(weight: BlockSparseWeight, m: int, element_size: int):
+    """Yield (r0, r1, slab, cols, valid) per chunk of block rows of the padded row layout.
 
-    The transposed tiles of block row r, stacked, are the [P*b, b] slab of W^T
-    that the row needs; gathering the matching X columns into [M, P*b] turns
-    the row into one small GEMM, and a chunk of block rows into one batched
-    GEMM. Chunks keep the gathered X in cache, so W is read from memory once.
+    slab [ch, P*b, b]: the chunk's transposed tiles, row r's stacked into the
+    [P*b, b] slab of W^T it needs (a free view when every row has P blocks);
+    cols [ch*P]: their block columns; valid: the padding mask, None if uniform.
+    A chunk's gathered activations ([M, ch*P*b]) stay in cache.
     """
-    m = x.shape[0]
-    b = weight.block_size
-    n_rows, n_cols = weight.block_grid
-    width = weight.ell_index.shape[1]
-    out = x.new_zeros(n_rows, m, b)
-    if width == 0 or m == 0:
-        return out.transpose(0, 1).reshape(m, weight.shape[0])
-    x_blocks = x.reshape(m, n_cols, b).transpose(0, 1).contiguous()  # [C, M, b]
-    chunk = max(1, _CHUNK_BYTES // (width * b * m * x.element_size()))
+    b, width = weight.block_size, weight.ell_index.shape[1]
+    n_rows = weight.block_grid[0]
+    chunk = max(1, _CHUNK_BYTES // (width * b * max(m, 1) * element_size))
     for r0 in range(0, n_rows, chunk):
         r1 = min(r0 + chunk, n_rows)
-        gathered = x_blocks[weight.ell_col[r0:r1].long()]  # [ch, P, M, b]
-        if weight.rows_uniform:  # the row's tiles are contiguous: a free view
-            slab = weight.values[int(weight.crow[r0]):int(weight.crow[r1])]
-        else:  # pad short rows with block 0 and zero its X columns
-            gathered = gathered * weight.ell_valid[r0:r1, :, None, None]
-            slab = weight.values[weight.ell_index[r0:r1].long()]
-        gathered = gathered.transpose(1, 2).reshape(r1 - r0, m, width * b)
-        torch.bmm(gathered, slab.view(r1 - r0, width * b, b), out=out[r0:r1])
-    return out.transpose(0, 1).reshape(m, weight.shape[0])
+        cols = weight.ell_col[r0:r1].reshape(-1)
+        if weight.rows_uniform:
+            slab, valid = weight.values[r0 * width:r1 * width], None
+        else:  # short rows are padded with block 0, masked out by `valid`
+            slab, valid = weight.values[weight.ell_index[r0:r1]], weight.ell_valid[r0:r1]
+        yield r0, r1, slab.view(r1 - r0, width * b, b), cols, valid
+
+
+def _sparse_matmul_small_m(x: torch.Tensor, weight: BlockSparseWeight) -> torch.Tensor:
+    """Y = X W^T over the stored blocks only, for small M.
+
+    Gathering the X columns of block row r's blocks into [M, P*b] turns the row
+    into one small GEMM against its slab, and a chunk of rows into one batched
+    GEMM; W is read from memory once, like dense, but only its kept blocks.
+    """
+    m, (n, _), b = x.shape[0], weight.shape, weight.block_size
+    if weight.ell_index.shape[1] == 0 or m == 0:
+        return x.new_zeros(m, n)
+    x_blocks = x.reshape(m, weight.block_grid[1], b)
+    parts = []
+    for r0, r1, slab, cols, valid in _row_chunks(weight, m, x.element_size()):
+        gathered = x_blocks.index_select(1, cols)  # [M, ch*P, b]
+        if valid is not None:
+            gathered = gathered * valid.reshape(1, -1, 1)
+        # [ch, M, P*b] as a strided view: bmm reads it in place.
+        gathered = gathered.view(m, r1 - r0, slab.shape[1]).transpose(0, 1)
+        parts.append(torch.bmm(gathered, slab))  # [ch, M, b]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return out.transpose(0, 1).reshape(m, n)
+
+
+def _sparse_matmul_t_small_m(grad_y: torch.Tensor, weight: BlockSparseWeight) -> torch.Tensor:
+    """dX = dY W over the stored blocks only, for small M: the forward's slabs,
+    transposed, scatter-added into the block columns they came from."""
+    m, (_, k), b = grad_y.shape[0], weight.shape, weight.block_size
+    grad_x = grad_y.new_zeros(m, weight.block_grid[1], b)
+    if weight.ell_index.shape[1] == 0 or m == 0:
+        return grad_x.reshape(m, k)
+    grad_y_blocks = grad_y.reshape(m, weight.block_grid[0], b)
+    for r0, r1, slab, cols, valid in _row_chunks(weight, m, grad_y.element_size()):
+        partial = torch.bmm(grad_y_blocks[:, r0:r1].transpose(0, 1), slab.transpose(1, 2))  # [ch, M, P*b]
+        partial = partial.view(r1 - r0, m, -1, b)
+        if valid is not None:
+            partial = partial * valid[:, None, :, None]
+        grad_x.index_add_(1, cols, partial.permute(1, 0, 2, 3).reshape(m, -1, b))
+    return grad_x.reshape(m, k)
 
 
 def sparse_matmul_torch(x: torch.Tensor, weight: BlockSparseWeight) -> torch.Tensor:
-    """X [M, K] @ W^T with W block-sparse."""
+    """Y = X [M, K] W^T with W block-sparse."""
     if x.shape[0] <= SMALL_M_MAX:
         return _sparse_matmul_small_m(x, weight)
     return F.linear(x, weight.to_dense())
+
+
+def sparse_matmul_t_torch(grad_y: torch.Tensor, weight: BlockSparseWeight) -> torch.Tensor:
+    """dX = dY [M, N] W with W block-sparse."""
+    if grad_y.shape[0] <= SMALL_M_MAX:
+        return _sparse_matmul_t_small_m(grad_y, weight)
+    return grad_y @ weight.to_dense()
 
 
 def lora_dropout_mask(shape, p: float, device, generator=None) -> torch.Tensor:
@@ -151,7 +190,7 @@ class _BlockSparseLinearTorch(torch.autograd.Function):
         weight, s = ctx.weight, ctx.scaling
         grad_x = grad_bias = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ weight.to_dense()
+            grad_x = sparse_matmul_t_torch(grad_y, weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_y.sum(0)
         if lora_a is not None:
