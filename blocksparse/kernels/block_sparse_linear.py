@@ -1,0 +1,938 @@
+"""Fused block-sparse linear in Triton: Y = X W^T (+ bias) (+ s * drop(X) A^T B^T).
+
+W [N, K] is a frozen `BlockSparseWeight` (b x b blocks, b in 16/32/64); A [r, K]
+and B [N, r] are the LoRA factors (PEFT's lora_A.weight / lora_B.weight).
+
+Reading order: look-up tables -> kernels -> configs -> launchers ->
+torch.library ops (with autograd) -> functional API -> ahead-of-time specs.
+
+The schedule (DESIGN.md section 5). Tokens sit on the MMA's M side. A program
+owns a [BM, G*b] output tile: BM tokens times G block rows (a "group"). It
+walks the *union* of its rows' block columns KC columns at a time, loads the X
+slab of those columns once and multiplies it by a packed [KC*b, G*b] weight
+tile; a block absent from one of the rows is a masked load (zero fill, no
+memory traffic). G=1 is the plain BSR schedule. Block rows may be permuted
+(clustered) so that a group's rows share columns; the epilogue stores each
+block row at its true place, so the numerics do not depend on the order.
+
+- Prefill / training (M > 64): G in {1, 2, 4, 8} picked from the union
+  densities, BM = 64 or 128 (wgmma on sm_90).
+- Decode (M <= 64): G=1 in natural order, so each program streams one block
+  row's `values` contiguously; the union is split in SPLIT_K parts when there
+  are too few rows to fill the GPU. Split parts write fp32 partials and the
+  last part to arrive (an atomic counter) sums them in a fixed order and runs
+  the epilogue: one kernel, deterministic.
+- LoRA: a small "shrink" kernel computes T = drop(X) A^T first (dropout from a
+  Philox seed, `tl.rand`, keyed by the element's linear index m*K + k); the
+  expand s * T B^T is one extra MMA in the main kernel's epilogue, before the
+  single store of Y.
+- Backward (W frozen): dX = dY W + s * drop'((dY B) A) is the same kernel over
+  the transposed block structure (it reads the same `values` tiles
+  transposed) with the LoRA term and the regenerated dropout mask in its
+  epilogue; dA is a skinny Triton GEMM when dropout is on (it regenerates the
+  mask instead of storing it) and torch otherwise; dB = s * dY^T T and
+  dbias = dY.sum(0) are torch (cuBLAS handles those skinny GEMMs well).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..format import BlockSparseWeight
+from .clustering import cluster_block_rows, group_union_sizes
+
+TRITON_BLOCK_SIZES = (16, 32, 64)
+# Up to this many tokens the decode schedule runs (memory-bound on W).
+DECODE_MAX_M = 64
+GROUP_SIZES = (1, 2, 4, 8)
+# Relative MMA efficiency of a [BM, BN] tile vs BN=128, a rough model used only
+# to choose G: cost(G) ~ union_density(G) / efficiency(b * G).
+_TILE_EFFICIENCY = {16: 0.45, 32: 0.7, 64: 0.9, 128: 1.0}
+_DEFAULT_NUM_SMS = 132  # H100 / H200; used when no GPU can be asked (interpreter)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# --------------------------------------------------------------------------
+# look-up tables (built once per weight and schedule, cached as buffers)
+# --------------------------------------------------------------------------
+@dataclass
+class Schedule:
+    """What the main kernel needs for one weight orientation: its LUT tensors and G.
+
+    Union entries are sorted by group, then column. For G=1 in BSR order
+    (the forward decode schedule) union entry u is therefore block u, which
+    lets that kernel stream `values` without the block-index table.
+    """
+
+    group_ptr: torch.Tensor    # int32 [groups + 1]: each group's slice of the union list
+    union_col: torch.Tensor    # int32 [U]: block column of each union entry
+    union_block: torch.Tensor  # int32 [U, G]: block index (into values) per row slot, -1 = absent
+    group_rows: torch.Tensor   # int32 [groups, G]: true block row per slot, -1 = padding
+    group_size: int
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.group_ptr, self.union_col, self.union_block, self.group_rows]
+
+
+def build_schedule(crow: torch.Tensor, col: torch.Tensor, block: torch.Tensor,
+                   num_block_cols: int, group_size: int, perm: torch.Tensor | None = None) -> Schedule:
+    """Group block rows (in `perm` order) by `group_size` and list each group's column union.
+
+    crow [R+1], col [nnz] (sorted within a row) and block [nnz] (index into
+    `values` of each entry) describe a BSR structure; for the transposed
+    orientation pass (t_crow, t_row, t_index).
+    """
+    device = crow.device
+    crow, col, block = crow.long(), col.long(), block.long()
+    rows = crow.numel() - 1
+    groups = -(-rows // group_size) if rows else 0
+    if perm is None:
+        perm = torch.arange(rows, device=device)
+    perm = perm.to(device=device, dtype=torch.long)
+    position = torch.empty_like(perm)
+    position[perm] = torch.arange(rows, device=device)
+    group_rows = torch.full((groups * group_size,), -1, dtype=torch.long, device=device)
+    group_rows[:rows] = perm
+    entry_row = torch.repeat_interleave(torch.arange(rows, device=device), crow[1:] - crow[:-1])
+    entry_group = position[entry_row] // group_size
+    entry_slot = position[entry_row] % group_size
+    # One union entry per distinct (group, column); unique() sorts by group then column.
+    keys, inverse = torch.unique(entry_group * num_block_cols + col, return_inverse=True)
+    union_block = torch.full((keys.numel(), group_size), -1, dtype=torch.long, device=device)
+    union_block[inverse, entry_slot] = block
+    group_ptr = torch.zeros(groups + 1, dtype=torch.long, device=device)
+    group_ptr[1:] = torch.cumsum(torch.bincount(keys // num_block_cols, minlength=groups), 0)
+    return Schedule(
+        group_ptr=group_ptr.to(torch.int32),
+        # One padding entry keeps the tensors non-empty; group_ptr never points at it.
+        union_col=torch.cat([keys % num_block_cols, keys.new_zeros(1)]).to(torch.int32),
+        union_block=torch.cat([union_block, union_block.new_full((1, group_size), -1)]).to(torch.int32),
+        group_rows=group_rows.view(groups, group_size).to(torch.int32),
+        group_size=group_size,
+    )
+
+
+def _orientation(weight: BlockSparseWeight, transposed: bool):
+    """(crow, col, block index, number of block columns, block mask) of W or of W^T."""
+    rows, cols = weight.block_grid
+    if transposed:
+        return weight.t_crow, weight.t_row, weight.t_index, rows, weight.block_mask.t()
+    block = torch.arange(weight.nnz_blocks, device=weight.device)
+    return weight.crow, weight.col, block, cols, weight.block_mask
+
+
+@torch.compiler.disable
+def get_schedule(weight: BlockSparseWeight, group_size: int, transposed: bool = False,
+                 cluster: bool = True) -> Schedule:
+    """The cached schedule of `weight` (or W^T) for `group_size`, built on first use.
+
+    The LUTs live on the weight as non-persistent buffers, so `.to(device)`
+    moves them and checkpoints never contain them.
+    """
+    cluster = cluster and group_size > 1
+    prefix = f"_lut_{'t' if transposed else 'f'}{group_size}{'c' if cluster else 'n'}_"
+    names = [prefix + part for part in ("ptr", "col", "blk", "rows")]
+    if getattr(weight, names[0], None) is None:
+        crow, col, block, num_block_cols, mask = _orientation(weight, transposed)
+        perm = cluster_block_rows(mask, group_size) if cluster else None
+        schedule = build_schedule(crow, col, block, num_block_cols, group_size, perm)
+        for name, tensor in zip(names, schedule.tensors):
+            weight.register_buffer(name, tensor, persistent=False)
+    return Schedule(*(getattr(weight, name) for name in names), group_size=group_size)
+
+
+@torch.compiler.disable
+def choose_group_size(weight: BlockSparseWeight, transposed: bool = False) -> int:
+    """G minimising union_density(G) / efficiency(b*G) on the natural-order unions.
+
+    Clustering (applied afterwards to the chosen G) only lowers the unions, so
+    the natural order is a cheap, conservative estimate.
+    """
+    cache = weight.__dict__.setdefault("_group_size_choice", {})
+    if transposed not in cache:
+        mask = _orientation(weight, transposed)[4]
+        best, best_cost = 1, math.inf
+        for g in GROUP_SIZES:
+            width = weight.block_size * g
+            if width > 128 or (g > 1 and g > mask.shape[0]):
+                continue
+            sizes = group_union_sizes(mask, g)
+            density = float(sizes.double().mean()) / mask.shape[1] if sizes.numel() else 0.0
+            cost = density / _TILE_EFFICIENCY[width]
+            if cost < best_cost - 1e-9:
+                best, best_cost = g, cost
+        cache[transposed] = best
+    return cache[transposed]
+
+
+# --------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------
+# Triton 3.9's interpreter multiplies bf16 dot operands as their raw uint16
+# bits. A product of two bf16 values is exact in fp32, so upcasting them there
+# computes what the tensor cores do (fp32 accumulation); compiled code is untouched.
+_BF16_DOT_IN_FP32 = tl.constexpr(_interpreting())
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr):
+    if _BF16_DOT_IN_FP32:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _epilogue_store(acc, rm, m_mask, group, Y, GROUP_ROWS, BIAS, LORA_T, LORA_E, SEED,
+                    M, N_OUT, stride_ym, stride_e_out, stride_e_r, lora_rank, scaling, dropout_p,
+                    BS: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    LORA_SPLITS: tl.constexpr, RP: tl.constexpr, LORA_OUT_DROPOUT: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """acc [BM, G*b] (+ bias) (+ s * T E^T), stored once at the group's true block rows."""
+    nn = tl.arange(0, BS * G)
+    out_row = tl.load(GROUP_ROWS + group * G + nn // BS)  # -1 pads the last group
+    n_mask = out_row >= 0
+    out_col = tl.max_contiguous(tl.multiple_of(out_row * BS + nn % BS, BS), BS)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + out_col, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if LORA_SPLITS > 0:
+        rr = tl.arange(0, RP)
+        t = tl.zeros((acc.shape[0], RP), dtype=tl.float32)
+        for s in tl.static_range(LORA_SPLITS):  # the shrink's split-K partials, fixed order
+            t += tl.load(LORA_T + (s * M + rm.to(tl.int64))[:, None] * RP + rr[None, :],
+                         mask=m_mask[:, None], other=0.0)
+        e = tl.load(LORA_E + out_col[None, :] * stride_e_out + rr[:, None] * stride_e_r,
+                    mask=n_mask[None, :] & (rr < lora_rank)[:, None], other=0.0)
+        # T is rounded to the input dtype first, as the unfused PyTorch path does.
+        lora = _mma(t.to(e.dtype), e, tl.zeros(acc.shape, dtype=tl.float32), DOT_PRECISION)
+        if LORA_OUT_DROPOUT:  # backward: the dropout mask of the forward input, regenerated
+            seed = tl.load(SEED)
+            keep = tl.rand(seed, rm.to(tl.int64)[:, None] * N_OUT + out_col[None, :]) >= dropout_p
+            lora = tl.where(keep, lora / (1.0 - dropout_p), 0.0)
+        acc += scaling * lora
+    y_ptrs = Y + rm.to(tl.int64)[:, None] * stride_ym + out_col[None, :]
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _bsl_matmul_kernel(
+    X, VALUES, Y,
+    GROUP_PTR, UNION_COL, UNION_BLOCK, GROUP_ROWS,
+    BIAS, LORA_T, LORA_E, SEED, PARTIAL, COUNTER,
+    M, N_OUT, num_groups, stride_xm, stride_ym, stride_e_out, stride_e_r, lora_rank,
+    scaling, dropout_p,
+    BS: tl.constexpr, G: tl.constexpr, KC: tl.constexpr, BM: tl.constexpr,
+    SPLIT_K: tl.constexpr, TRANS_W: tl.constexpr, DIRECT_W: tl.constexpr, HAS_BIAS: tl.constexpr,
+    LORA_SPLITS: tl.constexpr, RP: tl.constexpr, LORA_OUT_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Y[:, rows of group] = X[:, union columns] @ packed W tile^T, then the epilogue.
+
+    TRANS_W multiplies by W's blocks instead (the backward dX = dY W): the
+    LUTs then describe the transposed structure and each tile is read transposed.
+    DIRECT_W (forward, G=1, BSR order: union entry u is block u) reads the
+    tiles as one contiguous stream with no block-index LUT: the decode path.
+    """
+    BN: tl.constexpr = BS * G
+    BK: tl.constexpr = BS * KC
+    pid = tl.program_id(0)
+    m_tiles = tl.cdiv(M, BM)
+    # Token tiles vary fastest: programs running together share a group's
+    # weight tiles and the whole (L2-resident) X.
+    pid_m = pid % m_tiles
+    pid_k = (pid // m_tiles) % SPLIT_K
+    group = pid // (m_tiles * SPLIT_K)
+
+    rm = pid_m * BM + tl.arange(0, BM)
+    m_mask = rm < M
+    kk = tl.arange(0, BK)
+    nn = tl.arange(0, BN)
+    k_in, n_in = kk % BS, nn % BS  # position inside a block
+    # values[blk] holds the W^T tile (rows = in, columns = out; format.py).
+    if TRANS_W:  # the tile of W[o, i] is values[blk, o, i]: read transposed
+        w_in_block = n_in[None, :] * BS + k_in[:, None]
+    else:  # the tile of W^T[i, o] is values[blk, i, o]: read as it lies
+        w_in_block = k_in[:, None] * BS + n_in[None, :]
+
+    u_begin = tl.load(GROUP_PTR + group)
+    u_end = tl.load(GROUP_PTR + group + 1)
+    if SPLIT_K > 1:
+        per_split = tl.cdiv(tl.cdiv(u_end - u_begin, SPLIT_K), KC) * KC
+        u_begin = u_begin + pid_k * per_split
+        u_end = tl.minimum(u_end, u_begin + per_split)
+
+    x_rows = X + rm.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    cc = tl.arange(0, KC)
+    gg = tl.arange(0, G)
+    for u in range(u_begin, u_end, KC):
+        # The LUT entries of this step: KC union columns x G rows, expanded to
+        # the [BK, BN] tile by broadcasting (no per-element gather).
+        c_valid = u + cc < u_end
+        col = tl.load(UNION_COL + u + cc, mask=c_valid, other=0)
+        xk = tl.reshape(col[:, None] * BS + tl.arange(0, BS)[None, :], (BK,))
+        xk = tl.max_contiguous(tl.multiple_of(xk, BS), BS)
+        k_valid = tl.reshape(tl.broadcast_to(c_valid[:, None], (KC, BS)), (BK,))
+        x = tl.load(x_rows + xk[None, :], mask=m_mask[:, None] & k_valid[None, :], other=0.0)
+        if DIRECT_W:  # union entry u is block u: the step's tiles lie contiguously
+            w = tl.load(VALUES + u * (BS * BS) + kk[:, None] * BS + nn[None, :],
+                        mask=k_valid[:, None], other=0.0)
+        else:
+            blk_cg = tl.load(UNION_BLOCK + (u + cc)[:, None] * G + gg[None, :],
+                             mask=c_valid[:, None], other=-1)
+            blk = tl.reshape(tl.broadcast_to(blk_cg[:, None, :, None], (KC, BS, G, BS)), (BK, BN))
+            w = tl.load(VALUES + blk * (BS * BS) + w_in_block, mask=blk >= 0, other=0.0)
+        acc = _mma(x, w, acc, DOT_PRECISION)
+
+    if SPLIT_K > 1:
+        # Each split stores an fp32 partial; the last to arrive sums all of
+        # them in split order (deterministic), resets the counter and stores.
+        tile = group * m_tiles + pid_m
+        n_tiles = num_groups * m_tiles
+        local = tl.arange(0, BM)[:, None] * BN + nn[None, :]
+        tl.store(PARTIAL + (pid_k * n_tiles + tile).to(tl.int64) * (BM * BN) + local, acc)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(COUNTER + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                acc += tl.load(PARTIAL + (s * n_tiles + tile).to(tl.int64) * (BM * BN) + local,
+                               cache_modifier=".cg")
+            tl.atomic_xchg(COUNTER + tile, 0)
+            _epilogue_store(acc, rm, m_mask, group, Y, GROUP_ROWS, BIAS, LORA_T, LORA_E, SEED,
+                            M, N_OUT, stride_ym, stride_e_out, stride_e_r, lora_rank, scaling,
+                            dropout_p, BS, G, HAS_BIAS, LORA_SPLITS, RP, LORA_OUT_DROPOUT,
+                            DOT_PRECISION)
+    else:
+        _epilogue_store(acc, rm, m_mask, group, Y, GROUP_ROWS, BIAS, LORA_T, LORA_E, SEED,
+                        M, N_OUT, stride_ym, stride_e_out, stride_e_r, lora_rank, scaling,
+                        dropout_p, BS, G, HAS_BIAS, LORA_SPLITS, RP, LORA_OUT_DROPOUT,
+                        DOT_PRECISION)
+
+
+@triton.jit
+def _lora_shrink_kernel(X, A, T, SEED, M, K, lora_rank, stride_xm, stride_a_r, stride_a_k, dropout_p,
+                        BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, SPLITS: tl.constexpr,
+                        HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """T[split] = drop(X)[:, split's K range] @ A^T, fp32 partials [SPLITS, M, RP].
+
+    The main kernel's epilogue sums the partials; splitting K fills the GPU
+    when M is small. Dropout keeps element (m, k) iff rand(seed, m*K + k) >= p.
+    """
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    m_mask = rm < M
+    rr = tl.arange(0, RP)
+    k_per_split = tl.cdiv(tl.cdiv(K, BK), SPLITS) * BK
+    k_begin = pid_s * k_per_split
+    k_end = tl.minimum(K, k_begin + k_per_split)
+    acc = tl.zeros((BM, RP), dtype=tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    for k in range(k_begin, k_end, BK):
+        rk = tl.max_contiguous(tl.multiple_of(k + tl.arange(0, BK), BK), BK)
+        k_mask = rk < k_end
+        x = tl.load(X + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :],
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if HAS_DROPOUT:
+            keep = tl.rand(seed, rm.to(tl.int64)[:, None] * K + rk[None, :]) >= dropout_p
+            x = tl.where(keep, x.to(tl.float32) / (1.0 - dropout_p), 0.0).to(x.dtype)
+        a = tl.load(A + rr[None, :] * stride_a_r + rk[:, None] * stride_a_k,
+                    mask=(rr < lora_rank)[None, :] & k_mask[:, None], other=0.0)
+        acc = _mma(x, a, acc, DOT_PRECISION)
+    tl.store(T + (pid_s * M + rm.to(tl.int64))[:, None] * RP + rr[None, :], acc, mask=m_mask[:, None])
+
+
+@triton.jit
+def _lora_grad_a_kernel(GS, X, PARTIAL, SEED, M, K, lora_rank, stride_gm, stride_xm, dropout_p,
+                        BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, SPLITS: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
+    """PARTIAL[split] = GS[split's rows]^T @ drop(X)[split's rows], fp32 [SPLITS, RP, K].
+
+    dA = s (dY B)^T drop(X) with the dropout mask regenerated from the seed,
+    so no [M, K] mask is ever stored.
+    """
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rk = tl.max_contiguous(tl.multiple_of(pid_k * BK + tl.arange(0, BK), BK), BK)
+    k_mask = rk < K
+    rr = tl.arange(0, RP)
+    m_per_split = tl.cdiv(tl.cdiv(M, BM), SPLITS) * BM
+    m_begin = pid_s * m_per_split
+    m_end = tl.minimum(M, m_begin + m_per_split)
+    seed = tl.load(SEED)
+    acc = tl.zeros((RP, BK), dtype=tl.float32)
+    for m in range(m_begin, m_end, BM):
+        rm = m + tl.arange(0, BM)
+        m_mask = rm < m_end
+        g = tl.load(GS + rm.to(tl.int64)[None, :] * stride_gm + rr[:, None],
+                    mask=m_mask[None, :] & (rr < lora_rank)[:, None], other=0.0)
+        x = tl.load(X + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :],
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        keep = tl.rand(seed, rm.to(tl.int64)[:, None] * K + rk[None, :]) >= dropout_p
+        x = tl.where(keep, x.to(tl.float32) / (1.0 - dropout_p), 0.0).to(x.dtype)
+        acc = _mma(g, x, acc, DOT_PRECISION)
+    tl.store(PARTIAL + (pid_s * RP + rr)[:, None] * K + rk[None, :], acc, mask=k_mask[None, :])
+
+
+@triton.jit
+def _dropout_keep_kernel(SEED, KEEP, numel, dropout_p, BLOCK: tl.constexpr):
+    """KEEP[i] = 1 if rand(seed, i) >= p else 0: the mask every kernel above uses."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    keep = tl.rand(tl.load(SEED), offs) >= dropout_p
+    tl.store(KEEP + offs, keep.to(KEEP.dtype.element_ty), mask=offs < numel)
+
+
+# --------------------------------------------------------------------------
+# configs: one function per kernel, per regime; no GPU query at import
+# --------------------------------------------------------------------------
+SMEM_BYTES = {80: 166912, 90: 232448}  # opt-in shared memory per block (A100, H100/H200)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """A launch config: regime name, the kernel's tile constexprs, warps and stages."""
+
+    regime: str
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+
+
+def _pow2_at_most(value: int, cap: int) -> int:
+    value = max(1, min(int(value), cap))
+    return 1 << (value.bit_length() - 1)
+
+
+def _fit_stages(stage_bytes: int, smem_bytes: int, wanted: int) -> int:
+    """The most pipeline stages (<= wanted, >= 3) whose tile buffers fit shared memory.
+
+    The LUT loads feeding the tile addresses take one stage of the software
+    pipeline, so `stages` holds stages - 2 buffers of the X and W tiles
+    (Triton 3.9's TTGIR for this kernel; 5 stages = triple buffering).
+    """
+    for stages in range(wanted, 3, -1):
+        if (stages - 2) * stage_bytes <= smem_bytes:
+            return stages
+    return 3
+
+
+def matmul_config(m: int, block_size: int, group_size: int, element_size: int, *,
+                  dropout_epilogue: bool = False, smem_bytes: int = SMEM_BYTES[80]) -> KernelConfig:
+    """Tile config of `_bsl_matmul_kernel` for M tokens (the regime follows from M).
+
+    `dropout_epilogue`: the backward's regenerated LoRA dropout mask (Philox
+    per output element) needs 8 warps from a 128x64 tile on, and BM=64 above
+    it, not to spill registers.
+    """
+    bs = block_size
+    if m <= DECODE_MAX_M:
+        # Memory-bound: 256-deep K steps keep ~16 KB of W in flight per program
+        # (two buffers), >= 32 KB per SM with the >= 2 programs per SM that
+        # split_k_for ensures, about what HBM latency x bandwidth needs per SM.
+        # From BM=64 on, the X slab would crowd shared memory: 128-deep steps.
+        bm = max(16, triton.next_power_of_2(m))
+        regime, bk, warps, wanted_stages = "decode", 256 if bm <= 32 else 128, 4, 5
+    else:
+        regime, bm, bk, wanted_stages = "prefill", 128 if m >= 128 else 64, 64, 5
+        if dropout_epilogue and bm * bs * group_size > 128 * 64:
+            bm = 64
+        tile = bm * bs * group_size
+        # fp32 inputs take the ieee (FMA) dot: twice the registers per element.
+        big = 128 * 64 if dropout_epilogue or element_size == 4 else 128 * 128
+        warps = 8 if tile >= big else 4
+    kc = max(1, bk // bs)
+    stage_bytes = (bm * kc * bs + kc * bs * bs * group_size) * element_size
+    stages = _fit_stages(stage_bytes, smem_bytes, wanted_stages)
+    return KernelConfig(regime, {"BS": bs, "G": group_size, "KC": kc, "BM": bm}, warps, stages)
+
+
+def split_k_for(m_tiles: int, groups: int, union_steps: float, num_sms: int) -> int:
+    """Split the union so that decode launches >= 2 programs per SM, each with >= 1 step."""
+    programs = max(1, m_tiles * groups)
+    if programs >= 2 * num_sms:
+        return 1
+    return _pow2_at_most(min(-(-2 * num_sms // programs), math.ceil(union_steps)), 8)
+
+
+def matmul_candidates(cfg: KernelConfig, split_k: int, union_steps: float, element_size: int,
+                      smem_bytes: int) -> list[tuple[KernelConfig, int]]:
+    """What autotuning tries around the heuristic `cfg`: few, so first calls stay short.
+
+    Decode: the union split and a shallower K step. Prefill: warps and BM.
+    """
+    cx = cfg.constexprs
+    bs, g, kc, bm = cx["BS"], cx["G"], cx["KC"], cx["BM"]
+
+    def make(bm: int, kc: int, warps: int) -> KernelConfig:
+        stage_bytes = (bm * kc * bs + kc * bs * bs * g) * element_size
+        stages = _fit_stages(stage_bytes, smem_bytes, cfg.num_stages)
+        return KernelConfig(cfg.regime, dict(cx, BM=bm, KC=kc), warps, stages)
+
+    if cfg.regime == "decode":
+        splits = sorted({max(1, split_k // 2), split_k, min(8, split_k * 2)})
+        splits = [s for s in splits if s == 1 or s <= math.ceil(union_steps)]
+        return [(make(bm, k, cfg.num_warps), s) for k in (kc, max(1, kc // 2)) for s in splits]
+    shapes = {(bm, cfg.num_warps), (bm, 8 if cfg.num_warps == 4 else 4)}
+    if bm == 128:
+        shapes.add((64, 4))
+    return [(make(b, kc, w), split_k) for b, w in sorted(shapes)]
+
+
+def lora_config(m: int, k: int, rank_padded: int, num_sms: int) -> tuple[KernelConfig, int]:
+    """(config, number of K splits) of the shrink kernel."""
+    bm = 16 if m <= 16 else 64
+    bk = 128 if m <= DECODE_MAX_M else 64
+    m_tiles = -(-m // bm)
+    splits = _pow2_at_most(min(-(-2 * num_sms // m_tiles), -(-k // bk)), 16)
+    regime = "lora_shrink"
+    return KernelConfig(regime, {"BM": bm, "BK": bk, "RP": rank_padded, "SPLITS": splits}, 4, 3), splits
+
+
+def lora_grad_a_config(m: int, k: int, rank_padded: int, num_sms: int, element_size: int = 2) -> KernelConfig:
+    """Config of the dA kernel: K tiles times M splits, >= 2 programs per SM."""
+    bm, bk = 64, 64 if element_size < 4 else 32
+    k_tiles = -(-k // bk)
+    splits = _pow2_at_most(min(-(-2 * num_sms // k_tiles), -(-m // bm)), 16)
+    return KernelConfig("lora_grad_a", {"BM": bm, "BK": bk, "RP": rank_padded, "SPLITS": splits}, 4, 3)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_limits(device: torch.device) -> tuple[int, int]:
+    """(SM count, opt-in shared memory per block) of a CUDA device; H100-like in the interpreter."""
+    if device.type != "cuda":
+        return _DEFAULT_NUM_SMS, SMEM_BYTES[80]
+    props = torch.cuda.get_device_properties(device)
+    smem = getattr(props, "shared_memory_per_block_optin", SMEM_BYTES[80])
+    return props.multi_processor_count, int(smem)
+
+
+# Autotuning, opt-in (BLOCKSPARSE_AUTOTUNE=1, CUDA only): the first call of a
+# key times `matmul_candidates` with triton.testing.do_bench and keeps the
+# fastest for the process. Off by default: every candidate compiles on first use.
+_TUNED: dict = {}
+
+
+def _autotune_enabled(device: torch.device) -> bool:
+    return (device.type == "cuda" and os.environ.get("BLOCKSPARSE_AUTOTUNE", "0") == "1"
+            and not torch.cuda.is_current_stream_capturing())
+
+
+def _fastest(candidates: list, run) -> object:
+    times = [triton.testing.do_bench(lambda c=c: run(c), warmup=5, rep=20) for c in candidates]
+    return candidates[min(range(len(candidates)), key=times.__getitem__)]
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs must not silently drop to TF32: torch's fp32 matmul does not.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# --------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------
+def _lora_shrink(x: torch.Tensor, a: torch.Tensor, stride_a_r: int, stride_a_k: int, rank: int,
+                 seed: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+    """fp32 partials [splits, M, RP] of drop(x) @ A^T, A given by strides as [rank, K]."""
+    m, k = x.shape
+    rp = max(16, triton.next_power_of_2(rank))
+    num_sms, _ = _device_limits(x.device)
+    cfg, splits = lora_config(m, k, rp, num_sms)
+    partial = torch.empty((splits, m, rp), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, cfg.constexprs["BM"]), splits)
+    _lora_shrink_kernel[grid](
+        x, a, partial, seed if seed is not None else partial, m, k, rank, x.stride(0),
+        stride_a_r, stride_a_k, float(dropout_p), HAS_DROPOUT=dropout_p > 0,
+        DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **cfg.constexprs)
+    return partial
+
+
+def _sparse_matmul(x: torch.Tensor, values: torch.Tensor, luts: list[torch.Tensor], n_out: int,
+                   *, transposed: bool, bias: torch.Tensor | None = None,
+                   lora_t: torch.Tensor | None = None, lora_e: torch.Tensor | None = None,
+                   e_strides: tuple[int, int] = (0, 0), lora_rank: int = 0, scaling: float = 1.0,
+                   out_dropout_p: float = 0.0, seed: torch.Tensor | None = None,
+                   split_k: int = 0) -> torch.Tensor:
+    """Y [M, n_out] = x @ W_view^T (+ bias) (+ scaling * T E^T) with one `_bsl_matmul_kernel` launch."""
+    group_ptr, union_col, union_block, group_rows = luts
+    m = x.shape[0]
+    bs, groups, g = values.shape[1], group_rows.shape[0], group_rows.shape[1]
+    y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    num_sms, smem = _device_limits(x.device)
+    cfg = matmul_config(m, bs, g, x.element_size(), dropout_epilogue=out_dropout_p > 0, smem_bytes=smem)
+    union_steps = (union_col.numel() - 1) / max(groups, 1) / cfg.constexprs["KC"]
+    forced_split = split_k > 0
+    if not forced_split:
+        split_k = 1
+        if cfg.regime == "decode" and groups:
+            split_k = split_k_for(triton.cdiv(m, cfg.constexprs["BM"]), groups, union_steps, num_sms)
+    lora_splits = lora_t.shape[0] if lora_t is not None else 0
+    rp = lora_t.shape[2] if lora_t is not None else 16
+
+    def launch(cfg: KernelConfig, split_k: int) -> None:
+        bm = cfg.constexprs["BM"]
+        m_tiles = triton.cdiv(m, bm)
+        partial = counter = y
+        if split_k > 1:
+            partial = torch.empty((split_k, groups * m_tiles, bm, bs * g), dtype=torch.float32,
+                                  device=x.device)
+            counter = torch.zeros(groups * m_tiles, dtype=torch.int32, device=x.device)
+        _bsl_matmul_kernel[(m_tiles * split_k * groups,)](
+            x, values, y, group_ptr, union_col, union_block, group_rows,
+            bias if bias is not None else y, lora_t if lora_t is not None else y,
+            lora_e if lora_e is not None else y, seed if seed is not None else y, partial, counter,
+            m, n_out, groups, x.stride(0), y.stride(0), e_strides[0], e_strides[1], lora_rank,
+            float(scaling), float(out_dropout_p),
+            SPLIT_K=split_k, TRANS_W=transposed, DIRECT_W=g == 1 and not transposed,
+            HAS_BIAS=bias is not None,
+            LORA_SPLITS=lora_splits, RP=rp, LORA_OUT_DROPOUT=out_dropout_p > 0,
+            DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **cfg.constexprs)
+
+    if not forced_split and _autotune_enabled(x.device) and groups:
+        key = (cfg.regime, triton.next_power_of_2(m), n_out, x.shape[1], union_col.numel(), g,
+               transposed, x.dtype, bias is not None, lora_splits, out_dropout_p > 0)
+        if key not in _TUNED:
+            candidates = matmul_candidates(cfg, split_k, union_steps, x.element_size(), smem)
+            _TUNED[key] = _fastest(candidates, lambda c: launch(*c))
+        cfg, split_k = _TUNED[key]
+    launch(cfg, split_k)
+    return y
+
+
+def _lora_grad_a_dropout(gs: torch.Tensor, x: torch.Tensor, seed: torch.Tensor,
+                         dropout_p: float) -> torch.Tensor:
+    """gs^T @ drop(x) [r, K] with the forward's dropout mask regenerated in the kernel."""
+    m, k = x.shape
+    rank = gs.shape[1]
+    rp = max(16, triton.next_power_of_2(rank))
+    num_sms, _ = _device_limits(x.device)
+    cfg = lora_grad_a_config(m, k, rp, num_sms, x.element_size())
+    splits = cfg.constexprs["SPLITS"]
+    partial = torch.empty((splits, rp, k), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(k, cfg.constexprs["BK"]), splits)
+    _lora_grad_a_kernel[grid](
+        gs, x, partial, seed, m, k, rank, gs.stride(0), x.stride(0), float(dropout_p),
+        DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **cfg.constexprs)
+    return partial.sum(0)[:rank].to(x.dtype)
+
+
+def lora_dropout_keep_mask(seed: torch.Tensor, m: int, k: int, p: float,
+                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The exact [m, k] keep-mask (1/0 in `dtype`) the kernels derive from `seed` for dropout p.
+
+    Feed it to the torch reference (`_BlockSparseLinearTorch.apply(..., keep_mask)`)
+    to compare a dropout run element for element.
+    """
+    keep = torch.empty((m, k), dtype=torch.float32, device=seed.device)
+    block = 1024
+    _dropout_keep_kernel[(triton.cdiv(m * k, block),)](seed, keep, m * k, float(p), BLOCK=block)
+    return keep.to(dtype)
+
+
+def new_dropout_seed(device: torch.device) -> torch.Tensor:
+    """A fresh Philox seed (int64 [1]) from torch's generator on `device`."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+
+
+# --------------------------------------------------------------------------
+# torch.library ops: torch.compile traces through them (fake impls below)
+# --------------------------------------------------------------------------
+@torch.library.custom_op("blocksparse::linear", mutates_args=())
+def _linear_op(x: torch.Tensor, values: torch.Tensor, luts: list[torch.Tensor],
+               t_luts: list[torch.Tensor], bias: torch.Tensor | None, lora_a: torch.Tensor | None,
+               lora_b: torch.Tensor | None, seed: torch.Tensor | None, n_out: int, scaling: float,
+               dropout_p: float, split_k: int, save_shrink: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Y, T) with T = drop(x) A^T [M, r] kept for the backward (empty unless save_shrink)."""
+    if lora_a is not None and dropout_p > 0 and seed is None:
+        raise ValueError(f"LoRA dropout p={dropout_p} needs a seed tensor (int64 [1]), got None")
+    lora_t = lora_e = None
+    rank = 0
+    shrink = x.new_empty((0, 0))
+    if x.shape[0] == 0:
+        y = x.new_empty((0, n_out))
+        return y, x.new_empty((0, lora_a.shape[0])) if lora_a is not None and save_shrink else shrink
+    if lora_a is not None:
+        rank = lora_a.shape[0]
+        lora_t = _lora_shrink(x, lora_a, lora_a.stride(0), lora_a.stride(1), rank, seed, dropout_p)
+        lora_e = lora_b
+        if save_shrink:
+            shrink = lora_t.sum(0)[:, :rank].to(x.dtype).contiguous()
+    y = _sparse_matmul(x, values, luts, n_out, transposed=False, bias=bias, lora_t=lora_t,
+                       lora_e=lora_e,
+                       e_strides=(lora_b.stride(0), lora_b.stride(1)) if lora_b is not None else (0, 0),
+                       lora_rank=rank, scaling=scaling, split_k=split_k)
+    return y, shrink
+
+
+@_linear_op.register_fake
+def _linear_fake(x, values, luts, t_luts, bias, lora_a, lora_b, seed, n_out, scaling, dropout_p,
+                 split_k, save_shrink):
+    shrink_shape = (x.shape[0], lora_a.shape[0]) if lora_a is not None and save_shrink else (0, 0)
+    return x.new_empty((x.shape[0], n_out)), x.new_empty(shrink_shape)
+
+
+@torch.library.custom_op("blocksparse::linear_backward", mutates_args=())
+def _linear_backward_op(grad_y: torch.Tensor, x: torch.Tensor, values: torch.Tensor,
+                        t_luts: list[torch.Tensor], lora_a: torch.Tensor | None,
+                        lora_b: torch.Tensor | None, shrink: torch.Tensor | None,
+                        seed: torch.Tensor | None, scaling: float, dropout_p: float, split_k: int,
+                        need_x: bool, need_a: bool, need_b: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dX, dA, dB); a gradient that is not needed comes back empty."""
+    k = x.shape[1]
+    grad_x, grad_a, grad_b = (x.new_empty((0,)) for _ in range(3))
+    lora_u = None
+    rank = lora_a.shape[0] if lora_a is not None else 0
+    if x.shape[0] == 0:  # no tokens: zero gradients of the right shapes
+        return (x.new_zeros(x.shape) if need_x else grad_x, torch.zeros_like(lora_a) if need_a else grad_a,
+                torch.zeros_like(lora_b) if need_b else grad_b)
+    if lora_a is not None and (need_x or need_a):
+        # U = dY B: the shrink kernel over dY with B^T as its [r, N] factor.
+        lora_u = _lora_shrink(grad_y, lora_b, lora_b.stride(1), lora_b.stride(0), rank, None, 0.0)
+    if need_x:
+        grad_x = _sparse_matmul(
+            grad_y, values, t_luts, k, transposed=True, lora_t=lora_u, lora_e=lora_a,
+            e_strides=(lora_a.stride(1), lora_a.stride(0)) if lora_a is not None else (0, 0),
+            lora_rank=rank, scaling=scaling, out_dropout_p=dropout_p, seed=seed, split_k=split_k)
+    if need_a:
+        gs = lora_u.sum(0)[:, :rank].to(x.dtype) * scaling
+        if dropout_p > 0:
+            grad_a = _lora_grad_a_dropout(gs, x, seed, dropout_p)
+        else:
+            grad_a = gs.t() @ x
+    if need_b:
+        grad_b = (grad_y.t() @ shrink) * scaling
+    return grad_x, grad_a, grad_b
+
+
+@_linear_backward_op.register_fake
+def _linear_backward_fake(grad_y, x, values, t_luts, lora_a, lora_b, shrink, seed, scaling,
+                          dropout_p, split_k, need_x, need_a, need_b):
+    empty = x.new_empty((0,))
+    return (x.new_empty(x.shape) if need_x else empty,
+            lora_a.new_empty(lora_a.shape) if need_a else empty,
+            lora_b.new_empty(lora_b.shape) if need_b else empty)
+
+
+def _setup_context(ctx, inputs, output):
+    (x, values, luts, t_luts, bias, lora_a, lora_b, seed, n_out, scaling, dropout_p,
+     split_k, save_shrink) = inputs
+    ctx.num_luts, ctx.num_t_luts = len(luts), len(t_luts)
+    ctx.scaling, ctx.dropout_p, ctx.split_k = scaling, dropout_p, split_k
+    ctx.has_bias, ctx.has_lora = bias is not None, lora_a is not None
+    ctx.save_for_backward(x, values, lora_a, lora_b, output[1], seed, *t_luts)
+
+
+def _backward(ctx, grad_y, _grad_shrink):
+    x, values, lora_a, lora_b, shrink, seed, *t_luts = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_x, need_bias = need[0], ctx.has_bias and need[4]
+    need_a, need_b = ctx.has_lora and need[5], ctx.has_lora and need[6]
+    grad_y = grad_y.contiguous()
+    grad_x = grad_a = grad_b = grad_bias = None
+    if need_x or need_a or need_b:
+        if need_x and not t_luts:
+            raise RuntimeError("blocksparse: x needs a gradient but the forward ran without "
+                               "the transposed schedule (x did not require grad then)")
+        grad_x, grad_a, grad_b = torch.ops.blocksparse.linear_backward(
+            grad_y, x, values, t_luts, lora_a, lora_b, shrink, seed, ctx.scaling,
+            ctx.dropout_p, ctx.split_k, need_x, need_a, need_b)
+    if need_bias:
+        grad_bias = grad_y.sum(0)
+    return (grad_x if need_x else None, None, [None] * ctx.num_luts, [None] * ctx.num_t_luts,
+            grad_bias, grad_a if need_a else None, grad_b if need_b else None,
+            None, None, None, None, None, None)
+
+
+_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------
+# functional API
+# --------------------------------------------------------------------------
+def check_triton_support(x: torch.Tensor, weight: BlockSparseWeight) -> None:
+    """Raise a clear error for what the Triton kernels cannot run."""
+    if weight.block_size not in TRITON_BLOCK_SIZES:
+        raise ValueError(
+            f"the Triton kernels need block_size >= 16 (tl.dot's smallest tile is 16), "
+            f"one of {TRITON_BLOCK_SIZES}; this weight has block_size={weight.block_size}: "
+            f"use backend='torch' for it"
+        )
+    if not x.is_cuda and not _interpreting():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU "
+            f"interpreter); got x on {x.device}"
+        )
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"the Triton kernels support float16/bfloat16/float32, got {x.dtype}")
+    if weight.nnz_blocks * weight.block_size ** 2 >= 2**31:
+        raise ValueError(f"weight has {weight.nnz_blocks} blocks: more than 2**31 values "
+                         f"do not fit the kernels' int32 offsets")
+
+
+def block_sparse_linear_triton(x2d: torch.Tensor, weight: BlockSparseWeight,
+                               bias: torch.Tensor | None = None, lora_a: torch.Tensor | None = None,
+                               lora_b: torch.Tensor | None = None, scaling: float = 1.0,
+                               dropout_p: float = 0.0, *, group_size: int | None = None,
+                               cluster: bool = True, split_k: int = 0,
+                               seed: torch.Tensor | None = None) -> torch.Tensor:
+    """Y [M, N] = x2d W^T (+ bias) (+ scaling * drop(x2d) lora_a^T lora_b^T), differentiable.
+
+    Inputs are assumed checked by `blocksparse.ops.check_inputs`. Schedule
+    knobs (defaults pick them): `group_size` G (1 = plain BSR; by default 1
+    for M <= 64, else from the union densities), `cluster` (permute block
+    rows so groups share columns; computed once per weight and G), `split_k`
+    (>= 1 forces the number of union splits), `seed` (int64 [1] Philox seed of
+    the LoRA dropout; drawn from torch's generator when None).
+    """
+    check_triton_support(x2d, weight)
+    # The kernels read rows of x (any row stride) and bias with unit element strides.
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    m = x2d.shape[0]
+    has_lora = lora_a is not None
+
+    def schedule(transposed: bool) -> Schedule:
+        g = group_size
+        if g is None:
+            g = 1 if m <= DECODE_MAX_M else choose_group_size(weight, transposed)
+        return get_schedule(weight, g, transposed, cluster)
+
+    grad_on = torch.is_grad_enabled()
+    needs_dx = grad_on and x2d.requires_grad
+    luts = schedule(False).tensors
+    t_luts = schedule(True).tensors if needs_dx else []
+    if not has_lora:
+        dropout_p = 0.0
+    if dropout_p > 0 and seed is None:
+        seed = new_dropout_seed(x2d.device)
+    save_shrink = bool(has_lora and grad_on and lora_b.requires_grad)
+    y, _ = torch.ops.blocksparse.linear(
+        x2d, weight.values, luts, t_luts, bias, lora_a, lora_b, seed if dropout_p > 0 else None,
+        weight.shape[0], float(scaling), float(dropout_p), int(split_k), save_shrink)
+    return y
+
+
+# --------------------------------------------------------------------------
+# ahead-of-time compilation specs (benchmarks/compile_report.py)
+# --------------------------------------------------------------------------
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _matmul_signature(dt: str) -> dict:
+    sig = {name: f"*{dt}" for name in ("X", "VALUES", "Y", "BIAS", "LORA_E")}
+    sig.update({name: "*i32" for name in ("GROUP_PTR", "UNION_COL", "UNION_BLOCK", "GROUP_ROWS", "COUNTER")})
+    sig.update({"LORA_T": "*fp32", "PARTIAL": "*fp32", "SEED": "*i64"})
+    sig.update({name: "i32" for name in ("M", "N_OUT", "num_groups", "stride_xm", "stride_ym",
+                                          "stride_e_out", "stride_e_r", "lora_rank")})
+    sig.update({"scaling": "fp32", "dropout_p": "fp32"})
+    sig.update({name: "constexpr" for name in (
+        "BS", "G", "KC", "BM", "SPLIT_K", "TRANS_W", "DIRECT_W", "HAS_BIAS", "LORA_SPLITS", "RP",
+        "LORA_OUT_DROPOUT", "DOT_PRECISION")})
+    return {name: sig[name] for name in _bsl_matmul_kernel.arg_names}
+
+
+def _lora_signature(kernel, dt: str, ones: tuple[str, ...] = ()) -> dict:
+    """Signature of the LoRA kernels; `ones` are int strides the JIT specializes to 1."""
+    types = {"X": f"*{dt}", "A": f"*{dt}", "GS": f"*{dt}", "T": "*fp32", "PARTIAL": "*fp32",
+             "SEED": "*i64", "dropout_p": "fp32"}
+    constexprs = ("BM", "BK", "RP", "SPLITS", "HAS_DROPOUT", "DOT_PRECISION") + ones
+    return {name: "constexpr" if name in constexprs else types.get(name, "i32")
+            for name in kernel.arg_names}
+
+
+def compile_specs(dtype: torch.dtype = torch.bfloat16, arch: int = 90) -> list[dict]:
+    """Every kernel x config the launchers use on Llama-2-7B-like shapes, for AOT compilation.
+
+    Each entry: kernel name, regime, the jit function `fn`, `signature`
+    (argument name -> Triton type, "constexpr" for constexprs), `constexprs`,
+    `attrs` (the 16-byte alignment the JIT would infer; without it no load
+    is vectorized or pipelined), `num_warps`, `num_stages`. Compile with
+    `triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+    options={"num_warps": ..., "num_stages": ...})`.
+    """
+    dt = _TRITON_DTYPE[dtype]
+    elt = torch.empty((), dtype=dtype).element_size()
+    smem = SMEM_BYTES[arch]
+    precision = _dot_precision(dtype)
+    specs = []
+
+    def matmul(regime: str, m: int, g: int, bs: int = 16, **flags) -> None:
+        cfg = matmul_config(m, bs, g, elt, dropout_epilogue=flags.get("LORA_OUT_DROPOUT", False),
+                            smem_bytes=smem)
+        cx = dict(cfg.constexprs, SPLIT_K=1, TRANS_W=False, HAS_BIAS=False, LORA_SPLITS=0, RP=16,
+                  LORA_OUT_DROPOUT=False, DOT_PRECISION=precision)
+        cx.update(flags)
+        cx["DIRECT_W"] = g == 1 and not cx["TRANS_W"]
+        specs.append({"kernel": "_bsl_matmul_kernel", "regime": regime, "fn": _bsl_matmul_kernel,
+                      "signature": _matmul_signature(dt), "constexprs": cx,
+                      "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+
+    for m in (1, 32, 64):  # BM = 16, 32, 64
+        matmul("decode", m, 1)
+    matmul("decode", 1, 1, SPLIT_K=4)
+    matmul("decode", 16, 1, SPLIT_K=2, HAS_BIAS=True, LORA_SPLITS=8)
+    for g in GROUP_SIZES:
+        matmul("prefill", 2048, g)
+    matmul("prefill", 2048, 4, HAS_BIAS=True, LORA_SPLITS=1)
+    matmul("prefill", 96, 4, LORA_SPLITS=2)
+    matmul("prefill", 2048, 2, bs=32)
+    matmul("prefill", 2048, 1, bs=64)
+    for g in (1, 4, 8):
+        matmul("backward", 2048, g, TRANS_W=True)
+        matmul("backward", 2048, g, TRANS_W=True, LORA_SPLITS=1, LORA_OUT_DROPOUT=True)
+    matmul("backward", 16, 1, TRANS_W=True, SPLIT_K=2, LORA_SPLITS=4, LORA_OUT_DROPOUT=True)
+    # The shrink runs on X with A [r, K] (stride_a_k = 1) and, in backward, on
+    # dY with B^T (B [N, r]: stride_a_r = 1).
+    for m in (1, 2048):
+        cfg, _ = lora_config(m, 4096, 16, _DEFAULT_NUM_SMS)
+        for unit_stride, dropout in (("stride_a_k", False), ("stride_a_k", True), ("stride_a_r", False)):
+            specs.append({"kernel": "_lora_shrink_kernel", "regime": "lora_shrink",
+                          "fn": _lora_shrink_kernel,
+                          "signature": _lora_signature(_lora_shrink_kernel, dt, (unit_stride,)),
+                          "constexprs": dict(cfg.constexprs, HAS_DROPOUT=dropout, DOT_PRECISION=precision,
+                                             **{unit_stride: 1}),
+                          "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    cfg = lora_grad_a_config(2048, 4096, 16, _DEFAULT_NUM_SMS, elt)
+    specs.append({"kernel": "_lora_grad_a_kernel", "regime": "lora_grad_a", "fn": _lora_grad_a_kernel,
+                  "signature": _lora_signature(_lora_grad_a_kernel, dt),
+                  "constexprs": dict(cfg.constexprs, DOT_PRECISION=precision),
+                  "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    specs.append({"kernel": "_dropout_keep_kernel", "regime": "dropout_mask", "fn": _dropout_keep_kernel,
+                  "signature": {"SEED": "*i64", "KEEP": f"*{dt}", "numel": "i32", "dropout_p": "fp32",
+                                "BLOCK": "constexpr"},
+                  "constexprs": {"BLOCK": 1024}, "num_warps": 4, "num_stages": 1})
+    for spec in specs:
+        spec["attrs"] = _aligned_attrs(spec["fn"], spec["signature"])
+    return specs
+
+
+# What the JIT infers at run time for our launches: 16-byte aligned tensors, and
+# feature dims / row strides that are multiples of 16 (block-sparse dims always
+# are). Without it no load is vectorized, so none is pipelined with cp.async.
+_ALIGNED_INTS = ("stride_xm", "stride_ym", "stride_gm", "K", "N_OUT")
+
+
+def _aligned_attrs(fn, signature: dict) -> dict:
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+            if signature[name].startswith("*") or name in _ALIGNED_INTS}
