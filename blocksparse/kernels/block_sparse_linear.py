@@ -494,8 +494,9 @@ def matmul_candidates(cfg: KernelConfig, split_k: int, union_steps: float, eleme
 
 def lora_config(m: int, k: int, rank_padded: int, num_sms: int) -> tuple[KernelConfig, int]:
     """(config, number of K splits) of the shrink kernel."""
-    bm = 16 if m <= 16 else 64
-    bk = 128 if m <= DECODE_MAX_M else 64
+    # BK=64 throughout: at BM=16, BK=128 the backward shrink (B^T loaded with a
+    # strided K axis) spilled on sm_90.
+    bm, bk = (16 if m <= 16 else 64), 64
     m_tiles = -(-m // bm)
     splits = _pow2_at_most(min(-(-2 * num_sms // m_tiles), -(-k // bk)), 16)
     regime = "lora_shrink"
