@@ -27,6 +27,19 @@ def make_tiny_llama(num_layers: int = 2, vocab_size: int = 256, seed: int = 0):
     return LlamaForCausalLM(config).eval()
 
 
+def byte_tokenizer():
+    """A real fast tokenizer with one token per UTF-8 byte (ids 0..255, no special
+    tokens): it fits the tiny Llama's vocabulary, and token counts are byte counts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()

@@ -9,19 +9,7 @@ import torch
 from blocksparse.integration import data
 from blocksparse.integration.data import (
     DatasetError, calibration_samples, eval_tokens, load_documents, load_text, train_token_blocks)
-
-
-def byte_tokenizer():
-    """A real fast tokenizer with one token per UTF-8 byte (ids 0..255, no special tokens):
-    token counts are byte counts, so expected tokens can be computed by hand."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend)
+from conftest import byte_tokenizer
 
 
 def byte_ids(text):
