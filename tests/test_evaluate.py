@@ -14,18 +14,7 @@ from blocksparse.cli import main
 from blocksparse.integration import model as model_module
 from blocksparse.integration.evaluate import count_windows, perplexity
 from blocksparse.integration.model import ModelNotFoundError, check_block_divisible, load_model
-from conftest import make_tiny_llama
-
-
-def byte_tokenizer():
-    """One token per UTF-8 byte (ids 0..255): fits the tiny Llama's vocabulary of 256."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    return PreTrainedTokenizerFast(tokenizer_object=backend)
+from conftest import byte_tokenizer, make_tiny_llama
 
 
 def reference_nll(model, tokens, seqlen, windows):

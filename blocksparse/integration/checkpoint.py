@@ -1,0 +1,230 @@
+"""Sparse checkpoints: a Hugging Face directory whose pruned linears are stored block-sparse.
+
+Layout of a directory written by `save_sparse_pretrained`:
+
+    config.json, generation_config.json, tokenizer files   as `save_pretrained` writes them
+    model.safetensors        every tensor of the state dict; a BlockSparseLinear
+                             `<name>` is stored as `<name>.sparse_weight.crow` (int32
+                             [N/b+1]), `.col` (int32 [nnz]), `.values` ([nnz, b, b])
+                             and `<name>.bias` if it has one; all the rest is dense
+    blocksparse_config.json  the marker: format version, block size, and which
+                             modules are block-sparse (with their shapes)
+    prune_report.json        what pruning did (optional)
+
+`load_sparse_pretrained(dir)` builds the model from config.json (nothing is
+downloaded), swaps BlockSparseLinear in for the listed modules and loads the
+safetensors file, validating every tensor: names, shapes, dtypes and the BSR
+structure (BlockSparseLinear rebuilds it through `BlockSparseWeight.from_bsr`,
+which checks index ranges, ordering and counts). Anything malformed raises
+`SparseCheckpointError` naming the file and the offending tensor. No pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..format import SUPPORTED_BLOCK_SIZES
+from ..nn import BlockSparseLinear
+from .model import SPARSE_CHECKPOINT_MARKER
+from .sparsify import _replace
+
+FORMAT_NAME = "blocksparse-bsr"
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+REPORT_NAME = "prune_report.json"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class SparseCheckpointError(ValueError):
+    """A sparse checkpoint directory that is missing files, malformed, or does not match its config."""
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple:
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+
+
+def _tied_groups(model: nn.Module) -> list[list[str]]:
+    """State-dict keys that share one tensor (e.g. lm_head.weight tied to the embeddings)."""
+    groups: dict[tuple, list[str]] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.numel():  # empty tensors all sit at address 0 without sharing anything
+            groups.setdefault(_storage_key(tensor), []).append(key)
+    return [keys for keys in groups.values() if len(keys) > 1]
+
+
+def save_sparse_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
+                           report: dict | None = None) -> Path:
+    """Write `model` (with BlockSparseLinear layers) as a sparse Hugging Face directory.
+
+    tokenizer may be None. report (a JSON-able dict, e.g. prune_model's) goes to
+    prune_report.json. Returns the directory.
+    """
+    from safetensors.torch import save_file
+
+    sparse = {name: module for name, module in model.named_modules() if isinstance(module, BlockSparseLinear)}
+    if not sparse:
+        raise ValueError("the model has no BlockSparseLinear layer; prune or sparsify_model it first, "
+                         "or use model.save_pretrained for a dense model")
+    block_sizes = {module.block_size for module in sparse.values()}
+    if len(block_sizes) != 1:
+        raise ValueError(f"all block-sparse layers must share one block size, found {sorted(block_sizes)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # One copy of each tied tensor; the loader re-ties them from the config.
+    state = model.state_dict()
+    duplicates = {key for keys in _tied_groups(model) for key in keys[1:]}
+    tensors = {key: tensor.detach().contiguous().cpu() for key, tensor in state.items() if key not in duplicates}
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+
+    model.config.save_pretrained(out)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    dtype = next(iter(sparse.values())).sparse_weight.values.dtype
+    marker = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "block_size": block_sizes.pop(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "modules": {name: {"in_features": m.in_features, "out_features": m.out_features,
+                           "bias": m.bias is not None, "nnz_blocks": m.sparse_weight.nnz_blocks}
+                    for name, m in sparse.items()},
+    }
+    (out / SPARSE_CHECKPOINT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    if report is not None:
+        (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    return out
+
+
+def read_marker(path: str | os.PathLike) -> dict:
+    """The validated `blocksparse_config.json` of a sparse checkpoint directory."""
+    file = Path(path) / SPARSE_CHECKPOINT_MARKER
+    if not file.is_file():
+        raise SparseCheckpointError(f"{path} is not a sparse checkpoint: {SPARSE_CHECKPOINT_MARKER} is missing")
+    try:
+        marker = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SparseCheckpointError(f"{file}: not valid JSON ({err})") from err
+    if not isinstance(marker, dict) or marker.get("format") != FORMAT_NAME:
+        raise SparseCheckpointError(f"{file}: expected format {FORMAT_NAME!r}, got "
+                                    f"{marker.get('format') if isinstance(marker, dict) else marker!r}")
+    if marker.get("format_version") != FORMAT_VERSION:
+        raise SparseCheckpointError(f"{file}: format_version {marker.get('format_version')!r} is not supported "
+                                    f"(this blocksparse reads version {FORMAT_VERSION})")
+    if marker.get("block_size") not in SUPPORTED_BLOCK_SIZES:
+        raise SparseCheckpointError(f"{file}: block_size must be one of {SUPPORTED_BLOCK_SIZES}, "
+                                    f"got {marker.get('block_size')!r}")
+    modules = marker.get("modules")
+    if not isinstance(modules, dict) or not modules:
+        raise SparseCheckpointError(f"{file}: 'modules' must name at least one block-sparse module")
+    for name, spec in modules.items():
+        if not isinstance(spec, dict) or not all(isinstance(spec.get(k), int) for k in ("in_features", "out_features")):
+            raise SparseCheckpointError(f"{file}: module {name!r} needs integer in_features and out_features")
+    if marker.get("dtype", "float32") not in _DTYPES:
+        raise SparseCheckpointError(f"{file}: dtype must be one of {sorted(_DTYPES)}, got {marker.get('dtype')!r}")
+    return marker
+
+
+def load_sparse_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                           device: str | torch.device = "cpu"):
+    """Load a directory written by `save_sparse_pretrained`: returns `(model, tokenizer)`.
+
+    dtype: the dtype of the returned model (default: the one it was saved in).
+    tokenizer is None when the directory holds none.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    marker = read_marker(path)
+    weights_file = path / WEIGHTS_NAME
+    if not weights_file.is_file():
+        raise SparseCheckpointError(f"{path}: {WEIGHTS_NAME} is missing")
+    saved_dtype = _DTYPES[marker.get("dtype", "float32")]
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise SparseCheckpointError(f"{path}: cannot read config.json ({err})") from err
+    model = AutoModelForCausalLM.from_config(config, dtype=saved_dtype)
+
+    block_size = marker["block_size"]
+    modules = dict(model.named_modules())
+    for name, spec in marker["modules"].items():
+        linear = modules.get(name)
+        if not isinstance(linear, nn.Linear):
+            found = type(linear).__name__ if linear is not None else "nothing"
+            raise SparseCheckpointError(f"{path}: {SPARSE_CHECKPOINT_MARKER} lists {name!r} as block-sparse, "
+                                        f"but the model built from config.json has {found} there")
+        expected = (linear.in_features, linear.out_features, linear.bias is not None)
+        given = (spec["in_features"], spec["out_features"], bool(spec.get("bias", False)))
+        if expected != given:
+            raise SparseCheckpointError(
+                f"{path}: module {name!r} is (in={given[0]}, out={given[1]}, bias={given[2]}) in "
+                f"{SPARSE_CHECKPOINT_MARKER} but (in={expected[0]}, out={expected[1]}, bias={expected[2]}) "
+                f"in config.json")
+        try:
+            sparse = BlockSparseLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                       block_size=block_size, dtype=saved_dtype)
+        except ValueError as err:
+            raise SparseCheckpointError(f"{path}: module {name!r}: {err}") from err
+        _replace(model, name, sparse)
+
+    try:
+        state = load_file(str(weights_file))
+    except (SafetensorError, OSError) as err:
+        raise SparseCheckpointError(f"{weights_file}: not a readable safetensors file ({err})") from err
+    _check_tensors(model, state, weights_file)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # the BSR validation of BlockSparseLinear reports here
+        raise SparseCheckpointError(f"{weights_file}: {err}") from err
+    tied = {key for keys in _tied_groups(model) for key in keys}
+    missing = [key for key in result.missing_keys if key not in tied]
+    if missing or result.unexpected_keys:
+        raise SparseCheckpointError(f"{weights_file}: missing tensors {missing[:5]}, "
+                                    f"unexpected tensors {result.unexpected_keys[:5]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model = model.to(device=device, dtype=dtype or saved_dtype).eval()
+    tokenizer = None
+    if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def _check_tensors(model: nn.Module, state: dict[str, torch.Tensor], weights_file: Path) -> None:
+    """Raise SparseCheckpointError for unknown names, wrong shapes or dtypes, before loading."""
+    expected = model.state_dict()
+    sparse_prefixes = tuple(name + ".sparse_weight." for name, module in model.named_modules()
+                            if isinstance(module, BlockSparseLinear))
+    tied = {key for keys in _tied_groups(model) for key in keys}
+    problems = []
+    for key, tensor in state.items():
+        if key not in expected:
+            problems.append(f"unexpected tensor {key!r}")
+        elif key.startswith(sparse_prefixes):
+            leaf = key.rsplit(".", 1)[1]
+            if leaf in ("crow", "col") and (tensor.dtype not in (torch.int32, torch.int64) or tensor.dim() != 1):
+                problems.append(f"{key}: expected a 1-D int32 index tensor, got {tensor.dtype} "
+                                f"of shape {tuple(tensor.shape)}")
+            elif leaf == "values" and not tensor.is_floating_point():
+                problems.append(f"{key}: expected floating-point block values, got {tensor.dtype}")
+        elif tensor.shape != expected[key].shape:
+            problems.append(f"{key}: expected shape {tuple(expected[key].shape)}, got {tuple(tensor.shape)}")
+        elif not tensor.is_floating_point() and expected[key].is_floating_point():
+            problems.append(f"{key}: expected a floating-point tensor, got {tensor.dtype}")
+    missing = [key for key in expected if key not in state and key not in tied]
+    if missing:
+        problems.append(f"missing tensors {missing[:5]}" + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+    if problems:
+        raise SparseCheckpointError(f"{weights_file}: " + "; ".join(problems[:5])
+                                    + (f" (+{len(problems) - 5} more problems)" if len(problems) > 5 else ""))

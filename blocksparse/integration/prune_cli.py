@@ -1,0 +1,147 @@
+"""`blocksparse prune`: prune a model to b x b blocks and save it as a sparse checkpoint.
+
+    blocksparse prune --model default --sparsity 0.5 --out runs/pruned50
+
+calibrates on --calib (random --nsamples windows of --seqlen tokens), prunes
+every decoder layer in sequence (`blocksparse.prune.prune_model`), converts the
+pruned linears to BlockSparseLinear and writes the directory with
+`save_sparse_pretrained`, plus prune_report.json. With --eval-dataset it also
+measures perplexity after (on the block-sparse model) and before (reloading the
+dense model), and adds both to prune_report.json; the checkpoint is written first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..cli import CLIError, add_flag
+from ..format import SUPPORTED_BLOCK_SIZES
+from ..prune import ALLOCATIONS, GROUPS, METHODS, RECONSTRUCT_TARGETS
+
+
+def add_parser(subparsers):
+    parser = subparsers.add_parser(
+        "prune", help="block-prune a model with calibration data and save a sparse checkpoint",
+        description="Sequential block pruning (Wanda / OBS scores or greedy block OBS), per block "
+                    "row by default, with least-squares reconstruction of the kept weights. "
+                    "Writes a Hugging Face directory with block-sparse safetensors and prune_report.json.")
+    add_flag(parser, "--model", default="default",
+             help="'default' (embedded SmolLM2-135M-Instruct), a local model directory or a hub id "
+                  "(default: %(default)s)")
+    add_flag(parser, "--sparsity", type=float, default=0.5,
+             help="fraction of all target-linear weights removed, in [0, 1) (default: %(default)s)")
+    add_flag(parser, "--block-size", type=int, default=16, choices=SUPPORTED_BLOCK_SIZES,
+             help="block edge b (default: %(default)s)")
+    add_flag(parser, "--method", choices=METHODS, default="obc",
+             help="wanda: sum |W| ||X_j|| per block; obs: sum W^2 ||X_j||^2; magnitude: sum |W|; "
+                  "obc: greedy block OBS, drops the block costing least output error after "
+                  "re-solving the rest (default: %(default)s)")
+    add_flag(parser, "--group", choices=GROUPS, default="block-row",
+             help="comparison group: block-row (every block row keeps the same number of blocks) or "
+                  "global (one threshold per matrix, for comparison only) (default: %(default)s)")
+    add_flag(parser, "--reconstruct", action=argparse.BooleanOptionalAction, default=True,
+             help="re-solve the kept weights of each block row by least squares (default: on)")
+    add_flag(parser, "--reconstruct-target", choices=RECONSTRUCT_TARGETS, default="dense",
+             help="dense: fit each linear to the dense model's output; pruned: to its own dense weights "
+                  "on the pruned model's inputs (default: %(default)s)")
+    add_flag(parser, "--allocation", choices=ALLOCATIONS, default="uniform",
+             help="per-layer sparsity: uniform, or owl (outlier-weighted; the total stays at "
+                  "--sparsity) (default: %(default)s)")
+    add_flag(parser, "--owl-spread", type=float, default=0.08,
+             help="owl: layer densities span target +- this (default: %(default)s)")
+    add_flag(parser, "--damp", type=float, default=0.01,
+             help="least-squares damping, as a fraction of mean(diag X^T X) (default: %(default)s)")
+    add_flag(parser, "--calib", default="default",
+             help="calibration data: default (embedded Wikipedia, calib split), c4, wikitext2, "
+                  "or a local .txt/.jsonl path (default: %(default)s)")
+    add_flag(parser, "--nsamples", type=int, default=64, help="calibration windows (default: %(default)s)")
+    add_flag(parser, "--seqlen", type=int, default=512, help="tokens per calibration window (default: %(default)s)")
+    add_flag(parser, "--seed", type=int, default=0, help="calibration sampling seed (default: %(default)s)")
+    add_flag(parser, "--batch-size", type=int, default=8,
+             help="calibration windows per forward pass (default: %(default)s)")
+    add_flag(parser, "--eval-dataset", default=None,
+             help="also report perplexity before and after on this dataset's eval text (e.g. default)")
+    add_flag(parser, "--eval-seqlen", type=int, default=512, help="eval window length (default: %(default)s)")
+    add_flag(parser, "--eval-max-windows", type=int, default=None, help="eval at most this many windows")
+    add_flag(parser, "--out", required=True, metavar="DIR", help="output directory (sparse checkpoint)")
+    add_flag(parser, "--overwrite", action="store_true", help="write into --out even if it is not empty")
+    add_flag(parser, "--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_flag(parser, "--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _check_args(args) -> None:
+    if not 0.0 <= args.sparsity < 1.0:
+        raise CLIError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    for flag, value in (("--nsamples", args.nsamples), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise CLIError(f"{flag} must be >= 1, got {value}")
+    for flag, value in (("--seqlen", args.seqlen), ("--eval-seqlen", args.eval_seqlen)):
+        if value < 2:
+            raise CLIError(f"{flag} must be >= 2, got {value}")
+    if args.eval_max_windows is not None and args.eval_max_windows < 1:
+        raise CLIError(f"--eval-max-windows must be >= 1, got {args.eval_max_windows}")
+    if args.damp <= 0:
+        raise CLIError(f"--damp must be > 0, got {args.damp}")
+    if args.method == "obc" and args.group != "block-row":
+        raise CLIError("--method obc picks blocks per block row; use --group block-row")
+    if args.method == "obc" and not args.reconstruct:
+        raise CLIError("--method obc re-solves the kept weights by construction; drop --no-reconstruct")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.overwrite)):
+        raise CLIError(f"--out {args.out} exists and is not an empty directory (pass --overwrite to write into it)")
+
+
+def run(args) -> int:
+    from .checkpoint import REPORT_NAME, save_sparse_pretrained
+    from .data import DatasetError, calibration_samples, load_text, tokenize_text
+    from .evaluate import count_windows, perplexity
+    from .model import ModelNotFoundError, check_block_divisible, load_model
+    from ..prune import prune_model
+
+    _check_args(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    started = time.perf_counter()
+    try:
+        model, tokenizer = load_model(args.model, device=device)
+        check_block_divisible(model, args.block_size)
+        calib = calibration_samples(tokenizer, args.calib, args.nsamples, args.seqlen, seed=args.seed)
+        eval_tokens = None
+        if args.eval_dataset is not None:
+            eval_tokens = tokenize_text(tokenizer, load_text(args.eval_dataset, "eval"))
+            count_windows(eval_tokens.shape[1], args.eval_seqlen, args.eval_max_windows)
+    except (ModelNotFoundError, DatasetError, ValueError) as err:
+        raise CLIError(str(err)) from err
+
+    progress = not args.no_progress
+    prune_started = time.perf_counter()
+    report = prune_model(model, calib, sparsity=args.sparsity, block_size=args.block_size, method=args.method,
+                         group=args.group, reconstruct=args.reconstruct, allocation=args.allocation,
+                         reconstruct_target=args.reconstruct_target, damp=args.damp,
+                         owl_spread=args.owl_spread, batch_size=args.batch_size, progress=progress)
+    report["prune_seconds"] = round(time.perf_counter() - prune_started, 1)
+    report["model"] = args.model
+    report["calibration"].update(dataset=args.calib, seed=args.seed)
+    report["cli_args"] = {key: value for key, value in sorted(vars(args).items()) if key not in ("func", "command")}
+    # Saved before the (slow) evaluation, so the checkpoint is usable as soon as possible.
+    save_sparse_pretrained(model, tokenizer, args.out, report=report)
+    print(f"saved {args.out} | total density {report['total_density']:.4f} | "
+          f"{report['prune_seconds']:.0f} s pruning")
+    if eval_tokens is not None:
+        after = perplexity(model, eval_tokens, args.eval_seqlen, args.eval_max_windows, progress=progress)
+        del model
+        dense_model, _ = load_model(args.model, device=device)
+        before = perplexity(dense_model, eval_tokens, args.eval_seqlen, args.eval_max_windows, progress=progress)
+        report["perplexity"] = {"dataset": args.eval_dataset, "seqlen": args.eval_seqlen,
+                                "windows": after["windows"], "dense": before["ppl"], "pruned": after["ppl"],
+                                "ratio": after["ppl"] / before["ppl"]}
+        (Path(args.out) / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"ppl dense {before['ppl']:.4f} -> pruned {after['ppl']:.4f} "
+              f"({after['ppl'] / before['ppl']:.2f}x) on {after['windows']} windows of {args.eval_dataset}")
+    return 0
