@@ -15,7 +15,7 @@ from blocksparse import BlockSparseLinear
 from blocksparse.cli import main as cli_main
 from blocksparse.integration import sparsify_model
 from blocksparse.integration.finetune import TokenBlocks, lora_config, train_lora, training_arguments
-from conftest import make_tiny_llama
+from conftest import byte_tokenizer, make_tiny_llama
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 20
@@ -120,18 +120,6 @@ def test_distillation_loss_is_zero_against_an_identical_teacher_and_ce_at_weight
 
 
 # ------------------------------------------------------------------ CLI and torchrun
-
-def byte_tokenizer():
-    """A 256-token byte-level tokenizer built offline, matching the tiny Llama's vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
-
 
 @pytest.fixture(scope="module")
 def tiny_model_and_text(tmp_path_factory):
