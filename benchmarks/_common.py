@@ -19,6 +19,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -37,6 +38,20 @@ QUANTILES = (0.5, 0.2, 0.8)
 # --------------------------------------------------------------------------
 # environment
 # --------------------------------------------------------------------------
+def main(build_parser, resolve_defaults, run, argv=None) -> int:
+    """A benchmark script's entry point: parse, fill defaults, run; --threads never leaks."""
+    args = build_parser().parse_args(argv)
+    resolve_defaults(args)
+    warnings.filterwarnings("ignore", message=".*Sparse BSR tensor support is in beta.*")
+    threads = torch.get_num_threads()
+    try:
+        torch.manual_seed(getattr(args, "seed", 0))
+        run(args)
+    finally:  # --threads must not leak into a caller (tests, `blocksparse bench`)
+        torch.set_num_threads(threads)
+    return 0
+
+
 def package_version(module_name: str) -> str:
     try:
         module = __import__(module_name)

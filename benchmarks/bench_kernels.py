@@ -36,7 +36,6 @@ import copy
 import math
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -576,16 +575,7 @@ def resolve_defaults(args) -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*Sparse BSR tensor support is in beta.*")
-    resolve_defaults(args)
-    torch.manual_seed(args.seed)
-    threads = torch.get_num_threads()
-    try:
-        run(args)
-    finally:  # --threads must not leak into a caller (tests, `blocksparse bench`)
-        torch.set_num_threads(threads)
-    return 0
+    return common.main(build_parser, resolve_defaults, run, argv)
 
 
 if __name__ == "__main__":

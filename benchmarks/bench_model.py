@@ -25,7 +25,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -502,15 +501,7 @@ def resolve_defaults(args) -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    resolve_defaults(args)
-    warnings.filterwarnings("ignore", message=".*Sparse BSR tensor support is in beta.*")
-    threads = torch.get_num_threads()
-    try:
-        run(args)
-    finally:  # --threads must not leak into a caller (tests, `blocksparse bench`)
-        torch.set_num_threads(threads)
-    return 0
+    return common.main(build_parser, resolve_defaults, run, argv)
 
 
 if __name__ == "__main__":
