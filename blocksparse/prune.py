@@ -550,7 +550,8 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, sparsity: float = 
             iterator = tqdm(iterator, desc="pruning layers", unit="layer")
         for i in iterator:
             layer, linears = layers[i], linears_by_layer[i]
-            dense_layer = copy.deepcopy(layer) if use_dense_target and linears else None
+            # The dense model's path must advance through every layer, pruned here or not.
+            dense_layer = (copy.deepcopy(layer) if linears else layer) if use_dense_target else None
             if linears:
                 for names in _linear_groups(layer, linears, hidden[0], kwargs[0]):
                     needs_stats = method != "magnitude" or reconstruct

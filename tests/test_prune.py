@@ -161,6 +161,20 @@ def test_dense_target_is_the_weight_itself_when_inputs_agree():
     assert torch.equal(_target_weight(w, stats, 0.01), w)
 
 
+def test_dense_target_follows_the_dense_model_through_layers_left_unpruned():
+    # Only layer 1 is pruned, so q/k/v (its first linears) see exactly the dense model's
+    # inputs: fitting the dense outputs and fitting their own weights must agree.
+    only_layer_1 = lambda module, name: name.startswith("model.layers.1.")  # noqa: E731
+    weights = {}
+    for target in ("dense", "pruned"):
+        model, _ = _prune(method="wanda", reconstruct_target=target, filter_fn=only_layer_1)
+        weights[target] = {name: m.to_dense() for name, m in _sparse_layers(model).items()}
+    assert len(weights["dense"]) == 7
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        name = f"model.layers.1.self_attn.{proj}"
+        torch.testing.assert_close(weights["dense"][name], weights["pruned"][name], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("target", ["pruned", "dense"])
 def test_reconstruction_lowers_the_model_output_error_on_calibration_data(target):
     reference = make_tiny_llama()(CALIB).logits
