@@ -36,6 +36,7 @@ GROUPS = ("block-row", "global")
 ALLOCATIONS = ("uniform", "owl")
 RECONSTRUCT_TARGETS = ("dense", "pruned")
 DEFAULT_DAMP = 0.01
+DEFAULT_SINK_WEIGHT = 1000.0
 
 
 # --------------------------------------------------------------------------- 1. scores and masks
@@ -213,6 +214,40 @@ def outlier_ratio(weights: Sequence[torch.Tensor], act_sq_norms: Sequence[torch.
     return float((scores > threshold * scores.mean()).float().mean())
 
 
+def explicit_densities(allocation: Mapping[str, float], shapes: Mapping[str, tuple[int, int]],
+                       density: float) -> dict[str, float]:
+    """Per-linear densities from {linear name or module prefix: density}.
+
+    A key covers the linear of that name or every linear under that module (e.g.
+    "model.layers.0.mlp"); the longest matching key wins. Linears no key covers share
+    what is left of the budget, so the total stays at `density`.
+    """
+    for key, value in allocation.items():
+        if not 0.0 < float(value) <= 1.0:
+            raise ValueError(f"allocation density for {key!r} must be in (0, 1], got {value}")
+
+    def key_of(name):
+        keys = [key for key in allocation if name == key or name.startswith(key + ".")]
+        return max(keys, key=len) if keys else None
+
+    owners = {name: key_of(name) for name in shapes}
+    unused = sorted(set(allocation) - set(owners.values()))
+    if unused:
+        raise ValueError(f"allocation keys match no pruned linear: {unused[:5]} "
+                         f"(pruned linears look like {next(iter(shapes))!r})")
+    fixed = {name: float(allocation[key]) for name, key in owners.items() if key is not None}
+    rest = [name for name in shapes if name not in fixed]
+    if not rest:
+        return fixed
+    size = {name: n * k for name, (n, k) in shapes.items()}
+    left = density * sum(size.values()) - sum(fixed[name] * size[name] for name in fixed)
+    rest_density = left / sum(size[name] for name in rest)
+    if not 0.0 < rest_density <= 1.0:
+        raise ValueError(f"the named densities leave density {rest_density:.3f} for the other linears; "
+                         f"the total cannot be {density:.3f}")
+    return {**fixed, **{name: rest_density for name in rest}}
+
+
 def keep_counts(densities: Mapping[str, float], shapes: Mapping[str, tuple[int, int]],
                 block_size: int, density: float) -> dict[str, int]:
     """Blocks kept per block row of each matrix, so the total kept fraction equals `density`.
@@ -248,23 +283,35 @@ class _Stop(Exception):
 
 
 class _InputStats:
-    """Running statistics of one linear input X: sum of X_j^2, H = X^T X, and X^T X_dense."""
+    """Running statistics of one linear input X: sum of X_j^2, H = X^T X, and X^T X_dense.
 
-    def __init__(self, features: int, gram: bool, cross: bool):
+    Tokens can be weighted (sink_weight for position 0 of every window): a weight w
+    counts the token w times in all three statistics.
+    """
+
+    def __init__(self, features: int, gram: bool, cross: bool, sink_weight: float = 1.0):
         self.sq_norms = torch.zeros(features, dtype=torch.float64)
         self.gram = torch.zeros(features, features, dtype=torch.float64) if gram else None
         self.cross = torch.zeros(features, features, dtype=torch.float64) if cross else None
+        self.sink_weight = sink_weight
         self.tokens = 0
 
+    def _weighted(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().float()
+        if self.sink_weight != 1.0 and x.dim() == 3:  # [batch, seq, features]
+            scale = torch.ones(x.shape[1], 1, device=x.device)
+            scale[0] = math.sqrt(self.sink_weight)
+            x = x * scale
+        return x.reshape(-1, x.shape[-1])
+
     def add(self, x: torch.Tensor, x_dense: torch.Tensor | None = None) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.tokens += x.numel() // x.shape[-1]
+        x = self._weighted(x)
         self.sq_norms += x.square().sum(0).double().cpu()
         if self.gram is not None:
             self.gram += (x.T @ x).double().cpu()
         if self.cross is not None:
-            x_dense = x_dense.detach().reshape(-1, x_dense.shape[-1]).float()
-            self.cross += (x.T @ x_dense).double().cpu()
-        self.tokens += x.shape[0]
+            self.cross += (x.T @ self._weighted(x_dense)).double().cpu()
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -290,7 +337,7 @@ def _check_options(sparsity, block_size, method, group, allocation, reconstruct_
     if method == "obc" and group != "block-row":
         raise ValueError("method 'obc' chooses blocks per block row; use group='block-row'")
     if isinstance(allocation, str) and allocation not in ALLOCATIONS:
-        raise ValueError(f"allocation must be one of {ALLOCATIONS} or a {{linear name: density}} mapping, "
+        raise ValueError(f"allocation must be one of {ALLOCATIONS} or a {{linear name or prefix: density}} mapping, "
                          f"got {allocation!r}")
     if reconstruct_target not in RECONSTRUCT_TARGETS:
         raise ValueError(f"reconstruct_target must be one of {RECONSTRUCT_TARGETS}, got {reconstruct_target!r}")
@@ -373,14 +420,14 @@ def _slice_kwargs(kwargs: dict, n: int) -> dict:
     return out
 
 
-def _collect(layer, names, linears, hidden, kwargs, need_gram, dense_layer=None, dense_hidden=None):
+def _collect(layer, names, linears, hidden, kwargs, need_gram, sink_weight, dense_layer=None, dense_hidden=None):
     """Statistics of the inputs of `names` (one shared input) over all calibration batches.
 
     With a dense layer, also X^T X_dense, pairing each token's input in the pruned
     model with its input in the dense model.
     """
     first = linears[names[0]]
-    stats = _InputStats(first.in_features, gram=need_gram, cross=dense_layer is not None)
+    stats = _InputStats(first.in_features, gram=need_gram, cross=dense_layer is not None, sink_weight=sink_weight)
     dense_first = None if dense_layer is None else dict(dense_layer.named_modules())[_local(layer, first)]
     for i, (h, kw) in enumerate(zip(hidden, kwargs)):
         x_dense = None
@@ -463,7 +510,7 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, sparsity: float = 
                 block_size: int = DEFAULT_BLOCK_SIZE, method: str = "wanda", group: str = "block-row",
                 reconstruct: bool = True, allocation: str | Mapping[str, float] = "uniform",
                 reconstruct_target: str = "dense", damp: float = DEFAULT_DAMP,
-                obc_rounds: int | None = 8, owl_threshold: float = 5.0, owl_spread: float = 0.08,
+                sink_weight: float = DEFAULT_SINK_WEIGHT, obc_rounds: int | None = 8, owl_threshold: float = 5.0, owl_spread: float = 0.08,
                 batch_size: int = 8,
                 target_modules: Sequence[str] = LLAMA_TARGET_MODULES,
                 filter_fn: Callable[[nn.Module, str], bool] | None = None,
@@ -482,13 +529,23 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, sparsity: float = 
     calibration inputs. reconstruct_target: "dense" fits the dense model's output of
     each linear (correcting the error that earlier pruned layers let through);
     "pruned" fits the linear's own dense weights on the pruned model's inputs.
+    sink_weight: how many ordinary tokens the first token of every calibration window
+    counts for in the scores and fits (1 = no weighting). Llama-style models turn the
+    first token into an attention sink with a residual norm ~100x the others, built
+    by a few MLP channels; an unweighted fit spends 1/seqlen of its effort on it and
+    lets it shrink (SmolLM2-135M at 50%: 24,462 -> 2,639 at layer 12), which every
+    later attention layer then reads.
     allocation: "uniform", "owl" (outlier-weighted layer-wise densities, mean = target,
-    +-owl_spread), or {linear name: density}; the total kept fraction of all target
-    linears is the target in every case (rounded to whole block rows).
+    +-owl_spread), or {linear name or module prefix: density} (the linears not named
+    share the rest of the budget; e.g. {"model.layers.0.mlp": 1.0}); the total kept
+    fraction of all target linears is the target in every case (rounded to whole
+    block rows).
     convert: finish by swapping the pruned linears for BlockSparseLinear; otherwise
     they stay nn.Linear with zeros outside the blocks.
     """
     _check_options(sparsity, block_size, method, group, allocation, reconstruct_target)
+    if not sink_weight >= 1.0:
+        raise ValueError(f"sink_weight must be >= 1 (1 = no weighting), got {sink_weight}")
     if method == "obc":
         reconstruct = True
     density = 1.0 - sparsity
@@ -522,10 +579,7 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, sparsity: float = 
         # Densities per matrix, then whole blocks per block row matching the total budget.
         outlier_ratios = None
         if isinstance(allocation, Mapping):
-            unknown = set(allocation) - set(all_targets)
-            if unknown:
-                raise ValueError(f"allocation names linears that are not pruned: {sorted(unknown)[:5]}")
-            densities = {name: float(allocation.get(name, density)) for name in all_targets}
+            densities = explicit_densities(allocation, shapes, density)
         elif allocation == "owl":
             sq = _dense_sq_norms(model, layers, batches, linears_by_layer)
             outlier_ratios = [outlier_ratio([lin.weight for lin in per_layer.values()],
@@ -555,7 +609,8 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, sparsity: float = 
             if linears:
                 for names in _linear_groups(layer, linears, hidden[0], kwargs[0]):
                     needs_stats = method != "magnitude" or reconstruct
-                    stats = (_collect(layer, names, linears, hidden, kwargs, need_gram, dense_layer, dense_hidden)
+                    stats = (_collect(layer, names, linears, hidden, kwargs, need_gram, sink_weight,
+                                      dense_layer, dense_hidden)
                              if needs_stats else None)
                     for name in names:
                         lin = linears[name]
@@ -583,8 +638,9 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, sparsity: float = 
         "group": group,
         "reconstruct": reconstruct,
         "reconstruct_target": reconstruct_target if reconstruct else None,
-        "allocation": allocation if isinstance(allocation, str) else "explicit",
+        "allocation": allocation if isinstance(allocation, str) else {"explicit": dict(allocation)},
         "damp": damp,
+        "sink_weight": sink_weight,
         "obc_rounds": obc_rounds if method == "obc" else None,
         "calibration": {"nsamples": int(calib_inputs.shape[0]), "seqlen": int(calib_inputs.shape[1])},
         "owl_outlier_ratios": outlier_ratios,

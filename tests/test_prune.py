@@ -7,8 +7,8 @@ import torch
 
 from blocksparse import BlockSparseLinear
 from blocksparse.integration import target_linears
-from blocksparse.prune import (block_scores, greedy_obs_mask, keep_counts, output_error, owl_densities,
-                               prune_model, reconstruct_block_rows, select_block_mask, _InputStats,
+from blocksparse.prune import (block_scores, explicit_densities, greedy_obs_mask, keep_counts,
+                               output_error, owl_densities, prune_model, reconstruct_block_rows, select_block_mask, _InputStats,
                                _target_weight)
 from conftest import make_tiny_llama
 
@@ -161,6 +161,26 @@ def test_dense_target_is_the_weight_itself_when_inputs_agree():
     assert torch.equal(_target_weight(w, stats, 0.01), w)
 
 
+def test_sink_weight_counts_the_first_token_of_every_window_that_many_times():
+    x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(0))
+    stats = _InputStats(8, gram=True, cross=True, sink_weight=10.0)
+    stats.add(x, 2 * x)
+    flat, first = x.reshape(-1, 8).double(), x[:, 0].double()
+    expected = flat.T @ flat + 9 * first.T @ first
+    f32 = dict(rtol=1e-5, atol=1e-5)  # the statistics are accumulated from float32 products
+    torch.testing.assert_close(stats.gram, expected, **f32)
+    torch.testing.assert_close(stats.cross, 2 * expected, **f32)
+    torch.testing.assert_close(stats.sq_norms, expected.diagonal(), **f32)
+    assert stats.tokens == 15
+
+
+def test_sink_weight_is_validated_and_reported():
+    with pytest.raises(ValueError, match="sink_weight must be >= 1"):
+        _prune(sink_weight=0.5)
+    _, report = _prune(method="magnitude", reconstruct=False, sink_weight=1.0)
+    assert report["sink_weight"] == 1.0
+
+
 def test_dense_target_follows_the_dense_model_through_layers_left_unpruned():
     # Only layer 1 is pruned, so q/k/v (its first linears) see exactly the dense model's
     # inputs: fitting the dense outputs and fitting their own weights must agree.
@@ -210,6 +230,30 @@ def test_explicit_allocation_keeps_the_total_at_the_target():
     assert report["total_density"] == 0.5
     assert layers["model.layers.0.mlp.up_proj"].block_mask.sum(1).tolist() == [3] * 8
     assert layers["model.layers.1.mlp.up_proj"].block_mask.sum(1).tolist() == [1] * 8
+
+
+def test_a_module_prefix_keeps_its_density_and_the_rest_share_the_budget():
+    model = make_tiny_llama()
+    report = prune_model(model, CALIB, sparsity=0.5, allocation={"model.layers.0.mlp": 1.0},
+                         batch_size=4, progress=False)
+    layers = _sparse_layers(model)
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        assert bool(layers[f"model.layers.0.mlp.{proj}"].block_mask.all()), proj
+    assert report["total_density"] == 0.5
+    assert layers["model.layers.1.mlp.up_proj"].block_mask.float().mean() < 0.5
+    assert report["allocation"] == {"explicit": {"model.layers.0.mlp": 1.0}}
+
+
+def test_explicit_densities_are_checked():
+    shapes = {"a.q": (32, 32), "a.k": (32, 32), "b.q": (32, 32)}
+    assert explicit_densities({"a": 0.6}, shapes, 0.5) == pytest.approx({"a.q": 0.6, "a.k": 0.6, "b.q": 0.3})
+    assert explicit_densities({"a": 0.6, "a.k": 0.2}, shapes, 0.5)["a.k"] == 0.2  # longest key wins
+    with pytest.raises(ValueError, match="match no pruned linear"):
+        explicit_densities({"c": 0.5}, shapes, 0.5)
+    with pytest.raises(ValueError, match="leave density"):
+        explicit_densities({"a": 1.0}, shapes, 0.5)
+    with pytest.raises(ValueError, match=r"must be in \(0, 1\]"):
+        explicit_densities({"a": 1.5}, shapes, 0.5)
 
 
 def test_owl_allocation_keeps_the_total_at_the_target():
