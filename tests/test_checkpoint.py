@@ -143,7 +143,8 @@ def test_cli_help_lists_both_spellings(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--sparsity", "--block-size", "--block_size", "--method", "--group", "--calib", "--nsamples",
-                 "--seqlen", "--out", "--no-reconstruct", "--allocation", "--eval-dataset", "--eval-max-windows"):
+                 "--seqlen", "--out", "--no-reconstruct", "--allocation", "--module-density", "--sink-weight",
+                 "--eval-dataset", "--eval-max-windows"):
         assert flag in out
 
 
@@ -152,14 +153,16 @@ def test_cli_prunes_saves_and_reloads(tiny_dir, text_file, tmp_path, capsys):
 
     out = tmp_path / "pruned"
     code = main(["prune", "--model", str(tiny_dir), "--calib", str(text_file), "--nsamples", "4",
-                 "--seqlen", "64", "--method", "wanda", "--eval_dataset", str(text_file), "--eval-seqlen", "64",
+                 "--seqlen", "64", "--method", "wanda", "--module-density", "model.layers.0.mlp=1.0", "--eval_dataset", str(text_file), "--eval-seqlen", "64",
                  "--eval-max-windows", "2", "--out", str(out), "--no-progress"])
     assert code == 0
     report = json.loads((out / "prune_report.json").read_text())
     assert report["total_density"] == 0.5
     assert report["calibration"] == {"nsamples": 4, "seqlen": 64, "dataset": str(text_file), "seed": 0}
     assert report["perplexity"]["windows"] == 2 and report["perplexity"]["pruned"] > 1
-    assert report["layers"]["model.layers.0.mlp.up_proj"]["blocks_per_row"] == [2]
+    assert report["layers"]["model.layers.0.mlp.up_proj"]["blocks_per_row"] == [4]  # kept dense
+    assert report["layers"]["model.layers.1.mlp.up_proj"]["blocks_per_row"] == [1]  # pays for it
+    assert report["allocation"] == {"explicit": {"model.layers.0.mlp": 1.0}}
     model, _ = load_model(str(out))
     assert isinstance(model.model.layers[1].mlp.down_proj, BlockSparseLinear)
     assert "-> pruned" in capsys.readouterr().out
@@ -171,6 +174,9 @@ def test_cli_prunes_saves_and_reloads(tiny_dir, text_file, tmp_path, capsys):
     (["--seqlen", "5000"], "fewer than the 5001 needed"),
     (["--model", "./no-such-model"], "does not exist"),
     (["--method", "obc", "--group", "global"], "use --group block-row"),
+    (["--module-density", "model.layers.0.mlp"], "expects NAME=D"),
+    (["--module-density", "model.layers.9=1.0"], r"match no pruned linear: \['model.layers.9'\]"),
+    (["--sink-weight", "0"], r"--sink-weight must be >= 1"),
 ])
 def test_cli_bad_input_is_one_line_error(tiny_dir, text_file, tmp_path, capsys, extra, message):
     args = ["prune", "--model", str(tiny_dir), "--calib", str(text_file), "--nsamples", "2", "--seqlen", "32",

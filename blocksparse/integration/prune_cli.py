@@ -21,7 +21,7 @@ import torch
 
 from ..cli import CLIError, add_flag
 from ..format import SUPPORTED_BLOCK_SIZES
-from ..prune import ALLOCATIONS, GROUPS, METHODS, RECONSTRUCT_TARGETS
+from ..prune import ALLOCATIONS, DEFAULT_SINK_WEIGHT, GROUPS, METHODS, RECONSTRUCT_TARGETS
 
 
 def add_parser(subparsers):
@@ -54,6 +54,12 @@ def add_parser(subparsers):
                   "--sparsity) (default: %(default)s)")
     add_flag(parser, "--owl-spread", type=float, default=0.08,
              help="owl: layer densities span target +- this (default: %(default)s)")
+    add_flag(parser, "--module-density", action="append", default=[], metavar="NAME=D",
+             help="keep density D in the linears under module NAME (e.g. model.layers.0.mlp=1.0); the "
+                  "other linears share the rest of the --sparsity budget. Repeatable; replaces --allocation")
+    add_flag(parser, "--sink-weight", type=float, default=DEFAULT_SINK_WEIGHT,
+             help="the first token of every calibration window (the attention sink) counts as this many "
+                  "tokens in the scores and fits; 1 = no weighting (default: %(default)s)")
     add_flag(parser, "--damp", type=float, default=0.01,
              help="least-squares damping, as a fraction of mean(diag X^T X) (default: %(default)s)")
     add_flag(parser, "--calib", default="default",
@@ -89,6 +95,9 @@ def _check_args(args) -> None:
         raise CLIError(f"--eval-max-windows must be >= 1, got {args.eval_max_windows}")
     if args.damp <= 0:
         raise CLIError(f"--damp must be > 0, got {args.damp}")
+    if args.sink_weight < 1:
+        raise CLIError(f"--sink-weight must be >= 1 (1 = no weighting), got {args.sink_weight}")
+    _module_densities(args.module_density)
     if args.method == "obc" and args.group != "block-row":
         raise CLIError("--method obc picks blocks per block row; use --group block-row")
     if args.method == "obc" and not args.reconstruct:
@@ -96,6 +105,20 @@ def _check_args(args) -> None:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.overwrite)):
         raise CLIError(f"--out {args.out} exists and is not an empty directory (pass --overwrite to write into it)")
+
+
+def _module_densities(specs: list[str]) -> dict[str, float]:
+    densities = {}
+    for spec in specs:
+        name, sep, value = spec.rpartition("=")
+        try:
+            density = float(value)
+        except ValueError:
+            density = None
+        if not sep or not name or density is None or not 0.0 < density <= 1.0:
+            raise CLIError(f"--module-density expects NAME=D with D in (0, 1], got {spec!r}")
+        densities[name] = density
+    return densities
 
 
 def run(args) -> int:
@@ -120,11 +143,16 @@ def run(args) -> int:
         raise CLIError(str(err)) from err
 
     progress = not args.no_progress
+    allocation = _module_densities(args.module_density) or args.allocation
     prune_started = time.perf_counter()
-    report = prune_model(model, calib, sparsity=args.sparsity, block_size=args.block_size, method=args.method,
-                         group=args.group, reconstruct=args.reconstruct, allocation=args.allocation,
-                         reconstruct_target=args.reconstruct_target, damp=args.damp,
-                         owl_spread=args.owl_spread, batch_size=args.batch_size, progress=progress)
+    try:
+        report = prune_model(model, calib, sparsity=args.sparsity, block_size=args.block_size, method=args.method,
+                             group=args.group, reconstruct=args.reconstruct, allocation=allocation,
+                             reconstruct_target=args.reconstruct_target, damp=args.damp,
+                             sink_weight=args.sink_weight, owl_spread=args.owl_spread,
+                             batch_size=args.batch_size, progress=progress)
+    except ValueError as err:  # options that only the model can check (e.g. --module-density names)
+        raise CLIError(str(err)) from err
     report["prune_seconds"] = round(time.perf_counter() - prune_started, 1)
     report["model"] = args.model
     report["calibration"].update(dataset=args.calib, seed=args.seed)
