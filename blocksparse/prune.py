@@ -22,6 +22,7 @@ one "block row" = b consecutive output rows, which share the kept block columns.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import math
 from typing import Callable, Mapping, Sequence
 
@@ -219,15 +220,16 @@ def explicit_densities(allocation: Mapping[str, float], shapes: Mapping[str, tup
     """Per-linear densities from {linear name or module prefix: density}.
 
     A key covers the linear of that name or every linear under that module (e.g.
-    "model.layers.0.mlp"); the longest matching key wins. Linears no key covers share
-    what is left of the budget, so the total stays at `density`.
+    "model.layers.0.mlp"); `*` matches any run of characters ("model.layers.*.self_attn.v_proj").
+    The longest matching key wins. Linears no key covers share what is left of the
+    budget, so the total stays at `density`.
     """
     for key, value in allocation.items():
         if not 0.0 < float(value) <= 1.0:
             raise ValueError(f"allocation density for {key!r} must be in (0, 1], got {value}")
 
     def key_of(name):
-        keys = [key for key in allocation if name == key or name.startswith(key + ".")]
+        keys = [key for key in allocation if fnmatch.fnmatchcase(name, key) or fnmatch.fnmatchcase(name, key + ".*")]
         return max(keys, key=len) if keys else None
 
     owners = {name: key_of(name) for name in shapes}

@@ -248,6 +248,7 @@ def test_explicit_densities_are_checked():
     shapes = {"a.q": (32, 32), "a.k": (32, 32), "b.q": (32, 32)}
     assert explicit_densities({"a": 0.6}, shapes, 0.5) == pytest.approx({"a.q": 0.6, "a.k": 0.6, "b.q": 0.3})
     assert explicit_densities({"a": 0.6, "a.k": 0.2}, shapes, 0.5)["a.k"] == 0.2  # longest key wins
+    assert explicit_densities({"*.q": 0.25}, shapes, 0.5) == pytest.approx({"a.q": 0.25, "b.q": 0.25, "a.k": 1.0})
     with pytest.raises(ValueError, match="match no pruned linear"):
         explicit_densities({"c": 0.5}, shapes, 0.5)
     with pytest.raises(ValueError, match="leave density"):

@@ -55,7 +55,8 @@ def add_parser(subparsers):
     add_flag(parser, "--owl-spread", type=float, default=0.08,
              help="owl: layer densities span target +- this (default: %(default)s)")
     add_flag(parser, "--module-density", action="append", default=[], metavar="NAME=D",
-             help="keep density D in the linears under module NAME (e.g. model.layers.0.mlp=1.0); the "
+             help="keep density D in the linears under module NAME (e.g. model.layers.0.mlp=1.0; * matches "
+                  "anything: model.layers.*.self_attn.v_proj=1.0); the "
                   "other linears share the rest of the --sparsity budget. Repeatable; replaces --allocation")
     add_flag(parser, "--sink-weight", type=float, default=DEFAULT_SINK_WEIGHT,
              help="the first token of every calibration window (the attention sink) counts as this many "
