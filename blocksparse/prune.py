@@ -269,6 +269,10 @@ def keep_counts(densities: Mapping[str, float], shapes: Mapping[str, tuple[int, 
         counts[name] = max(1, math.floor(want + 1e-9))
         lost[name] = want - counts[name]
     spent = sum(counts[name] * (n // b) for name, (n, k) in shapes.items())
+    if spent > budget:
+        raise ValueError(f"cannot keep a total density of {density:.4f}: the densities asked for (at least one "
+                         f"block per block row) already keep {spent / total:.4f}; lower the fixed densities "
+                         f"or the sparsity")
     while True:
         fits = [name for name, (n, k) in shapes.items() if spent + n // b <= budget and counts[name] < k // b]
         if not fits:

@@ -214,6 +214,12 @@ def test_keep_counts_meet_the_total_budget_exactly():
     assert counts["a"] > counts["c"]
 
 
+def test_keep_counts_refuse_a_budget_they_cannot_meet():
+    shapes = {"a": (32, 64), "b": (32, 64)}  # 4 block columns each
+    with pytest.raises(ValueError, match="cannot keep a total density of 0.2000"):
+        keep_counts({"a": 1.0, "b": 0.01}, shapes, 16, 0.2)
+
+
 def test_owl_densities_centre_on_the_target():
     dens = owl_densities([0.01, 0.03, 0.02, 0.05], density=0.5, spread=0.08)
     assert sum(dens) / 4 == pytest.approx(0.5)
