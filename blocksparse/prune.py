@@ -516,8 +516,8 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, sparsity: float = 
                 block_size: int = DEFAULT_BLOCK_SIZE, method: str = "wanda", group: str = "block-row",
                 reconstruct: bool = True, allocation: str | Mapping[str, float] = "uniform",
                 reconstruct_target: str = "dense", damp: float = DEFAULT_DAMP,
-                sink_weight: float = DEFAULT_SINK_WEIGHT, obc_rounds: int | None = 8, owl_threshold: float = 5.0, owl_spread: float = 0.08,
-                batch_size: int = 8,
+                sink_weight: float = DEFAULT_SINK_WEIGHT, obc_rounds: int | None = 8,
+                owl_threshold: float = 5.0, owl_spread: float = 0.08, batch_size: int = 8,
                 target_modules: Sequence[str] = LLAMA_TARGET_MODULES,
                 filter_fn: Callable[[nn.Module, str], bool] | None = None,
                 convert: bool = True, progress: bool = True) -> dict:

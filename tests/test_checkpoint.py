@@ -153,7 +153,8 @@ def test_cli_prunes_saves_and_reloads(tiny_dir, text_file, tmp_path, capsys):
 
     out = tmp_path / "pruned"
     code = main(["prune", "--model", str(tiny_dir), "--calib", str(text_file), "--nsamples", "4",
-                 "--seqlen", "64", "--method", "wanda", "--module-density", "model.layers.0.mlp=1.0", "--eval_dataset", str(text_file), "--eval-seqlen", "64",
+                 "--seqlen", "64", "--method", "wanda", "--module-density", "model.layers.0.mlp=1.0",
+                 "--eval_dataset", str(text_file), "--eval-seqlen", "64",
                  "--eval-max-windows", "2", "--out", str(out), "--no-progress"])
     assert code == 0
     report = json.loads((out / "prune_report.json").read_text())

@@ -8,8 +8,8 @@ import torch
 from blocksparse import BlockSparseLinear
 from blocksparse.integration import target_linears
 from blocksparse.prune import (block_scores, explicit_densities, greedy_obs_mask, keep_counts,
-                               output_error, owl_densities, prune_model, reconstruct_block_rows, select_block_mask, _InputStats,
-                               _target_weight)
+                               output_error, owl_densities, prune_model, reconstruct_block_rows,
+                               select_block_mask, _InputStats, _target_weight)
 from conftest import make_tiny_llama
 
 CALIB = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(1))

@@ -166,7 +166,8 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
 
     print("\n== latency, dense vs block-sparse + LoRA (torch backend on CPU, Triton on GPU)")
     prompt = held_out[:, :seqlen]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    device = (torch.cuda.get_device_name() if torch.cuda.is_available()
+              else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     results["latency"] = {"device": device, "dense": latency(dense_model, prompt, decode_tokens),
                           "sparse": latency(peft_model, prompt, decode_tokens)}
     results["seconds"] = time.perf_counter() - started
