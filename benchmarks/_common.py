@@ -169,6 +169,18 @@ def check_cpu_clock(name: str, threads: int) -> None:
                          "with one thread: add --threads 1")
 
 
+def start_run(args) -> torch.device:
+    """Checks and settings every benchmark run shares; returns the device to time on."""
+    check_not_interpreted()
+    check_cpu_clock(args.cpu_clock, args.threads)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    if device.type == "cuda" and args.cpu_clock != "wall":
+        raise SystemExit("--cpu-clock process measures CPU time; drop it when timing on a GPU")
+    return device
+
+
 def time_gpu(fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor] = (),
              graph_calls: Sequence[Callable[[], object]] = (), rep_ms: int = 100
              ) -> tuple[tuple[float, float, float], str]:

@@ -257,13 +257,7 @@ def measure(provider, case, m, mode, backend, device, args, schedule_kwargs=None
 # the sweep
 # --------------------------------------------------------------------------
 def run(args) -> Path:
-    common.check_not_interpreted()
-    common.check_cpu_clock(args.cpu_clock, args.threads)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    device = common.pick_device(args.device)
-    if device.type == "cuda" and args.cpu_clock != "wall":
-        raise SystemExit("--cpu-clock process is for CPU runs; GPU timings use do_bench")
+    device = common.start_run(args)
     # A modeled-only run describes a GPU: its "auto" dtype is the GPU's.
     dtype = common.pick_dtype(args.dtype, torch.device("cuda") if args.modeled_only else device)
     env = common.environment(device)

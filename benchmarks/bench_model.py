@@ -334,13 +334,7 @@ def cpu_uses_torch_backend(device: torch.device):
 
 
 def run(args) -> Path:
-    common.check_not_interpreted()
-    common.check_cpu_clock(args.cpu_clock, args.threads)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    device = common.pick_device(args.device)
-    if device.type == "cuda" and args.cpu_clock != "wall":
-        raise SystemExit("--cpu-clock process is for CPU runs; GPU timings use the wall clock")
+    device = common.start_run(args)
     dtype = common.pick_dtype(args.dtype, device)
     env = common.environment(device)
     env["transformers"] = common.package_version("transformers")
