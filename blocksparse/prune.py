@@ -13,7 +13,8 @@ Read top to bottom:
    greedy block-OBS search ("obc") that picks the mask by the exact output error
    of dropping a whole block;
 3. sparsity allocation over layers (uniform, OWL outlier-weighted, explicit);
-4. the sequential driver `prune_model` and its report.
+4. the sequential driver `prune_model` and its report, and `refine_layer`, the
+   gradient-based fit of a whole pruned decoder layer to the dense one.
 
 Notation: W [N, K] (out x in), X [tokens, K] the linear's input, H = X^T X,
 one "block row" = b consecutive output rows, which share the kept block columns.
@@ -517,6 +518,7 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, sparsity: float = 
                 reconstruct: bool = True, allocation: str | Mapping[str, float] = "uniform",
                 reconstruct_target: str = "dense", damp: float = DEFAULT_DAMP,
                 sink_weight: float = DEFAULT_SINK_WEIGHT, obc_rounds: int | None = 8,
+                refine_steps: int = 0, refine_lr: float = 0.03,
                 owl_threshold: float = 5.0, owl_spread: float = 0.08, batch_size: int = 8,
                 target_modules: Sequence[str] = LLAMA_TARGET_MODULES,
                 filter_fn: Callable[[nn.Module, str], bool] | None = None,
@@ -541,6 +543,12 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, sparsity: float = 
     by a few MLP channels; an unweighted fit spends 1/seqlen of its effort on it and
     lets it shrink (SmolLM2-135M at 50%: 24,462 -> 2,639 at layer 12), which every
     later attention layer then reads.
+    refine_steps: after a decoder layer's linears are pruned and fitted one by one, this
+    many Adam steps (micro-batches of 2 calibration windows, cosine schedule) on all
+    its kept weights together, so that the layer's output on the pruned model's hidden
+    states matches the dense layer's output on the dense ones (`refine_layer`). The
+    per-linear fits cannot see the nonlinearities (softmax, SiLU gate) between them;
+    this fits the layer as a whole. refine_lr: step relative to each matrix's RMS weight.
     allocation: "uniform", "owl" (outlier-weighted layer-wise densities, mean = target,
     +-owl_spread), or {linear name or module prefix: density} (the linears not named
     share the rest of the budget; e.g. {"model.layers.0.mlp": 1.0}); the total kept
@@ -552,6 +560,10 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, sparsity: float = 
     _check_options(sparsity, block_size, method, group, allocation, reconstruct_target)
     if not sink_weight >= 1.0:
         raise ValueError(f"sink_weight must be >= 1 (1 = no weighting), got {sink_weight}")
+    if not (isinstance(refine_steps, int) and refine_steps >= 0):
+        raise ValueError(f"refine_steps must be an integer >= 0 (0 = no refinement), got {refine_steps!r}")
+    if refine_steps and not refine_lr > 0:
+        raise ValueError(f"refine_lr must be > 0, got {refine_lr}")
     if method == "obc":
         reconstruct = True
     density = 1.0 - sparsity
@@ -599,10 +611,12 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, sparsity: float = 
 
         hidden, kwargs = _layer0_inputs(model, layers, batches)
         use_dense_target = reconstruct and reconstruct_target == "dense"
-        dense_hidden = [h.clone() for h in hidden] if use_dense_target else None
+        track_dense = use_dense_target or refine_steps > 0
+        dense_hidden = [h.clone() for h in hidden] if track_dense else None
         need_gram = reconstruct or method == "obc"
         masks: dict[str, torch.Tensor] = {}
         per_linear: dict[str, dict] = {}
+        refine_loss: dict[int, tuple[float, float]] = {}
 
         iterator = range(len(layers))
         if progress:
@@ -611,21 +625,24 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, sparsity: float = 
         for i in iterator:
             layer, linears = layers[i], linears_by_layer[i]
             # The dense model's path must advance through every layer, pruned here or not.
-            dense_layer = (copy.deepcopy(layer) if linears else layer) if use_dense_target else None
+            dense_layer = (copy.deepcopy(layer) if linears else layer) if track_dense else None
             if linears:
                 for names in _linear_groups(layer, linears, hidden[0], kwargs[0]):
                     needs_stats = method != "magnitude" or reconstruct
                     stats = (_collect(layer, names, linears, hidden, kwargs, need_gram, sink_weight,
-                                      dense_layer, dense_hidden)
+                                      *((dense_layer, dense_hidden) if use_dense_target else ()))
                              if needs_stats else None)
                     for name in names:
                         lin = linears[name]
                         masks[name], per_linear[name] = _prune_linear(
                             lin, stats, keep[name], block_size, method, group, reconstruct, damp, obc_rounds)
-            for j, (h, kw) in enumerate(zip(hidden, kwargs)):
-                hidden[j] = _layer_output(layer(h, **kw))
-                if dense_layer is not None:
-                    dense_hidden[j] = _layer_output(dense_layer(dense_hidden[j], **kw))
+            if dense_layer is not None:
+                dense_hidden = [_layer_output(dense_layer(h, **kw)) for h, kw in zip(dense_hidden, kwargs)]
+            if linears and refine_steps > 0:
+                weights = {name: (lin.weight, element_mask(masks[name], block_size).to(lin.weight))
+                           for name, lin in linears.items()}
+                refine_loss[i] = refine_layer(layer, weights, hidden, kwargs, dense_hidden, refine_steps, refine_lr)
+            hidden = [_layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
             del dense_layer
     finally:
         if use_cache is not None:
@@ -648,10 +665,73 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, sparsity: float = 
         "damp": damp,
         "sink_weight": sink_weight,
         "obc_rounds": obc_rounds if method == "obc" else None,
+        "refine": ({"steps": refine_steps, "lr": refine_lr,
+                    "layer_loss_before_after": {str(i): list(v) for i, v in refine_loss.items()}}
+                   if refine_steps > 0 else None),
         "calibration": {"nsamples": int(calib_inputs.shape[0]), "seqlen": int(calib_inputs.shape[1])},
         "owl_outlier_ratios": outlier_ratios,
         "layers": per_linear,
     }
+
+
+def refine_layer(layer: nn.Module, weights: Mapping[str, tuple[nn.Parameter, torch.Tensor]],
+                 hidden: Sequence[torch.Tensor], kwargs: Sequence[dict], targets: Sequence[torch.Tensor],
+                 steps: int, lr: float, micro_batch: int = 2) -> tuple[float, float]:
+    """Adam on the kept weights of one pruned decoder layer so that its output matches `targets`.
+
+    weights: {name: (weight parameter, element mask)}; the mask is re-applied after every
+    step, so the block pattern is unchanged; lr is relative to each matrix's RMS weight.
+    The loss is each token's squared error relative to its target's squared norm,
+    averaged over tokens: the sink token's norm
+    is ~100x the others, so an absolute error would fit nothing else (and weighting the
+    sink further, as the closed-form fits do, measured worse here). Returns the mean
+    loss over the calibration data before and after; a refinement that does not lower
+    it is undone.
+    """
+    chunks = [(h[s:s + micro_batch], _slice_kwargs(kw, len(h[s:s + micro_batch])), t[s:s + micro_batch])
+              for h, kw, t in zip(hidden, kwargs, targets) for s in range(0, h.shape[0], micro_batch)]
+
+    def loss_of(h, kw, t):
+        err = (_layer_output(layer(h, **kw)) - t).square().sum(-1) / t.square().sum(-1).clamp_min(1e-12)
+        return err.mean()
+
+    def mean_loss():
+        with torch.no_grad():
+            return sum(loss_of(*c).item() * c[0].shape[0] for c in chunks) / sum(c[0].shape[0] for c in chunks)
+
+    params = [p for p, _ in weights.values()]
+    trainable = {p: p.requires_grad for p in layer.parameters()}
+    for p in layer.parameters():
+        p.requires_grad_(any(p is q for q in params))
+    before = mean_loss()
+    saved = [p.detach().clone() for p in params]
+    # Adam moves every weight by ~lr per step whatever its gradient's scale, so the step
+    # is set relative to each matrix's RMS weight (0.02 in a fresh model, 0.2 in SmolLM2).
+    groups = [{"params": [p], "lr": lr * float(p.detach()[mask.bool()].square().mean().sqrt())}
+              for p, mask in weights.values()]
+    optimizer = torch.optim.Adam(groups)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    try:
+        with torch.enable_grad():
+            for step in range(steps):
+                loss = loss_of(*chunks[step % len(chunks)])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                with torch.no_grad():
+                    for p, mask in weights.values():
+                        p.mul_(mask)
+    finally:
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
+    after = mean_loss()
+    if not after < before:  # never leave a layer worse than its closed-form fit
+        with torch.no_grad():
+            for p, old in zip(params, saved):
+                p.copy_(old)
+        after = before
+    return before, after
 
 
 def _layer_output(out):

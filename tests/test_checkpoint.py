@@ -144,7 +144,7 @@ def test_cli_help_lists_both_spellings(capsys):
     out = capsys.readouterr().out
     for flag in ("--sparsity", "--block-size", "--block_size", "--method", "--group", "--calib", "--nsamples",
                  "--seqlen", "--out", "--no-reconstruct", "--allocation", "--module-density", "--sink-weight",
-                 "--eval-dataset", "--eval-max-windows"):
+                 "--refine-steps", "--refine-lr", "--eval-dataset", "--eval-max-windows"):
         assert flag in out
 
 
@@ -154,6 +154,7 @@ def test_cli_prunes_saves_and_reloads(tiny_dir, text_file, tmp_path, capsys):
     out = tmp_path / "pruned"
     code = main(["prune", "--model", str(tiny_dir), "--calib", str(text_file), "--nsamples", "4",
                  "--seqlen", "64", "--method", "wanda", "--module-density", "model.layers.0.mlp=1.0",
+                 "--refine-steps", "4",
                  "--eval_dataset", str(text_file), "--eval-seqlen", "64",
                  "--eval-max-windows", "2", "--out", str(out), "--no-progress"])
     assert code == 0
@@ -164,6 +165,7 @@ def test_cli_prunes_saves_and_reloads(tiny_dir, text_file, tmp_path, capsys):
     assert report["layers"]["model.layers.0.mlp.up_proj"]["blocks_per_row"] == [4]  # kept dense
     assert report["layers"]["model.layers.1.mlp.up_proj"]["blocks_per_row"] == [1]  # pays for it
     assert report["allocation"] == {"explicit": {"model.layers.0.mlp": 1.0}}
+    assert report["refine"]["steps"] == 4 and set(report["refine"]["layer_loss_before_after"]) == {"0", "1"}
     model, _ = load_model(str(out))
     assert isinstance(model.model.layers[1].mlp.down_proj, BlockSparseLinear)
     assert "-> pruned" in capsys.readouterr().out
@@ -178,6 +180,8 @@ def test_cli_prunes_saves_and_reloads(tiny_dir, text_file, tmp_path, capsys):
     (["--module-density", "model.layers.0.mlp"], "expects NAME=D"),
     (["--module-density", "model.layers.9=1.0"], r"match no pruned linear: \['model.layers.9'\]"),
     (["--sink-weight", "0"], r"--sink-weight must be >= 1"),
+    (["--refine-steps", "-3"], r"--refine-steps must be >= 0"),
+    (["--refine-lr", "0"], r"--refine-lr must be > 0"),
 ])
 def test_cli_bad_input_is_one_line_error(tiny_dir, text_file, tmp_path, capsys, extra, message):
     args = ["prune", "--model", str(tiny_dir), "--calib", str(text_file), "--nsamples", "2", "--seqlen", "32",

@@ -61,6 +61,12 @@ def add_parser(subparsers):
     add_flag(parser, "--sink-weight", type=float, default=DEFAULT_SINK_WEIGHT,
              help="the first token of every calibration window (the attention sink) counts as this many "
                   "tokens in the scores and fits; 1 = no weighting (default: %(default)s)")
+    add_flag(parser, "--refine-steps", type=int, default=0,
+             help="after each decoder layer is pruned, this many Adam steps on its kept weights to match "
+                  "the dense layer's output on the calibration data; 0 = closed-form fits only "
+                  "(default: %(default)s)")
+    add_flag(parser, "--refine-lr", type=float, default=0.03,
+             help="refinement step size relative to each matrix's RMS weight (default: %(default)s)")
     add_flag(parser, "--damp", type=float, default=0.01,
              help="least-squares damping, as a fraction of mean(diag X^T X) (default: %(default)s)")
     add_flag(parser, "--calib", default="default",
@@ -98,6 +104,10 @@ def _check_args(args) -> None:
         raise CLIError(f"--damp must be > 0, got {args.damp}")
     if args.sink_weight < 1:
         raise CLIError(f"--sink-weight must be >= 1 (1 = no weighting), got {args.sink_weight}")
+    if args.refine_steps < 0:
+        raise CLIError(f"--refine-steps must be >= 0 (0 = no refinement), got {args.refine_steps}")
+    if args.refine_lr <= 0:
+        raise CLIError(f"--refine-lr must be > 0, got {args.refine_lr}")
     _module_densities(args.module_density)
     if args.method == "obc" and args.group != "block-row":
         raise CLIError("--method obc picks blocks per block row; use --group block-row")
@@ -150,7 +160,8 @@ def run(args) -> int:
         report = prune_model(model, calib, sparsity=args.sparsity, block_size=args.block_size, method=args.method,
                              group=args.group, reconstruct=args.reconstruct, allocation=allocation,
                              reconstruct_target=args.reconstruct_target, damp=args.damp,
-                             sink_weight=args.sink_weight, owl_spread=args.owl_spread,
+                             sink_weight=args.sink_weight, refine_steps=args.refine_steps,
+                             refine_lr=args.refine_lr, owl_spread=args.owl_spread,
                              batch_size=args.batch_size, progress=progress)
     except ValueError as err:  # options that only the model can check (e.g. --module-density names)
         raise CLIError(str(err)) from err
