@@ -682,16 +682,16 @@ def refine_layer(layer: nn.Module, weights: Mapping[str, tuple[nn.Parameter, tor
     weights: {name: (weight parameter, element mask)}; the mask is re-applied after every
     step, so the block pattern is unchanged; lr is relative to each matrix's RMS weight.
     The loss is each token's squared error relative to its target's squared norm,
-    averaged over tokens: the sink token's norm
-    is ~100x the others, so an absolute error would fit nothing else (and weighting the
-    sink further, as the closed-form fits do, measured worse here). Returns the mean
-    loss over the calibration data before and after; a refinement that does not lower
-    it is undone.
+    averaged over tokens: the sink token's norm is ~100x the others, so an absolute
+    error would fit nothing else (and weighting the sink further, as the closed-form
+    fits do, measured worse here). Returns the mean loss over the calibration data
+    before and after; a refinement that does not lower it is undone.
     """
     chunks = [(h[s:s + micro_batch], _slice_kwargs(kw, len(h[s:s + micro_batch])), t[s:s + micro_batch])
               for h, kw, t in zip(hidden, kwargs, targets) for s in range(0, h.shape[0], micro_batch)]
 
     def loss_of(h, kw, t):
+        h, t = h.float(), t.float()
         err = (_layer_output(layer(h, **kw)) - t).square().sum(-1) / t.square().sum(-1).clamp_min(1e-12)
         return err.mean()
 
@@ -700,18 +700,22 @@ def refine_layer(layer: nn.Module, weights: Mapping[str, tuple[nn.Parameter, tor
             return sum(loss_of(*c).item() * c[0].shape[0] for c in chunks) / sum(c[0].shape[0] for c in chunks)
 
     params = [p for p, _ in weights.values()]
+    masks = [mask.float() for _, mask in weights.values()]
     trainable = {p: p.requires_grad for p in layer.parameters()}
-    for p in layer.parameters():
-        p.requires_grad_(any(p is q for q in params))
-    before = mean_loss()
-    saved = [p.detach().clone() for p in params]
-    # Adam moves every weight by ~lr per step whatever its gradient's scale, so the step
-    # is set relative to each matrix's RMS weight (0.02 in a fresh model, 0.2 in SmolLM2).
-    groups = [{"params": [p], "lr": lr * float(p.detach()[mask.bool()].square().mean().sqrt())}
-              for p, mask in weights.values()]
-    optimizer = torch.optim.Adam(groups)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    dtype = params[0].dtype
     try:
+        # Adam's moments and steps of ~1% of a weight need fp32: a half-precision layer
+        # is refined in fp32 and cast back.
+        layer.float()
+        for p in layer.parameters():
+            p.requires_grad_(any(p is q for q in params))
+        before = mean_loss()
+        saved = [p.detach().clone() for p in params]
+        # Adam moves every weight by ~lr per step whatever its gradient's scale, so the step
+        # is set relative to each matrix's RMS weight (0.02 in a fresh model, 0.2 in SmolLM2).
+        optimizer = torch.optim.Adam([{"params": [p], "lr": lr * float(p.detach()[m.bool()].square().mean().sqrt())}
+                                      for p, m in zip(params, masks)])
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
         with torch.enable_grad():
             for step in range(steps):
                 loss = loss_of(*chunks[step % len(chunks)])
@@ -720,17 +724,18 @@ def refine_layer(layer: nn.Module, weights: Mapping[str, tuple[nn.Parameter, tor
                 optimizer.step()
                 schedule.step()
                 with torch.no_grad():
-                    for p, mask in weights.values():
-                        p.mul_(mask)
+                    for p, m in zip(params, masks):
+                        p.mul_(m)
+        after = mean_loss()
+        if not after < before:  # never leave a layer worse than its closed-form fit
+            with torch.no_grad():
+                for p, old in zip(params, saved):
+                    p.copy_(old)
+            after = before
     finally:
         for p, flag in trainable.items():
             p.requires_grad_(flag)
-    after = mean_loss()
-    if not after < before:  # never leave a layer worse than its closed-form fit
-        with torch.no_grad():
-            for p, old in zip(params, saved):
-                p.copy_(old)
-        after = before
+        layer.to(dtype)
     return before, after
 
 

@@ -223,6 +223,14 @@ def test_refinement_keeps_the_block_pattern_and_lowers_every_layer_loss():
     assert error["refined"] < error["plain"], error
 
 
+def test_refinement_of_a_bfloat16_model_runs_in_fp32_and_keeps_the_dtype():
+    model = make_tiny_llama().to(torch.bfloat16)
+    report = prune_model(model, CALIB, refine_steps=10, batch_size=4, convert=False, progress=False)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    losses = report["refine"]["layer_loss_before_after"].values()
+    assert all(after < before for before, after in losses), losses
+
+
 def test_refinement_options_are_validated():
     with pytest.raises(ValueError, match="refine_steps"):
         _prune(refine_steps=-1)
