@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import itertools
 import math
 from typing import Callable, Mapping, Sequence
 
@@ -401,7 +402,7 @@ def _linear_groups(layer: nn.Module, linears: Mapping[str, nn.Linear], hidden: t
 
     handles = [lin.register_forward_pre_hook(make_hook(name)) for name, lin in linears.items()]
     try:
-        layer(hidden[:1], **_slice_kwargs(kwargs, 1))
+        layer(hidden[:1], **_slice_kwargs(kwargs, hidden.shape[0], 0, 1))
     finally:
         for handle in handles:
             handle.remove()
@@ -415,14 +416,23 @@ def _linear_groups(layer: nn.Module, linears: Mapping[str, nn.Linear], hidden: t
     return list(groups.values())
 
 
-def _slice_kwargs(kwargs: dict, n: int) -> dict:
-    """Keyword arguments of a batch cut to its first n samples (batch-shaped tensors only)."""
+def _slice_kwargs(kwargs: dict, batch: int, start: int, stop: int, float32: bool = False) -> dict:
+    """Keyword arguments of a batch of `batch` samples cut to samples start:stop.
+
+    Only tensors whose first dim is the batch are cut (a [1, T, d] rotary table serves
+    every sample); with float32, floating tensors are also cast to fp32.
+    """
+    def cut(value):
+        if value.dim() > 0 and value.shape[0] == batch and batch > 1:
+            value = value[start:stop]
+        return value.float() if float32 and value.is_floating_point() else value
+
     out = {}
     for key, value in kwargs.items():
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] > 1:
-            value = value[:n]
+        if isinstance(value, torch.Tensor):
+            value = cut(value)
         elif isinstance(value, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
-            value = tuple(v[:n] if v.dim() > 0 and v.shape[0] > 1 else v for v in value)
+            value = tuple(cut(v) for v in value)
         out[key] = value
     return out
 
@@ -687,7 +697,8 @@ def refine_layer(layer: nn.Module, weights: Mapping[str, tuple[nn.Parameter, tor
     fits do, measured worse here). Returns the mean loss over the calibration data
     before and after; a refinement that does not lower it is undone.
     """
-    chunks = [(h[s:s + micro_batch], _slice_kwargs(kw, len(h[s:s + micro_batch])), t[s:s + micro_batch])
+    chunks = [(h[s:s + micro_batch], _slice_kwargs(kw, h.shape[0], s, s + micro_batch, float32=True),
+               t[s:s + micro_batch])
               for h, kw, t in zip(hidden, kwargs, targets) for s in range(0, h.shape[0], micro_batch)]
 
     def loss_of(h, kw, t):
@@ -702,7 +713,7 @@ def refine_layer(layer: nn.Module, weights: Mapping[str, tuple[nn.Parameter, tor
     params = [p for p, _ in weights.values()]
     masks = [mask.float() for _, mask in weights.values()]
     trainable = {p: p.requires_grad for p in layer.parameters()}
-    dtype = params[0].dtype
+    dtypes = {name: t.dtype for name, t in itertools.chain(layer.named_parameters(), layer.named_buffers())}
     try:
         # Adam's moments and steps of ~1% of a weight need fp32: a half-precision layer
         # is refined in fp32 and cast back.
@@ -735,7 +746,10 @@ def refine_layer(layer: nn.Module, weights: Mapping[str, tuple[nn.Parameter, tor
     finally:
         for p, flag in trainable.items():
             p.requires_grad_(flag)
-        layer.to(dtype)
+            p.grad = None
+        # One by one: a layer may mix dtypes on purpose (fp32 norms or rotary tables).
+        for name, t in itertools.chain(layer.named_parameters(), layer.named_buffers()):
+            t.data = t.data.to(dtypes[name])
     return before, after
 
 

@@ -9,7 +9,7 @@ from blocksparse import BlockSparseLinear
 from blocksparse.integration import target_linears
 from blocksparse.prune import (block_scores, explicit_densities, greedy_obs_mask, keep_counts,
                                output_error, owl_densities, prune_model, reconstruct_block_rows,
-                               select_block_mask, _InputStats, _target_weight)
+                               select_block_mask, _InputStats, _slice_kwargs, _target_weight)
 from conftest import make_tiny_llama
 
 CALIB = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(1))
@@ -223,12 +223,25 @@ def test_refinement_keeps_the_block_pattern_and_lowers_every_layer_loss():
     assert error["refined"] < error["plain"], error
 
 
-def test_refinement_of_a_bfloat16_model_runs_in_fp32_and_keeps_the_dtype():
+def test_refinement_of_a_bfloat16_model_keeps_its_dtype_and_leaves_no_gradients():
     model = make_tiny_llama().to(torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
     report = prune_model(model, CALIB, refine_steps=10, batch_size=4, convert=False, progress=False)
-    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert {name: p.dtype for name, p in model.named_parameters()} == dtypes
+    assert all(p.grad is None for p in model.parameters())
     losses = report["refine"]["layer_loss_before_after"].values()
     assert all(after < before for before, after in losses), losses
+
+
+def test_micro_batch_kwargs_cut_only_batch_shaped_tensors_at_the_right_samples():
+    mask = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 5, 5).to(torch.bfloat16)
+    rotary = (torch.ones(1, 5, 8, dtype=torch.bfloat16), torch.zeros(1, 5, 8, dtype=torch.bfloat16))
+    positions = torch.arange(5)
+    cut = _slice_kwargs({"attention_mask": mask, "position_embeddings": rotary, "cache_position": positions,
+                         "use_cache": False}, 4, 2, 4, float32=True)
+    assert cut["attention_mask"][:, 0, 0, 0].tolist() == [2.0, 3.0] and cut["attention_mask"].dtype == torch.float32
+    assert all(t.shape == (1, 5, 8) and t.dtype == torch.float32 for t in cut["position_embeddings"])
+    assert torch.equal(cut["cache_position"], positions) and cut["use_cache"] is False
 
 
 def test_refinement_options_are_validated():
