@@ -28,7 +28,8 @@ def add_parser(subparsers):
     parser = subparsers.add_parser(
         "prune", help="block-prune a model with calibration data and save a sparse checkpoint",
         description="Sequential block pruning (Wanda / OBS scores or greedy block OBS), per block "
-                    "row by default, with least-squares reconstruction of the kept weights. "
+                    "row by default, with least-squares reconstruction of the kept weights and a "
+                    "gradient refinement of each decoder layer against the dense one. "
                     "Writes a Hugging Face directory with block-sparse safetensors and prune_report.json.")
     add_flag(parser, "--model", default="default",
              help="'default' (embedded SmolLM2-135M-Instruct), a local model directory or a hub id "
@@ -61,10 +62,10 @@ def add_parser(subparsers):
     add_flag(parser, "--sink-weight", type=float, default=DEFAULT_SINK_WEIGHT,
              help="the first token of every calibration window (the attention sink) counts as this many "
                   "tokens in the scores and fits; 1 = no weighting (default: %(default)s)")
-    add_flag(parser, "--refine-steps", type=int, default=0,
+    add_flag(parser, "--refine-steps", type=int, default=100,
              help="after each decoder layer is pruned, this many Adam steps on its kept weights to match "
-                  "the dense layer's output on the calibration data; 0 = closed-form fits only "
-                  "(default: %(default)s)")
+                  "the dense layer's output on the calibration data; 0 = closed-form fits only. Seconds "
+                  "per layer on a GPU, ~30 s per SmolLM2 layer on 2 CPU cores (default: %(default)s)")
     add_flag(parser, "--refine-lr", type=float, default=0.03,
              help="refinement step size relative to each matrix's RMS weight (default: %(default)s)")
     add_flag(parser, "--damp", type=float, default=0.01,
