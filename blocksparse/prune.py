@@ -423,7 +423,7 @@ def _slice_kwargs(kwargs: dict, batch: int, start: int, stop: int, float32: bool
     every sample); with float32, floating tensors are also cast to fp32.
     """
     def cut(value):
-        if value.dim() > 0 and value.shape[0] == batch and batch > 1:
+        if value.dim() > 0 and value.shape[0] == batch:
             value = value[start:stop]
         return value.float() if float32 and value.is_floating_point() else value
 
@@ -649,7 +649,7 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, sparsity: float = 
             if dense_layer is not None:
                 dense_hidden = [_layer_output(dense_layer(h, **kw)) for h, kw in zip(dense_hidden, kwargs)]
             if linears and refine_steps > 0:
-                weights = {name: (lin.weight, element_mask(masks[name], block_size).to(lin.weight))
+                weights = {name: (lin.weight, element_mask(masks[name], block_size).to(lin.weight.device))
                            for name, lin in linears.items()}
                 refine_loss[i] = refine_layer(layer, weights, hidden, kwargs, dense_hidden, refine_steps, refine_lr)
             hidden = [_layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
@@ -689,7 +689,7 @@ def refine_layer(layer: nn.Module, weights: Mapping[str, tuple[nn.Parameter, tor
                  steps: int, lr: float, micro_batch: int = 2) -> tuple[float, float]:
     """Adam on the kept weights of one pruned decoder layer so that its output matches `targets`.
 
-    weights: {name: (weight parameter, element mask)}; the mask is re-applied after every
+    weights: {name: (weight parameter, boolean element mask)}; the mask is re-applied after every
     step, so the block pattern is unchanged; lr is relative to each matrix's RMS weight.
     The loss is each token's squared error relative to its target's squared norm,
     averaged over tokens: the sink token's norm is ~100x the others, so an absolute
@@ -711,7 +711,7 @@ def refine_layer(layer: nn.Module, weights: Mapping[str, tuple[nn.Parameter, tor
             return sum(loss_of(*c).item() * c[0].shape[0] for c in chunks) / sum(c[0].shape[0] for c in chunks)
 
     params = [p for p, _ in weights.values()]
-    masks = [mask.float() for _, mask in weights.values()]
+    masks = [mask.float() for _, mask in weights.values()]  # multiplied into fp32 weights
     trainable = {p: p.requires_grad for p in layer.parameters()}
     dtypes = {name: t.dtype for name, t in itertools.chain(layer.named_parameters(), layer.named_buffers())}
     try:

@@ -64,8 +64,8 @@ def add_parser(subparsers):
                   "tokens in the scores and fits; 1 = no weighting (default: %(default)s)")
     add_flag(parser, "--refine-steps", type=int, default=100,
              help="after each decoder layer is pruned, this many Adam steps on its kept weights to match "
-                  "the dense layer's output on the calibration data; 0 = closed-form fits only. Seconds "
-                  "per layer on a GPU, ~30 s per SmolLM2 layer on 2 CPU cores (default: %(default)s)")
+                  "the dense layer's output on the calibration data; 0 = closed-form fits only; "
+                  "22-35 s per SmolLM2-135M layer on 2 CPU cores (default: %(default)s)")
     add_flag(parser, "--refine-lr", type=float, default=0.03,
              help="refinement step size relative to each matrix's RMS weight (default: %(default)s)")
     add_flag(parser, "--damp", type=float, default=0.01,
