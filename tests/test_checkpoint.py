@@ -144,7 +144,7 @@ def test_cli_help_lists_both_spellings(capsys):
     out = capsys.readouterr().out
     for flag in ("--sparsity", "--block-size", "--block_size", "--method", "--group", "--calib", "--nsamples",
                  "--seqlen", "--out", "--no-reconstruct", "--allocation", "--module-density", "--sink-weight",
-                 "--refine-steps", "--refine-lr", "--eval-dataset", "--eval-max-windows"):
+                 "--sink-tokens", "--refine-steps", "--refine-lr", "--eval-dataset", "--eval-max-windows"):
         assert flag in out
 
 
@@ -180,6 +180,7 @@ def test_cli_prunes_saves_and_reloads(tiny_dir, text_file, tmp_path, capsys):
     (["--module-density", "model.layers.0.mlp"], "expects NAME=D"),
     (["--module-density", "model.layers.9=1.0"], r"match no pruned linear: \['model.layers.9'\]"),
     (["--sink-weight", "0"], r"--sink-weight must be >= 1"),
+    (["--sink-tokens", "-1"], r"--sink-tokens must be >= 0"),
     (["--refine-steps", "-3"], r"--refine-steps must be >= 0"),
     (["--refine-lr", "0"], r"--refine-lr must be > 0"),
 ])

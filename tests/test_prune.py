@@ -9,7 +9,7 @@ from blocksparse import BlockSparseLinear
 from blocksparse.integration import target_linears
 from blocksparse.prune import (block_scores, explicit_densities, greedy_obs_mask, keep_counts,
                                output_error, owl_densities, prune_model, reconstruct_block_rows,
-                               select_block_mask, _InputStats, _slice_kwargs, _target_weight)
+                               select_block_mask, sink_probe_ids, _InputStats, _slice_kwargs, _target_weight)
 from conftest import make_tiny_llama
 
 CALIB = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(1))
@@ -179,6 +179,32 @@ def test_sink_weight_is_validated_and_reported():
         _prune(sink_weight=0.5)
     _, report = _prune(method="magnitude", reconstruct=False, sink_weight=1.0)
     assert report["sink_weight"] == 1.0
+
+
+def test_sink_probes_are_the_most_frequent_calibration_tokens_and_bos():
+    calib = torch.tensor([[5, 7, 7, 9], [7, 9, 3, 7]])
+    assert sink_probe_ids(calib, 2).tolist() == [[7], [9]]
+    assert sink_probe_ids(calib, 2, bos_token_id=1).tolist() == [[1], [7]]
+    assert sink_probe_ids(calib, 9, bos_token_id=7).flatten().tolist() == [7, 9, 3, 5]
+
+
+def test_sink_probes_fit_the_first_position_for_first_tokens_the_windows_lack():
+    # Position 0 attends only to itself, so a one-token sequence is the first position of any
+    # window starting with that token. With the probes in the fit, the pruned model's output
+    # there is closer to the dense one for the probe tokens, most of which start no window.
+    reference = make_tiny_llama()
+    probes = sink_probe_ids(CALIB, 64)
+    unseen = probes[~torch.isin(probes[:, 0], CALIB[:, 0])]
+    assert len(unseen) > 50
+    errors = {}
+    for sink_tokens in (0, 64):
+        model, report = _prune(method="wanda", sink_tokens=sink_tokens)
+        assert report["sink_tokens"] == sink_tokens
+        out, ref = model(unseen).logits, reference(unseen).logits
+        errors[sink_tokens] = ((out - ref).norm() / ref.norm()).item()
+    assert errors[64] < 0.8 * errors[0], errors
+    with pytest.raises(ValueError, match="sink_tokens"):
+        _prune(sink_tokens=-1)
 
 
 def test_dense_target_follows_the_dense_model_through_layers_left_unpruned():

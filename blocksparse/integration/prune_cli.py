@@ -21,7 +21,7 @@ import torch
 
 from ..cli import CLIError, add_flag
 from ..format import SUPPORTED_BLOCK_SIZES
-from ..prune import ALLOCATIONS, DEFAULT_SINK_WEIGHT, GROUPS, METHODS, RECONSTRUCT_TARGETS
+from ..prune import ALLOCATIONS, DEFAULT_SINK_TOKENS, DEFAULT_SINK_WEIGHT, GROUPS, METHODS, RECONSTRUCT_TARGETS
 
 
 def add_parser(subparsers):
@@ -62,6 +62,10 @@ def add_parser(subparsers):
     add_flag(parser, "--sink-weight", type=float, default=DEFAULT_SINK_WEIGHT,
              help="the first token of every calibration window (the attention sink) counts as this many "
                   "tokens in the scores and fits; 1 = no weighting (default: %(default)s)")
+    add_flag(parser, "--sink-tokens", type=int, default=DEFAULT_SINK_TOKENS,
+             help="also fit this many of the calibration text's most frequent tokens (and BOS) as the first "
+                  "token of a one-token sequence, so the attention sink forms whatever token a window starts "
+                  "with; they share the sink weight; 0 = only the windows' first tokens (default: %(default)s)")
     add_flag(parser, "--refine-steps", type=int, default=100,
              help="after each decoder layer is pruned, this many Adam steps on its kept weights to match "
                   "the dense layer's output on the calibration data; 0 = closed-form fits only; "
@@ -105,6 +109,8 @@ def _check_args(args) -> None:
         raise CLIError(f"--damp must be > 0, got {args.damp}")
     if args.sink_weight < 1:
         raise CLIError(f"--sink-weight must be >= 1 (1 = no weighting), got {args.sink_weight}")
+    if args.sink_tokens < 0:
+        raise CLIError(f"--sink-tokens must be >= 0 (0 = only the windows' first tokens), got {args.sink_tokens}")
     if args.refine_steps < 0:
         raise CLIError(f"--refine-steps must be >= 0 (0 = no refinement), got {args.refine_steps}")
     if args.refine_lr <= 0:
@@ -161,7 +167,8 @@ def run(args) -> int:
         report = prune_model(model, calib, sparsity=args.sparsity, block_size=args.block_size, method=args.method,
                              group=args.group, reconstruct=args.reconstruct, allocation=allocation,
                              reconstruct_target=args.reconstruct_target, damp=args.damp,
-                             sink_weight=args.sink_weight, refine_steps=args.refine_steps,
+                             sink_weight=args.sink_weight, sink_tokens=args.sink_tokens,
+                             refine_steps=args.refine_steps,
                              refine_lr=args.refine_lr, owl_spread=args.owl_spread,
                              batch_size=args.batch_size, progress=progress)
     except ValueError as err:  # options that only the model can check (e.g. --module-density names)
