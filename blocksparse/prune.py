@@ -359,6 +359,8 @@ def sink_probe_ids(calib_inputs: torch.Tensor, count: int, bos_token_id: int | N
     its token alone: fitting these sequences fits the attention sink for every first token
     a window can start with, where the calibration windows show only nsamples of them.
     """
+    if count <= 0:
+        return calib_inputs.new_zeros((0, 1))
     ids, counts = calib_inputs.flatten().unique(return_counts=True)
     probes = ids[counts.argsort(descending=True, stable=True)][:count]
     if isinstance(bos_token_id, int) and bos_token_id >= 0 and not (probes == bos_token_id).any():
@@ -572,7 +574,7 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, sparsity: float = 
     sink_tokens: how many of the calibration text's most frequent tokens (and BOS) are also
     fitted as the first token of a one-token sequence (`sink_probe_ids`); the sink weight
     is then shared between these and the windows' first tokens (total nsamples *
-    sink_weight). Fitted on the windows' own first tokens alone (16 of them), SmolLM2-135M's
+    sink_weight, each counting at least once). Fitted on the windows' own first tokens alone (16 of them), SmolLM2-135M's
     sink failed to form at layer 12 for 12% of random first tokens (27% after refinement),
     and held-out windows starting with such a token collapsed; 0 disables.
     refine_steps: after a decoder layer's linears are pruned and fitted one by one, this
@@ -626,7 +628,8 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, sparsity: float = 
     if probes is not None:
         batches.append(probes)
     n_sinks = calib_inputs.shape[0] + (0 if probes is None else probes.shape[0])
-    stats_sink_weight = sink_weight * calib_inputs.shape[0] / n_sinks
+    # The windows' first tokens and the probes share the sink weight; none counts less than once.
+    stats_sink_weight = max(1.0, sink_weight * calib_inputs.shape[0] / n_sinks)
     shapes = {name: (lin.out_features, lin.in_features) for name, lin in all_targets.items()}
 
     was_training = model.training

@@ -186,6 +186,7 @@ def test_sink_probes_are_the_most_frequent_calibration_tokens_and_bos():
     assert sink_probe_ids(calib, 2).tolist() == [[7], [9]]
     assert sink_probe_ids(calib, 2, bos_token_id=1).tolist() == [[1], [7]]
     assert sink_probe_ids(calib, 9, bos_token_id=7).flatten().tolist() == [7, 9, 3, 5]
+    assert sink_probe_ids(calib, 0, bos_token_id=1).shape == (0, 1)
 
 
 def test_sink_probes_fit_the_first_position_for_first_tokens_the_windows_lack():
@@ -193,7 +194,7 @@ def test_sink_probes_fit_the_first_position_for_first_tokens_the_windows_lack():
     # window starting with that token. With the probes in the fit, the pruned model's output
     # there is closer to the dense one for the probe tokens, most of which start no window.
     reference = make_tiny_llama()
-    probes = sink_probe_ids(CALIB, 64)
+    probes = sink_probe_ids(CALIB, 64, reference.config.bos_token_id)
     unseen = probes[~torch.isin(probes[:, 0], CALIB[:, 0])]
     assert len(unseen) > 50
     errors = {}
