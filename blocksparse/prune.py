@@ -574,9 +574,10 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, sparsity: float = 
     sink_tokens: how many of the calibration text's most frequent tokens (and BOS) are also
     fitted as the first token of a one-token sequence (`sink_probe_ids`); the sink weight
     is then shared between these and the windows' first tokens (total nsamples *
-    sink_weight, each counting at least once). Fitted on the windows' own first tokens alone (16 of them), SmolLM2-135M's
-    sink failed to form at layer 12 for 12% of random first tokens (27% after refinement),
-    and held-out windows starting with such a token collapsed; 0 disables.
+    sink_weight, each counting at least once). Fitted on the windows' own first tokens
+    alone (16 of them), SmolLM2-135M's sink failed to form at layer 12 for 12% of random
+    first tokens (27% after refinement), and held-out windows starting with such a token
+    collapsed; 0 disables.
     refine_steps: after a decoder layer's linears are pruned and fitted one by one, this
     many Adam steps (micro-batches of 2 calibration windows, cosine schedule) on all
     its kept weights together, so that the layer's output on the pruned model's hidden
@@ -740,12 +741,12 @@ def refine_layer(layer: nn.Module, weights: Mapping[str, tuple[nn.Parameter, tor
     it had not seen. Returns the mean loss over the calibration data before and after;
     a refinement that does not lower it is undone.
     """
-    chunks = [(h[s:s + micro_batch], _slice_kwargs(kw, h.shape[0], s, s + micro_batch, float32=True),
-               t[s:s + micro_batch])
-              for h, kw, t in zip(hidden, kwargs, targets) for s in range(0, h.shape[0], micro_batch)]
-    sink_chunks = [] if sink is None else [
-        (sink[0][s:s + sink_micro_batch], _slice_kwargs(sink[1], sink[0].shape[0], s, s + sink_micro_batch, float32=True),
-         sink[2][s:s + sink_micro_batch]) for s in range(0, sink[0].shape[0], sink_micro_batch)]
+    def split(h, kw, t, size):
+        return [(h[s:s + size], _slice_kwargs(kw, h.shape[0], s, s + size, float32=True), t[s:s + size])
+                for s in range(0, h.shape[0], size)]
+
+    chunks = [chunk for h, kw, t in zip(hidden, kwargs, targets) for chunk in split(h, kw, t, micro_batch)]
+    sink_chunks = [] if sink is None else split(*sink, sink_micro_batch)
 
     def loss_of(h, kw, t):
         h, t = h.float(), t.float()

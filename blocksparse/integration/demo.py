@@ -23,8 +23,8 @@ from ..cli import CLIError, add_flag
 # first layer's MLP (2.2x perplexity on its own at 50%) and every v_proj (3% of the
 # weights, the largest output errors) stay dense; the other linears pay for them. 50
 # refinement steps per layer (the sink fitted on one-token probes, prune_model's default)
-# took it from 521 to 355 on 10 held-out windows; greedy block OBS (`--method obc` in
-# `blocksparse prune`) is better still but takes twice as long on a CPU.
+# took it from 521 to 355 on 10 held-out windows; the prune CLI's default (greedy block
+# OBS, 100 steps) reached 236 but took 2.2x as long on a CPU.
 PRUNE_RECIPE = dict(method="wanda", group="block-row", reconstruct=True, reconstruct_target="dense",
                     allocation={"model.layers.0.mlp": 1.0, "model.layers.*.self_attn.v_proj": 1.0},
                     refine_steps=50)
