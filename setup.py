@@ -19,5 +19,5 @@ setup(
         "bench": ["matplotlib>=3.8"],
         "dev": ["pytest>=8", "hypothesis>=6.100"],
     },
-    entry_points={"console_scripts": ["blocksparse=blocksparse.cli:main"]},
+    entry_points={"console_scripts": ["blocksparse=blocksparse.commands:main"]},
 )

@@ -171,7 +171,7 @@ run_step env 60 bash -c env_report
 # ---------------------------------------------------------------- 2. CUDA tests
 # The kernel tests: they run on CUDA tensors when a GPU is present (no interpreter).
 TEST_FILES=()
-for pattern in "tests/test_kernel*.py" "tests/test_triton*.py" "tests/test_ops*.py" "tests/test_roofline*.py"; do
+for pattern in "tests/kernels/test_*.py" "tests/test_ops.py"; do
     for f in $pattern; do [ -f "$f" ] && TEST_FILES+=("$f"); done
 done
 if [ ${#TEST_FILES[@]} -eq 0 ]; then
@@ -236,7 +236,7 @@ fi
         echo "| ${STEPS[$i]} | ${STATUS[$i]} | ${SECONDS_TAKEN[$i]} |"
     done
     echo
-    "$PYTHON" benchmarks/_common.py headline "$OUT_DIR" 2>&1 || echo "(headline numbers unavailable)"
+    "$PYTHON" -m blocksparse.bench.common headline "$OUT_DIR" 2>&1 || echo "(headline numbers unavailable)"
 } > "$OUT_DIR/summary.md"
 echo
 cat "$OUT_DIR/summary.md"

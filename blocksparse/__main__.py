@@ -2,6 +2,6 @@
 
 import sys
 
-from blocksparse.cli import main
+from blocksparse.commands import main
 
 sys.exit(main())

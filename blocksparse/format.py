@@ -16,7 +16,11 @@ Derived metadata (not saved, rebuilt from crow/col):
 - `t_row`   int32 [nnz]     block row (over N) of each transposed entry
 - `t_index` int32 [nnz]     index into `values` of each transposed entry:
                             a permutation, the weights are never copied
-- `ell_*`   padded per-row layout used by the torch backend (see ops.py)
+
+Each backend keeps its own layouts of the structure (the torch backend's
+padded rows, the Triton schedules' look-up tables) through `layout(key,
+build)`: built once per weight, held as non-persistent buffers, so `.to()`
+moves them and checkpoints never contain them.
 
 Why transposed tiles: the forward product X W^T multiplies X by W^T tiles,
 so each tile is stored the way the forward pass reads it: one block row's
@@ -30,6 +34,8 @@ can never make a kernel read out of bounds.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
@@ -137,18 +143,25 @@ class BlockSparseWeight(nn.Module):
         derived = {
             "row": row, "t_crow": t_crow, "t_row": row[t_index], "t_index": t_index,
         }
-        # Padded per-row ("ELL") index for the torch backend: each block row lists
-        # max_blocks_per_row block indices; padding points at block 0 and is masked.
-        width = int(counts.max()) if counts.numel() else 0
-        slot = torch.arange(width, device=crow.device)
-        valid = slot[None, :] < counts[:, None]
-        ell_index = torch.where(valid, crow[:-1, None] + slot[None, :], 0)
-        derived["ell_index"] = ell_index
-        derived["ell_col"] = torch.where(valid, col[ell_index], 0)
         for name, tensor in derived.items():
             self.register_buffer(name, tensor.to(torch.int32), persistent=False)
-        self.register_buffer("ell_valid", valid, persistent=False)
-        self.rows_uniform = bool(valid.all())
+        self._layouts: dict[str, tuple[tuple[str, ...], dict]] = {}
+
+    @torch.compiler.disable
+    def layout(self, key: str, build: Callable[["BlockSparseWeight"], dict]) -> dict:
+        """A backend's derived layout of this weight: `build(self)` runs once per key.
+
+        Tensor entries are kept as non-persistent buffers (moved by `.to()`, never
+        saved); other entries (plain Python values) are kept as they are.
+        """
+        if key not in self._layouts:
+            built = build(self)
+            tensors = tuple(name for name, value in built.items() if isinstance(value, torch.Tensor))
+            for name in tensors:
+                self.register_buffer(f"_{key}_{name}", built[name], persistent=False)
+            self._layouts[key] = (tensors, {k: v for k, v in built.items() if k not in tensors})
+        tensors, plain = self._layouts[key]
+        return {**{name: getattr(self, f"_{key}_{name}") for name in tensors}, **plain}
 
     # ------------------------------------------------------------------ builders
     @classmethod

@@ -6,28 +6,8 @@ import torch
 from torch import nn
 
 from .format import DEFAULT_BLOCK_SIZE, BlockSparseWeight, check_block_size, check_divisible
+from .masks import magnitude_block_mask
 from .ops import block_sparse_linear
-
-
-def magnitude_block_mask(weight: torch.Tensor, sparsity: float,
-                         block_size: int = DEFAULT_BLOCK_SIZE) -> torch.Tensor:
-    """Keep, in every block row, the (1 - sparsity) fraction of blocks with largest |W| sum.
-
-    The simple default of `BlockSparseLinear.from_linear(..., sparsity=s)`; real
-    pruning with calibration data lives in `blocksparse.prune`.
-    """
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    n, k = weight.shape
-    check_divisible((n, k), block_size)
-    b = block_size
-    scores = weight.detach().abs().float().reshape(n // b, b, k // b, b).sum(dim=(1, 3))
-    keep = (k // b) - int(round(sparsity * (k // b)))
-    keep = max(keep, 1)
-    top = scores.topk(keep, dim=1).indices
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    mask.scatter_(1, top, True)
-    return mask
 
 
 class BlockSparseLinear(nn.Module):
@@ -58,7 +38,8 @@ class BlockSparseLinear(nn.Module):
         """Convert `linear`, keeping the blocks in `block_mask` [out/b, in/b].
 
         With `sparsity` and no mask, each block row keeps its largest-magnitude
-        blocks; with neither, every block is kept (density 1).
+        blocks (`blocksparse.masks.magnitude_block_mask`); with neither, every
+        block is kept (density 1).
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")

@@ -25,9 +25,8 @@ from .format import BlockSparseWeight
 BACKENDS = ("auto", "torch", "triton")
 
 # Up to this many tokens the torch backend multiplies only the stored blocks;
-# above it the dense product of the masked weight is faster on a CPU (4096x4096
-# fp32 at 50%, one thread of a 2-core x86 VM: 1.9x dense at M=4, 0.95x at M=16,
-# 0.48x at M=32).
+# above it the dense product of the masked weight is faster on a CPU (measured:
+# docs/DESIGN.md, "The torch backend").
 SMALL_M_MAX = 16
 # Working-set size of one chunk of block rows in the small-M path: the gathered
 # X slab and the transposed weight tiles of a chunk should stay in cache.
@@ -88,6 +87,19 @@ def check_inputs(x: torch.Tensor, weight: BlockSparseWeight, bias: torch.Tensor 
 # --------------------------------------------------------------------------
 # torch backend
 # --------------------------------------------------------------------------
+def _padded_rows(weight: BlockSparseWeight) -> dict:
+    """The torch backend's padded per-row ("ELL") layout: each block row lists
+    max-blocks-per-row block indices; padding points at block 0 and is masked."""
+    crow = weight.crow.long()
+    counts = crow[1:] - crow[:-1]
+    width = int(counts.max()) if counts.numel() else 0
+    slot = torch.arange(width, device=crow.device)
+    valid = slot[None, :] < counts[:, None]
+    index = torch.where(valid, crow[:-1, None] + slot[None, :], 0)
+    return {"index": index.to(torch.int32), "col": torch.where(valid, weight.col.long()[index], 0).to(torch.int32),
+            "valid": valid, "uniform": bool(valid.all())}
+
+
 def _row_chunks(weight: BlockSparseWeight, m: int, element_size: int):
     """Yield (r0, r1, slab, cols, valid) per chunk of block rows of the padded row layout.
 
@@ -96,16 +108,17 @@ def _row_chunks(weight: BlockSparseWeight, m: int, element_size: int):
     cols [ch*P]: their block columns; valid: the padding mask, None if uniform.
     A chunk's gathered activations ([M, ch*P*b]) stay in cache.
     """
-    b, width = weight.block_size, weight.ell_index.shape[1]
+    rows = weight.layout("padded_rows", _padded_rows)
+    b, width = weight.block_size, rows["index"].shape[1]
     n_rows = weight.block_grid[0]
     chunk = max(1, _CHUNK_BYTES // (width * b * max(m, 1) * element_size))
     for r0 in range(0, n_rows, chunk):
         r1 = min(r0 + chunk, n_rows)
-        cols = weight.ell_col[r0:r1].reshape(-1)
-        if weight.rows_uniform:
+        cols = rows["col"][r0:r1].reshape(-1)
+        if rows["uniform"]:
             slab, valid = weight.values[r0 * width:r1 * width], None
         else:  # short rows are padded with block 0, masked out by `valid`
-            slab, valid = weight.values[weight.ell_index[r0:r1]], weight.ell_valid[r0:r1]
+            slab, valid = weight.values[rows["index"][r0:r1]], rows["valid"][r0:r1]
         yield r0, r1, slab.view(r1 - r0, width * b, b), cols, valid
 
 
@@ -117,7 +130,7 @@ def _sparse_matmul_small_m(x: torch.Tensor, weight: BlockSparseWeight) -> torch.
     GEMM; W is read from memory once, like dense, but only its kept blocks.
     """
     m, (n, _), b = x.shape[0], weight.shape, weight.block_size
-    if weight.ell_index.shape[1] == 0 or m == 0:
+    if weight.nnz_blocks == 0 or m == 0:
         return x.new_zeros(m, n)
     x_blocks = x.reshape(m, weight.block_grid[1], b)
     parts = []
@@ -137,7 +150,7 @@ def _sparse_matmul_t_small_m(grad_y: torch.Tensor, weight: BlockSparseWeight) ->
     transposed, scatter-added into the block columns they came from."""
     m, (_, k), b = grad_y.shape[0], weight.shape, weight.block_size
     grad_x = grad_y.new_zeros(m, weight.block_grid[1], b)
-    if weight.ell_index.shape[1] == 0 or m == 0:
+    if weight.nnz_blocks == 0 or m == 0:
         return grad_x.reshape(m, k)
     grad_y_blocks = grad_y.reshape(m, weight.block_grid[0], b)
     for r0, r1, slab, cols, valid in _row_chunks(weight, m, grad_y.element_size()):
@@ -163,12 +176,7 @@ def sparse_matmul_t_torch(grad_y: torch.Tensor, weight: BlockSparseWeight) -> to
     return grad_y @ weight.to_dense()
 
 
-def lora_dropout_mask(shape, p: float, device, generator=None) -> torch.Tensor:
-    """Bernoulli keep-mask of the LoRA input dropout (keep with probability 1 - p)."""
-    return torch.rand(shape, device=device, generator=generator) >= p
-
-
-class _BlockSparseLinearTorch(torch.autograd.Function):
+class _LinearTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, keep_mask):
         y = sparse_matmul_torch(x, weight)
@@ -207,6 +215,16 @@ class _BlockSparseLinearTorch(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
 
 
+def linear_torch(x2d: torch.Tensor, weight: BlockSparseWeight, bias: torch.Tensor | None = None,
+                 lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
+                 scaling: float = 1.0, dropout_p: float = 0.0,
+                 keep_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The torch backend on x2d [M, K] with an explicit LoRA dropout keep-mask [M, K]
+    (1/0 in x's dtype, or None for no dropout): how tests replay the Triton kernels'
+    Philox mask (`blocksparse.kernels.philox_keep_mask`) element for element."""
+    return _LinearTorch.apply(x2d, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p), keep_mask)
+
+
 # --------------------------------------------------------------------------
 # functional API
 # --------------------------------------------------------------------------
@@ -241,9 +259,7 @@ def block_sparse_linear(
         y = block_sparse_linear_triton(x2d, weight, bias, lora_a, lora_b, scaling, lora_dropout)
     else:
         keep_mask = None
-        if lora_dropout > 0:
-            keep_mask = lora_dropout_mask(x2d.shape, lora_dropout, x.device).to(x.dtype)
-        y = _BlockSparseLinearTorch.apply(
-            x2d, weight, bias, lora_a, lora_b, float(scaling), float(lora_dropout), keep_mask
-        )
+        if lora_dropout > 0:  # Bernoulli keep-mask of the LoRA input, kept for backward
+            keep_mask = (torch.rand(x2d.shape, device=x.device) >= lora_dropout).to(x.dtype)
+        y = linear_torch(x2d, weight, bias, lora_a, lora_b, scaling, lora_dropout, keep_mask)
     return y.reshape(*lead, n)

@@ -50,4 +50,4 @@ else
 fi
 if [[ -n "$NO_ADAPTER" ]]; then echo "evaluating $MODEL (no adapter) on $DATASET"
 else echo "evaluating $MODEL + adapter $OUTPUT_DIR on $DATASET"; fi
-exec "$PYTHON" -m blocksparse.cli "${args[@]}" "$@"
+exec "$PYTHON" -m blocksparse "${args[@]}" "$@"

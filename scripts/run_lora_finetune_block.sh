@@ -66,6 +66,6 @@ if [[ -n "$SPARSITY" ]]; then args+=(--sparsity "$SPARSITY"); fi
 echo "fine-tuning $MODEL${SPARSITY:+ (sparsified to $SPARSITY)} on $DATASET -> $OUTPUT_DIR"
 if (( NPROC > 1 )); then
   exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" \
-    -m blocksparse.cli "${args[@]}" "$@"
+    -m blocksparse "${args[@]}" "$@"
 fi
-exec "$PYTHON" -m blocksparse.cli "${args[@]}" "$@"
+exec "$PYTHON" -m blocksparse "${args[@]}" "$@"

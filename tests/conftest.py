@@ -1,7 +1,12 @@
-"""Shared fixtures: fixed seeds and a tiny random Llama whose dims divide by 16."""
+"""Shared fixtures: fixed seeds, the tiny model, its saved directory, and the tiny texts."""
 
 import pytest
 import torch
+
+from helpers import byte_tokenizer, make_tiny_llama
+
+CORPUS_WORDS = ("the river city trade market bridge north south people history music school "
+                "garden winter summer station library museum harbor valley").split()
 
 
 @pytest.fixture(autouse=True)
@@ -9,37 +14,32 @@ def _seed():
     torch.manual_seed(0)
 
 
-def make_tiny_llama(num_layers: int = 2, vocab_size: int = 256, seed: int = 0):
-    """A random Llama small enough for CPU tests: hidden 64, MLP 128, 4 heads, 2 KV heads."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def byte_tokenizer():
-    """A real fast tokenizer with one token per UTF-8 byte (ids 0..255, no special
-    tokens): it fits the tiny Llama's vocabulary, and token counts are byte counts."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend)
-
-
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    """The tiny Llama (seed 0, = `tiny_llama`) and the byte tokenizer saved as a model directory."""
+    path = tmp_path / "tiny"
+    make_tiny_llama().save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    """A short eval text: 360 bytes = 360 tokens of the byte tokenizer."""
+    path = tmp_path / "eval.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. " * 8, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory):
+    """A longer word corpus (~30 kB) for calibration, training and evaluation."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    n = len(CORPUS_WORDS)
+    path.write_text(" ".join(CORPUS_WORDS[(i * 7 + i // 3) % n] for i in range(4000)), encoding="utf-8")
+    return path

@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from blocksparse import BlockSparseWeight
-from reference import random_block_mask
+from helpers import random_block_mask
 
 
 @pytest.mark.parametrize("block_size", [8, 16, 32, 64])

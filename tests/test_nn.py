@@ -1,3 +1,5 @@
+"""BlockSparseLinear: the drop-in for nn.Linear."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -5,14 +7,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from blocksparse import BlockSparseLinear
-from blocksparse.integration import densify_model, sparsify_model
-from blocksparse.nn import magnitude_block_mask
-from conftest import make_tiny_llama
-from reference import random_block_mask
-
-
-def masked_dense(linear, mask, b=16):
-    return linear.weight.detach() * mask.repeat_interleave(b, 0).repeat_interleave(b, 1)
+from helpers import masked_dense, random_block_mask
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -33,18 +28,6 @@ def test_values_are_frozen_and_only_bias_trains():
     module(torch.randn(5, 32)).square().sum().backward()
     opt.step()
     assert torch.equal(module.sparse_weight.values, before)
-
-
-def test_magnitude_mask_keeps_the_same_count_per_block_row():
-    weight = torch.randn(64, 128)
-    mask = magnitude_block_mask(weight, 0.75)
-    assert mask.sum(1).tolist() == [2, 2, 2, 2]
-    scores = weight.abs().reshape(4, 16, 8, 16).sum((1, 3))
-    kept_min = scores.masked_fill(~mask, float("inf")).min(1).values
-    dropped_max = scores.masked_fill(mask, -float("inf")).max(1).values
-    assert (kept_min >= dropped_max).all()
-    with pytest.raises(ValueError, match="sparsity must be in"):
-        magnitude_block_mask(weight, 1.0)
 
 
 def test_introspection_and_repr():
@@ -90,36 +73,3 @@ def test_bad_construction():
         BlockSparseLinear.from_linear(nn.Conv1d(4, 4, 1))
     with pytest.raises(ValueError, match="in_features=64"):
         BlockSparseLinear.from_linear(nn.Linear(64, 32))(torch.randn(2, 32))
-
-
-def test_sparsify_and_revert_llama():
-    model = make_tiny_llama()
-    ids = torch.randint(0, 256, (2, 12))
-    masks = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name.rpartition(".")[2] in ("q_proj", "down_proj"):
-            masks[name] = random_block_mask(module.out_features // 16, module.in_features // 16, 0.5)
-            with torch.no_grad():
-                module.weight.copy_(masked_dense(module, masks[name]))
-    dense_logits = model(ids).logits
-    sparsify_model(model, block_masks=masks)
-    swapped = {n for n, m in model.named_modules() if isinstance(m, BlockSparseLinear)}
-    assert swapped == set(masks)
-    torch.testing.assert_close(model(ids).logits, dense_logits, rtol=1e-4, atol=1e-5)
-    densify_model(model)
-    assert not any(isinstance(m, BlockSparseLinear) for m in model.modules())
-    torch.testing.assert_close(model(ids).logits, dense_logits, rtol=1e-4, atol=1e-5)
-
-
-def test_sparsify_targets_and_filter():
-    model = sparsify_model(make_tiny_llama(), sparsity=0.5)
-    swapped = [n for n, m in model.named_modules() if isinstance(m, BlockSparseLinear)]
-    assert len(swapped) == 2 * 7 and not any("lm_head" in n for n in swapped)
-    assert all(m.density == 0.5 for m in model.modules() if isinstance(m, BlockSparseLinear))
-    model = sparsify_model(make_tiny_llama(), sparsity=0.5, filter_fn=lambda m, name: "mlp" in name)
-    swapped = [n for n, m in model.named_modules() if isinstance(m, BlockSparseLinear)]
-    assert len(swapped) == 2 * 3 and all(".mlp." in n for n in swapped)
-    with pytest.raises(ValueError, match="expected an nn.Linear there, found nothing"):
-        sparsify_model(make_tiny_llama(), block_masks={"model.nope": torch.ones(1, 1, dtype=torch.bool)})
-    with pytest.raises(ValueError, match="no nn.Linear in the model matches"):
-        sparsify_model(make_tiny_llama(), target_modules=("c_attn",))

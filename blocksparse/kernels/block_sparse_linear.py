@@ -3,8 +3,9 @@
 W [N, K] is a frozen `BlockSparseWeight` (b x b blocks, b in 16/32/64); A [r, K]
 and B [N, r] are the LoRA factors (PEFT's lora_A.weight / lora_B.weight).
 
-Reading order: look-up tables -> kernels -> configs -> launchers ->
-torch.library ops (with autograd) -> functional API -> ahead-of-time specs.
+Reading order: kernels -> launchers -> torch.library ops (with autograd) ->
+functional API. Host-side look-up tables: schedule.py; tile configs:
+configs.py; ahead-of-time compile specs: aot.py.
 
 The schedule (DESIGN.md section 5). Tokens sit on the MMA's M side. A program
 owns a [BM, G*b] output tile: BM tokens times G block rows (a "group"). It
@@ -37,143 +38,21 @@ block row at its true place, so the numerics do not depend on the order.
 from __future__ import annotations
 
 import functools
-import math
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from ..format import BlockSparseWeight
-from .clustering import cluster_block_rows, group_union_sizes
-
-TRITON_BLOCK_SIZES = (16, 32, 64)
-# Up to this many tokens the decode schedule runs (memory-bound on W).
-DECODE_MAX_M = 64
-GROUP_SIZES = (1, 2, 4, 8)
-# Relative MMA efficiency of a [BM, BN] tile vs BN=128, a rough model used only
-# to choose G: cost(G) ~ union_density(G) / efficiency(b * G).
-_TILE_EFFICIENCY = {16: 0.45, 32: 0.7, 64: 0.9, 128: 1.0}
-_DEFAULT_NUM_SMS = 132  # H100 / H200; used when no GPU can be asked (interpreter)
+from .configs import (DECODE_MAX_M, DEFAULT_NUM_SMS, SMEM_BYTES, TRITON_BLOCK_SIZES, KernelConfig,
+                      dot_precision, grad_a_config, matmul_candidates, matmul_config, shrink_config,
+                      split_k_for)
+from .schedule import Schedule, choose_group_size, get_schedule
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-# --------------------------------------------------------------------------
-# look-up tables (built once per weight and schedule, cached as buffers)
-# --------------------------------------------------------------------------
-@dataclass
-class Schedule:
-    """What the main kernel needs for one weight orientation: its LUT tensors and G.
-
-    Union entries are sorted by group, then column. For G=1 in BSR order
-    (the forward decode schedule) union entry u is therefore block u, which
-    lets that kernel stream `values` without the block-index table.
-    """
-
-    group_ptr: torch.Tensor    # int32 [groups + 1]: each group's slice of the union list
-    union_col: torch.Tensor    # int32 [U]: block column of each union entry
-    union_block: torch.Tensor  # int32 [U, G]: block index (into values) per row slot, -1 = absent
-    group_rows: torch.Tensor   # int32 [groups, G]: true block row per slot, -1 = padding
-    group_size: int
-
-    @property
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.group_ptr, self.union_col, self.union_block, self.group_rows]
-
-
-def build_schedule(crow: torch.Tensor, col: torch.Tensor, block: torch.Tensor,
-                   num_block_cols: int, group_size: int, perm: torch.Tensor | None = None) -> Schedule:
-    """Group block rows (in `perm` order) by `group_size` and list each group's column union.
-
-    crow [R+1], col [nnz] (sorted within a row) and block [nnz] (index into
-    `values` of each entry) describe a BSR structure; for the transposed
-    orientation pass (t_crow, t_row, t_index).
-    """
-    device = crow.device
-    crow, col, block = crow.long(), col.long(), block.long()
-    rows = crow.numel() - 1
-    groups = -(-rows // group_size) if rows else 0
-    if perm is None:
-        perm = torch.arange(rows, device=device)
-    perm = perm.to(device=device, dtype=torch.long)
-    position = torch.empty_like(perm)
-    position[perm] = torch.arange(rows, device=device)
-    group_rows = torch.full((groups * group_size,), -1, dtype=torch.long, device=device)
-    group_rows[:rows] = perm
-    entry_row = torch.repeat_interleave(torch.arange(rows, device=device), crow[1:] - crow[:-1])
-    entry_group = position[entry_row] // group_size
-    entry_slot = position[entry_row] % group_size
-    # One union entry per distinct (group, column); unique() sorts by group then column.
-    keys, inverse = torch.unique(entry_group * num_block_cols + col, return_inverse=True)
-    union_block = torch.full((keys.numel(), group_size), -1, dtype=torch.long, device=device)
-    union_block[inverse, entry_slot] = block
-    group_ptr = torch.zeros(groups + 1, dtype=torch.long, device=device)
-    group_ptr[1:] = torch.cumsum(torch.bincount(keys // num_block_cols, minlength=groups), 0)
-    return Schedule(
-        group_ptr=group_ptr.to(torch.int32),
-        # One padding entry keeps the tensors non-empty; group_ptr never points at it.
-        union_col=torch.cat([keys % num_block_cols, keys.new_zeros(1)]).to(torch.int32),
-        union_block=torch.cat([union_block, union_block.new_full((1, group_size), -1)]).to(torch.int32),
-        group_rows=group_rows.view(groups, group_size).to(torch.int32),
-        group_size=group_size,
-    )
-
-
-def _orientation(weight: BlockSparseWeight, transposed: bool):
-    """(crow, col, block index, number of block columns, block mask) of W or of W^T."""
-    rows, cols = weight.block_grid
-    if transposed:
-        return weight.t_crow, weight.t_row, weight.t_index, rows, weight.block_mask.t()
-    block = torch.arange(weight.nnz_blocks, device=weight.device)
-    return weight.crow, weight.col, block, cols, weight.block_mask
-
-
-@torch.compiler.disable
-def get_schedule(weight: BlockSparseWeight, group_size: int, transposed: bool = False,
-                 cluster: bool = True) -> Schedule:
-    """The cached schedule of `weight` (or W^T) for `group_size`, built on first use.
-
-    The LUTs live on the weight as non-persistent buffers, so `.to(device)`
-    moves them and checkpoints never contain them.
-    """
-    cluster = cluster and group_size > 1
-    prefix = f"_lut_{'t' if transposed else 'f'}{group_size}{'c' if cluster else 'n'}_"
-    names = [prefix + part for part in ("ptr", "col", "blk", "rows")]
-    if getattr(weight, names[0], None) is None:
-        crow, col, block, num_block_cols, mask = _orientation(weight, transposed)
-        perm = cluster_block_rows(mask, group_size) if cluster else None
-        schedule = build_schedule(crow, col, block, num_block_cols, group_size, perm)
-        for name, tensor in zip(names, schedule.tensors):
-            weight.register_buffer(name, tensor, persistent=False)
-    return Schedule(*(getattr(weight, name) for name in names), group_size=group_size)
-
-
-@torch.compiler.disable
-def choose_group_size(weight: BlockSparseWeight, transposed: bool = False) -> int:
-    """G minimising union_density(G) / efficiency(b*G) on the natural-order unions.
-
-    Clustering (applied afterwards to the chosen G) only lowers the unions, so
-    the natural order is a cheap, conservative estimate.
-    """
-    cache = weight.__dict__.setdefault("_group_size_choice", {})
-    if transposed not in cache:
-        mask = _orientation(weight, transposed)[4]
-        best, best_cost = 1, math.inf
-        for g in GROUP_SIZES:
-            width = weight.block_size * g
-            if width > 128 or (g > 1 and g > mask.shape[0]):
-                continue
-            sizes = group_union_sizes(mask, g)
-            density = float(sizes.double().mean()) / mask.shape[1] if sizes.numel() else 0.0
-            cost = density / _TILE_EFFICIENCY[width]
-            if cost < best_cost - 1e-9:
-                best, best_cost = g, cost
-        cache[transposed] = best
-    return cache[transposed]
 
 
 # --------------------------------------------------------------------------
@@ -399,123 +278,12 @@ def _dropout_keep_kernel(SEED, KEEP, numel, dropout_p, BLOCK: tl.constexpr):
 # --------------------------------------------------------------------------
 # configs: one function per kernel, per regime; no GPU query at import
 # --------------------------------------------------------------------------
-SMEM_BYTES = {80: 166912, 90: 232448}  # opt-in shared memory per block (A100, H100/H200)
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    """A launch config: regime name, the kernel's tile constexprs, warps and stages."""
-
-    regime: str
-    constexprs: dict
-    num_warps: int
-    num_stages: int
-
-
-def _pow2_at_most(value: int, cap: int) -> int:
-    value = max(1, min(int(value), cap))
-    return 1 << (value.bit_length() - 1)
-
-
-def _fit_stages(stage_bytes: int, smem_bytes: int, wanted: int) -> int:
-    """The most pipeline stages (<= wanted, >= 3) whose tile buffers fit shared memory.
-
-    The LUT loads feeding the tile addresses take one stage of the software
-    pipeline, so `stages` holds stages - 2 buffers of the X and W tiles
-    (Triton 3.9's TTGIR for this kernel; 5 stages = triple buffering).
-    """
-    for stages in range(wanted, 3, -1):
-        if (stages - 2) * stage_bytes <= smem_bytes:
-            return stages
-    return 3
-
-
-def matmul_config(m: int, block_size: int, group_size: int, element_size: int, *,
-                  dropout_epilogue: bool = False, smem_bytes: int = SMEM_BYTES[80]) -> KernelConfig:
-    """Tile config of `_bsl_matmul_kernel` for M tokens (the regime follows from M).
-
-    `dropout_epilogue`: the backward's regenerated LoRA dropout mask (Philox
-    per output element) needs 8 warps from a 128x64 tile on, and BM=64 above
-    it, not to spill registers.
-    """
-    bs = block_size
-    if m <= DECODE_MAX_M:
-        # Memory-bound: 256-deep K steps keep ~16 KB of W in flight per program
-        # (two buffers), >= 32 KB per SM with the >= 2 programs per SM that
-        # split_k_for ensures, about what HBM latency x bandwidth needs per SM.
-        # From BM=64 on, the X slab would crowd shared memory: 128-deep steps.
-        bm = max(16, triton.next_power_of_2(m))
-        regime, bk, warps, wanted_stages = "decode", 256 if bm <= 32 else 128, 4, 5
-    else:
-        regime, bm, bk, wanted_stages = "prefill", 128 if m >= 128 else 64, 64, 5
-        if dropout_epilogue and bm * bs * group_size > 128 * 64:
-            bm = 64
-        tile = bm * bs * group_size
-        # fp32 inputs take the ieee (FMA) dot: twice the registers per element.
-        big = 128 * 64 if dropout_epilogue or element_size == 4 else 128 * 128
-        warps = 8 if tile >= big else 4
-    kc = max(1, bk // bs)
-    stage_bytes = (bm * kc * bs + kc * bs * bs * group_size) * element_size
-    stages = _fit_stages(stage_bytes, smem_bytes, wanted_stages)
-    return KernelConfig(regime, {"BS": bs, "G": group_size, "KC": kc, "BM": bm}, warps, stages)
-
-
-def split_k_for(m_tiles: int, groups: int, union_steps: float, num_sms: int) -> int:
-    """Split the union so that decode launches >= 2 programs per SM, each with >= 1 step."""
-    programs = max(1, m_tiles * groups)
-    if programs >= 2 * num_sms:
-        return 1
-    return _pow2_at_most(min(-(-2 * num_sms // programs), math.ceil(union_steps)), 8)
-
-
-def matmul_candidates(cfg: KernelConfig, split_k: int, union_steps: float, element_size: int,
-                      smem_bytes: int) -> list[tuple[KernelConfig, int]]:
-    """What autotuning tries around the heuristic `cfg`: few, so first calls stay short.
-
-    Decode: the union split and a shallower K step. Prefill: warps and BM.
-    """
-    cx = cfg.constexprs
-    bs, g, kc, bm = cx["BS"], cx["G"], cx["KC"], cx["BM"]
-
-    def make(bm: int, kc: int, warps: int) -> KernelConfig:
-        stage_bytes = (bm * kc * bs + kc * bs * bs * g) * element_size
-        stages = _fit_stages(stage_bytes, smem_bytes, cfg.num_stages)
-        return KernelConfig(cfg.regime, dict(cx, BM=bm, KC=kc), warps, stages)
-
-    if cfg.regime == "decode":
-        splits = sorted({max(1, split_k // 2), split_k, min(8, split_k * 2)})
-        splits = [s for s in splits if s == 1 or s <= math.ceil(union_steps)]
-        return [(make(bm, k, cfg.num_warps), s) for k in (kc, max(1, kc // 2)) for s in splits]
-    shapes = {(bm, cfg.num_warps), (bm, 8 if cfg.num_warps == 4 else 4)}
-    if bm == 128:
-        shapes.add((64, 4))
-    return [(make(b, kc, w), split_k) for b, w in sorted(shapes)]
-
-
-def lora_config(m: int, k: int, rank_padded: int, num_sms: int) -> tuple[KernelConfig, int]:
-    """(config, number of K splits) of the shrink kernel."""
-    # BK=64 throughout: at BM=16, BK=128 the backward shrink (B^T loaded with a
-    # strided K axis) spilled on sm_90.
-    bm, bk = (16 if m <= 16 else 64), 64
-    m_tiles = -(-m // bm)
-    splits = _pow2_at_most(min(-(-2 * num_sms // m_tiles), -(-k // bk)), 16)
-    regime = "lora_shrink"
-    return KernelConfig(regime, {"BM": bm, "BK": bk, "RP": rank_padded, "SPLITS": splits}, 4, 3), splits
-
-
-def lora_grad_a_config(m: int, k: int, rank_padded: int, num_sms: int, element_size: int = 2) -> KernelConfig:
-    """Config of the dA kernel: K tiles times M splits, >= 2 programs per SM."""
-    bm, bk = 64, 64 if element_size < 4 else 32
-    k_tiles = -(-k // bk)
-    splits = _pow2_at_most(min(-(-2 * num_sms // k_tiles), -(-m // bm)), 16)
-    return KernelConfig("lora_grad_a", {"BM": bm, "BK": bk, "RP": rank_padded, "SPLITS": splits}, 4, 3)
-
 
 @functools.lru_cache(maxsize=None)
 def _device_limits(device: torch.device) -> tuple[int, int]:
     """(SM count, opt-in shared memory per block) of a CUDA device; H100-like in the interpreter."""
     if device.type != "cuda":
-        return _DEFAULT_NUM_SMS, SMEM_BYTES[80]
+        return DEFAULT_NUM_SMS, SMEM_BYTES[80]
     props = torch.cuda.get_device_properties(device)
     smem = getattr(props, "shared_memory_per_block_optin", SMEM_BYTES[80])
     return props.multi_processor_count, int(smem)
@@ -537,11 +305,6 @@ def _fastest(candidates: list, run) -> object:
     return candidates[min(range(len(candidates)), key=times.__getitem__)]
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs must not silently drop to TF32: torch's fp32 matmul does not.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 # --------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------
@@ -551,13 +314,13 @@ def _lora_shrink(x: torch.Tensor, a: torch.Tensor, stride_a_r: int, stride_a_k: 
     m, k = x.shape
     rp = max(16, triton.next_power_of_2(rank))
     num_sms, _ = _device_limits(x.device)
-    cfg, splits = lora_config(m, k, rp, num_sms)
+    cfg, splits = shrink_config(m, k, rp, num_sms)
     partial = torch.empty((splits, m, rp), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, cfg.constexprs["BM"]), splits)
     _lora_shrink_kernel[grid](
         x, a, partial, seed if seed is not None else partial, m, k, rank, x.stride(0),
         stride_a_r, stride_a_k, float(dropout_p), HAS_DROPOUT=dropout_p > 0,
-        DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PRECISION=dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **cfg.constexprs)
     return partial
 
@@ -603,7 +366,7 @@ def _sparse_matmul(x: torch.Tensor, values: torch.Tensor, luts: list[torch.Tenso
             SPLIT_K=split_k, TRANS_W=transposed, DIRECT_W=g == 1 and not transposed,
             HAS_BIAS=bias is not None,
             LORA_SPLITS=lora_splits, RP=rp, LORA_OUT_DROPOUT=out_dropout_p > 0,
-            DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps,
+            DOT_PRECISION=dot_precision(x.dtype), num_warps=cfg.num_warps,
             num_stages=cfg.num_stages, **cfg.constexprs)
 
     if not forced_split and _autotune_enabled(x.device) and groups:
@@ -624,22 +387,22 @@ def _lora_grad_a_dropout(gs: torch.Tensor, x: torch.Tensor, seed: torch.Tensor,
     rank = gs.shape[1]
     rp = max(16, triton.next_power_of_2(rank))
     num_sms, _ = _device_limits(x.device)
-    cfg = lora_grad_a_config(m, k, rp, num_sms, x.element_size())
+    cfg = grad_a_config(m, k, rp, num_sms, x.element_size())
     splits = cfg.constexprs["SPLITS"]
     partial = torch.empty((splits, rp, k), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(k, cfg.constexprs["BK"]), splits)
     _lora_grad_a_kernel[grid](
         gs, x, partial, seed, m, k, rank, gs.stride(0), x.stride(0), float(dropout_p),
-        DOT_PRECISION=_dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PRECISION=dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **cfg.constexprs)
     return partial.sum(0)[:rank].to(x.dtype)
 
 
-def lora_dropout_keep_mask(seed: torch.Tensor, m: int, k: int, p: float,
-                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def philox_keep_mask(seed: torch.Tensor, m: int, k: int, p: float,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The exact [m, k] keep-mask (1/0 in `dtype`) the kernels derive from `seed` for dropout p.
 
-    Feed it to the torch reference (`_BlockSparseLinearTorch.apply(..., keep_mask)`)
+    Feed it to the torch backend (`blocksparse.ops.linear_torch(..., keep_mask=...)`)
     to compare a dropout run element for element.
     """
     keep = torch.empty((m, k), dtype=torch.float32, device=seed.device)
@@ -833,107 +596,3 @@ def block_sparse_linear_triton(x2d: torch.Tensor, weight: BlockSparseWeight,
         weight.shape[0], float(scaling), float(dropout_p), int(split_k), save_shrink)
     return y
 
-
-# --------------------------------------------------------------------------
-# ahead-of-time compilation specs (benchmarks/compile_report.py)
-# --------------------------------------------------------------------------
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-def _matmul_signature(dt: str) -> dict:
-    sig = {name: f"*{dt}" for name in ("X", "VALUES", "Y", "BIAS", "LORA_E")}
-    sig.update({name: "*i32" for name in ("GROUP_PTR", "UNION_COL", "UNION_BLOCK", "GROUP_ROWS", "COUNTER")})
-    sig.update({"LORA_T": "*fp32", "PARTIAL": "*fp32", "SEED": "*i64"})
-    sig.update({name: "i32" for name in ("M", "N_OUT", "num_groups", "stride_xm", "stride_ym",
-                                          "stride_e_out", "stride_e_r", "lora_rank")})
-    sig.update({"scaling": "fp32", "dropout_p": "fp32"})
-    sig.update({name: "constexpr" for name in (
-        "BS", "G", "KC", "BM", "SPLIT_K", "TRANS_W", "DIRECT_W", "HAS_BIAS", "LORA_SPLITS", "RP",
-        "LORA_OUT_DROPOUT", "DOT_PRECISION")})
-    return {name: sig[name] for name in _bsl_matmul_kernel.arg_names}
-
-
-def _lora_signature(kernel, dt: str, ones: tuple[str, ...] = ()) -> dict:
-    """Signature of the LoRA kernels; `ones` are int strides the JIT specializes to 1."""
-    types = {"X": f"*{dt}", "A": f"*{dt}", "GS": f"*{dt}", "T": "*fp32", "PARTIAL": "*fp32",
-             "SEED": "*i64", "dropout_p": "fp32"}
-    constexprs = ("BM", "BK", "RP", "SPLITS", "HAS_DROPOUT", "DOT_PRECISION") + ones
-    return {name: "constexpr" if name in constexprs else types.get(name, "i32")
-            for name in kernel.arg_names}
-
-
-def compile_specs(dtype: torch.dtype = torch.bfloat16, arch: int = 90) -> list[dict]:
-    """Every kernel x config the launchers use on Llama-2-7B-like shapes, for AOT compilation.
-
-    Each entry: kernel name, regime, the jit function `fn`, `signature`
-    (argument name -> Triton type, "constexpr" for constexprs), `constexprs`,
-    `attrs` (the 16-byte alignment the JIT would infer; without it no load
-    is vectorized or pipelined), `num_warps`, `num_stages`. Compile with
-    `triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
-    options={"num_warps": ..., "num_stages": ...})`.
-    """
-    dt = _TRITON_DTYPE[dtype]
-    elt = torch.empty((), dtype=dtype).element_size()
-    smem = SMEM_BYTES[arch]
-    precision = _dot_precision(dtype)
-    specs = []
-
-    def matmul(regime: str, m: int, g: int, bs: int = 16, **flags) -> None:
-        cfg = matmul_config(m, bs, g, elt, dropout_epilogue=flags.get("LORA_OUT_DROPOUT", False),
-                            smem_bytes=smem)
-        cx = dict(cfg.constexprs, SPLIT_K=1, TRANS_W=False, HAS_BIAS=False, LORA_SPLITS=0, RP=16,
-                  LORA_OUT_DROPOUT=False, DOT_PRECISION=precision)
-        cx.update(flags)
-        cx["DIRECT_W"] = g == 1 and not cx["TRANS_W"]
-        specs.append({"kernel": "_bsl_matmul_kernel", "regime": regime, "fn": _bsl_matmul_kernel,
-                      "signature": _matmul_signature(dt), "constexprs": cx,
-                      "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-
-    for m in (1, 32, 64):  # BM = 16, 32, 64
-        matmul("decode", m, 1)
-    matmul("decode", 1, 1, SPLIT_K=4)
-    matmul("decode", 16, 1, SPLIT_K=2, HAS_BIAS=True, LORA_SPLITS=8)
-    for g in GROUP_SIZES:
-        matmul("prefill", 2048, g)
-    matmul("prefill", 2048, 4, HAS_BIAS=True, LORA_SPLITS=1)
-    matmul("prefill", 96, 4, LORA_SPLITS=2)
-    matmul("prefill", 2048, 2, bs=32)
-    matmul("prefill", 2048, 1, bs=64)
-    for g in (1, 4, 8):
-        matmul("backward", 2048, g, TRANS_W=True)
-        matmul("backward", 2048, g, TRANS_W=True, LORA_SPLITS=1, LORA_OUT_DROPOUT=True)
-    matmul("backward", 16, 1, TRANS_W=True, SPLIT_K=2, LORA_SPLITS=4, LORA_OUT_DROPOUT=True)
-    # The shrink runs on X with A [r, K] (stride_a_k = 1) and, in backward, on
-    # dY with B^T (B [N, r]: stride_a_r = 1).
-    for m in (1, 2048):
-        cfg, _ = lora_config(m, 4096, 16, _DEFAULT_NUM_SMS)
-        for unit_stride, dropout in (("stride_a_k", False), ("stride_a_k", True), ("stride_a_r", False)):
-            specs.append({"kernel": "_lora_shrink_kernel", "regime": "lora_shrink",
-                          "fn": _lora_shrink_kernel,
-                          "signature": _lora_signature(_lora_shrink_kernel, dt, (unit_stride,)),
-                          "constexprs": dict(cfg.constexprs, HAS_DROPOUT=dropout, DOT_PRECISION=precision,
-                                             **{unit_stride: 1}),
-                          "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    cfg = lora_grad_a_config(2048, 4096, 16, _DEFAULT_NUM_SMS, elt)
-    specs.append({"kernel": "_lora_grad_a_kernel", "regime": "lora_grad_a", "fn": _lora_grad_a_kernel,
-                  "signature": _lora_signature(_lora_grad_a_kernel, dt),
-                  "constexprs": dict(cfg.constexprs, DOT_PRECISION=precision),
-                  "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    specs.append({"kernel": "_dropout_keep_kernel", "regime": "dropout_mask", "fn": _dropout_keep_kernel,
-                  "signature": {"SEED": "*i64", "KEEP": f"*{dt}", "numel": "i32", "dropout_p": "fp32",
-                                "BLOCK": "constexpr"},
-                  "constexprs": {"BLOCK": 1024}, "num_warps": 4, "num_stages": 1})
-    for spec in specs:
-        spec["attrs"] = _aligned_attrs(spec["fn"], spec["signature"])
-    return specs
-
-
-# What the JIT infers at run time for our launches: 16-byte aligned tensors, and
-# feature dims / row strides that are multiples of 16 (block-sparse dims always
-# are). Without it no load is vectorized, so none is pipelined with cp.async.
-_ALIGNED_INTS = ("stride_xm", "stride_ym", "stride_gm", "K", "N_OUT")
-
-
-def _aligned_attrs(fn, signature: dict) -> dict:
-    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-            if signature[name].startswith("*") or name in _ALIGNED_INTS}

@@ -1,0 +1,234 @@
+"""`blocksparse demo`: the whole story on the embedded default model, offline.
+
+dense perplexity -> 16x16 block pruning (the best one-shot recipe) -> perplexity
+-> LoRA fine-tune through the fused op -> perplexity with the adapter unmerged
+-> latency dense vs block-sparse -> a table, `report.md`, `results.json` and
+`demo.png` in the output folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from ..families import Family
+from .args import CLIError, add_dataset_flag, add_flag
+
+
+def prune_recipe(family: Family) -> dict:
+    """The demo's pruning recipe (PruneOptions fields), the fast one-shot recipe measured
+    best on the embedded model (README, "Pruning", says what each part buys): the first
+    layer's MLP and every value projection stay dense, the other linears pay for them, and
+    each layer is refined for 50 steps."""
+    return dict(method="wanda", comparison_group="block-row", reconstruct=True, reconstruct_target="dense",
+                allocation={family.mlp_path(0): 1.0, family.value_path("*"): 1.0}, refine_steps=50)
+
+
+def add_parser(subparsers):
+    parser = subparsers.add_parser(
+        "demo", help="prune, recover with LoRA, evaluate and time the embedded default model",
+        description="The whole story on the embedded SmolLM2-135M and Wikipedia sample, offline: "
+                    "dense -> block-pruned -> LoRA-recovered perplexity, and latency dense vs sparse.")
+    add_flag(parser, "--out", default="runs/demo", help="report folder (default: %(default)s)")
+    add_flag(parser, "--model", default="default", help="model name or directory (default: %(default)s)")
+    add_dataset_flag(parser, "--dataset", what="text for calibration, training and evaluation")
+    add_flag(parser, "--sparsity", type=float, default=0.5, help="block sparsity (default: %(default)s)")
+    add_flag(parser, "--sparse_block_size", type=int, default=16, help="sparse block edge (default: %(default)s)")
+    add_flag(parser, "--seqlen", type=int, default=512,
+             help="tokens per calibration and evaluation window (default: %(default)s)")
+    add_flag(parser, "--nsamples", type=int, default=16,
+             help="calibration windows for pruning (default: %(default)s)")
+    add_flag(parser, "--eval_windows", type=int, default=12,
+             help="held-out windows per perplexity, 0 = all 154 (default: %(default)s)")
+    add_flag(parser, "--steps", type=int, default=40, help="LoRA training steps (default: %(default)s)")
+    add_flag(parser, "--batch_size", type=int, default=1, help="sequences per step (default: %(default)s)")
+    add_flag(parser, "--train_seqlen", type=int, default=256,
+             help="tokens per training sequence (default: %(default)s)")
+    add_flag(parser, "--learning_rate", type=float, default=1e-3, help="(default: %(default)s)")
+    add_flag(parser, "--lora_r", type=int, default=16, help="LoRA rank (default: %(default)s)")
+    add_flag(parser, "--target_modules", default=None,
+             help="modules LoRA adapts, comma-separated (default: all seven projections of the family)")
+    add_flag(parser, "--decode_tokens", type=int, default=32,
+             help="tokens generated in the latency check (default: %(default)s)")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+@torch.inference_mode()
+def latency(model, prompt: torch.Tensor, decode_tokens: int, repeats: int = 3) -> dict:
+    """Prefill seconds for `prompt` [1, T] and greedy decode tokens/s with the KV cache."""
+    model.eval()
+    prefill = _median_seconds(lambda: model(input_ids=prompt, use_cache=False), repeats)
+    short = prompt[:, :16]
+
+    def generate():
+        model.generate(input_ids=short, attention_mask=torch.ones_like(short), do_sample=False,
+                       max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, use_cache=True,
+                       pad_token_id=0)
+
+    decode = _median_seconds(generate, repeats)
+    return {"prefill_s": prefill, "prefill_tokens": prompt.shape[1],
+            "decode_tokens_per_s": decode_tokens / decode}
+
+
+def _plot(stages: list[tuple[str, float]], timing: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_ppl, ax_lat) = plt.subplots(1, 2, figsize=(10, 4))
+    names, values = zip(*stages)
+    bars = ax_ppl.bar(names, values, color=["#4c72b0", "#c44e52", "#55a868"][: len(values)])
+    ax_ppl.set_yscale("log")
+    ax_ppl.set_ylabel("held-out perplexity (log)")
+    ax_ppl.set_title("perplexity per stage")
+    ax_ppl.bar_label(bars, fmt="%.1f")
+    kinds = ["prefill (ms)", "decode (ms/token)"]
+    dense = [timing["dense"]["prefill_s"] * 1e3, 1e3 / timing["dense"]["decode_tokens_per_s"]]
+    sparse = [timing["sparse"]["prefill_s"] * 1e3, 1e3 / timing["sparse"]["decode_tokens_per_s"]]
+    xs = range(len(kinds))
+    ax_lat.bar([x - 0.2 for x in xs], dense, 0.4, label="dense")
+    ax_lat.bar([x + 0.2 for x in xs], sparse, 0.4, label="block-sparse + LoRA")
+    ax_lat.set_xticks(list(xs), kinds)
+    ax_lat.set_title(f"latency on {timing['device']}")
+    ax_lat.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str = "default",
+             sparsity: float = 0.5, block_size: int = 16, seqlen: int = 512, nsamples: int = 16,
+             eval_windows: int | None = 12, steps: int = 40, batch_size: int = 1,
+             train_seqlen: int = 256, learning_rate: float = 1e-3, lora_r: int = 16,
+             target_modules: tuple[str, ...] | None = None, decode_tokens: int = 32) -> dict:
+    """Run every stage and write the report folder; returns the results dict.
+
+    target_modules: what LoRA adapts (default: every projection of the model's family).
+    """
+    from ..families import family_of
+    from ..integration.data import calibration_samples, eval_tokens, train_token_blocks
+    from ..integration.evaluate import perplexity
+    from ..integration.model import load_model
+    from ..integration.peft import lora_config
+    from ..integration.train import train_lora, training_arguments
+    from ..prune import prune_model
+
+    started = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model(model_name)
+    family = family_of(model)
+    recipe = prune_recipe(family)
+    target_modules = tuple(target_modules or family.projections)
+    held_out = eval_tokens(tokenizer, dataset)
+
+    def ppl(m, stage):
+        print(f"\n== {stage}")
+        result = perplexity(m, held_out, seqlen, max_windows=eval_windows)
+        print(f"   perplexity {result['ppl']:.2f} ({result['windows']} windows x {seqlen} tokens)")
+        return result
+
+    results: dict = {"settings": dict(model=model_name, dataset=dataset, sparsity=sparsity,
+                                      block_size=block_size, seqlen=seqlen, nsamples=nsamples,
+                                      eval_windows=eval_windows, steps=steps, batch_size=batch_size,
+                                      train_seqlen=train_seqlen, learning_rate=learning_rate, lora_r=lora_r,
+                                      target_modules=list(target_modules), prune_recipe=recipe)}
+    results["dense"] = ppl(model, "dense model")
+    dense_model = copy.deepcopy(model)
+
+    print(f"\n== pruning {block_size}x{block_size} blocks to {sparsity:.0%} sparsity ({nsamples} calibration windows)")
+    calib = calibration_samples(tokenizer, dataset, nsamples, seqlen)
+    t0 = time.perf_counter()
+    report = prune_model(model, calib, sparsity=sparsity, block_size=block_size, **recipe)
+    results["prune"] = {"total_density": report["total_density"], "seconds": time.perf_counter() - t0}
+    results["pruned"] = ppl(model, "block-sparse model")
+
+    print(f"\n== LoRA fine-tuning: {steps} steps x {batch_size} x {train_seqlen} tokens, fused block-sparse op")
+    blocks = train_token_blocks(tokenizer, dataset, train_seqlen, max_samples=steps * batch_size)
+    args = training_arguments(str(out / "lora"), max_steps=steps, per_device_train_batch_size=batch_size,
+                              learning_rate=learning_rate, warmup_steps=max(1, steps // 20),
+                              logging_steps=max(1, steps // 10), save_strategy="no", seed=0)
+    config = lora_config(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.05, target_modules=target_modules)
+    t0 = time.perf_counter()
+    peft_model, _, train_output = train_lora(model, blocks, args, config)
+    results["finetune"] = {"seconds": time.perf_counter() - t0, "train_tokens": blocks.numel(),
+                           "train_loss": train_output.training_loss}
+    peft_model.save_pretrained(out / "adapter")
+    results["lora"] = ppl(peft_model, "block-sparse model + LoRA (adapter unmerged)")
+
+    print("\n== latency, dense vs block-sparse + LoRA (torch backend on CPU, Triton on GPU)")
+    prompt = held_out[:, :seqlen]
+    device = (torch.cuda.get_device_name() if torch.cuda.is_available()
+              else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    results["latency"] = {"device": device, "dense": latency(dense_model, prompt, decode_tokens),
+                          "sparse": latency(peft_model, prompt, decode_tokens)}
+    results["seconds"] = time.perf_counter() - started
+    results["versions"] = {"torch": torch.__version__, "python": platform.python_version()}
+
+    table = _table(results)
+    print("\n" + table)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    stages = [("dense", results["dense"]["ppl"]), (f"pruned {sparsity:.0%}", results["pruned"]["ppl"]),
+              ("+ LoRA", results["lora"]["ppl"])]
+    _plot(stages, results["latency"], out / "demo.png")
+    (out / "report.md").write_text(
+        f"# blocksparse demo\n\n{table}\n\n![perplexity and latency](demo.png)\n\n"
+        f"Settings: `{json.dumps(results['settings'])}`\n\nTotal time {results['seconds'] / 60:.1f} min.\n")
+    print(f"\nreport: {out / 'report.md'}")
+    return results
+
+
+def _table(results: dict) -> str:
+    dense_ppl = results["dense"]["ppl"]
+    lat = results["latency"]
+    rows = [
+        ("dense", results["dense"]["ppl"], ""),
+        (f"block-sparse {results['settings']['sparsity']:.0%} (one-shot)", results["pruned"]["ppl"],
+         f"pruned in {results['prune']['seconds']:.0f} s, density {results['prune']['total_density']:.3f}"),
+        ("block-sparse + LoRA (unmerged)", results["lora"]["ppl"],
+         f"{results['finetune']['train_tokens']} tokens in {results['finetune']['seconds'] / 60:.1f} min"),
+    ]
+    lines = ["| stage | perplexity | x dense | notes |", "| --- | ---: | ---: | --- |"]
+    lines += [f"| {name} | {p:.2f} | {p / dense_ppl:.2f} | {note} |" for name, p, note in rows]
+    d, s = lat["dense"], lat["sparse"]
+    lines += ["", f"Latency on {lat['device']}:", "",
+              "| | dense | block-sparse + LoRA | speedup |", "| --- | ---: | ---: | ---: |",
+              f"| prefill {d['prefill_tokens']} tokens (ms) | {d['prefill_s'] * 1e3:.1f} | "
+              f"{s['prefill_s'] * 1e3:.1f} | {d['prefill_s'] / s['prefill_s']:.2f}x |",
+              f"| decode (tokens/s) | {d['decode_tokens_per_s']:.1f} | {s['decode_tokens_per_s']:.1f} | "
+              f"{s['decode_tokens_per_s'] / d['decode_tokens_per_s']:.2f}x |"]
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    if not 0.0 <= args.sparsity < 1.0:
+        raise CLIError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    for name in ("steps", "seqlen", "train_seqlen", "nsamples", "batch_size", "lora_r", "decode_tokens"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    targets = tuple(t.strip() for t in (args.target_modules or "").split(",") if t.strip()) or None
+    try:
+        run_demo(args.out, args.model, args.dataset, args.sparsity, args.sparse_block_size, args.seqlen,
+                 args.nsamples, args.eval_windows or None, args.steps, args.batch_size,
+                 args.train_seqlen, args.learning_rate, args.lora_r, targets, args.decode_tokens)
+    except (OSError, ValueError) as err:
+        raise CLIError(str(err)) from err
+    return 0

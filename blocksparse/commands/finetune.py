@@ -1,0 +1,317 @@
+"""`blocksparse finetune`: LoRA recovery of a block-sparse model on the Hugging Face Trainer.
+
+The flags are those of the reference workflow (Wanda's `lora_ft/finetune_lm.py`,
+itself transformers' `run_clm`), in `--snake_case` or `--kebab-case`:
+
+    blocksparse finetune --model_name_or_path runs/pruned50 --dataset_name c4 \\
+        --block_size 1024 --max_train_samples 30000 --learning_rate 1e-4 --output_dir runs/lora
+
+The model is a sparse checkpoint (`blocksparse prune`), the embedded default or
+a dense directory; a dense model with `--sparsity S` is sparsified on the fly
+(per-block-row magnitude; for development, not a substitute for Wanda pruning).
+LoRA (r=8, alpha=16, dropout 0.05 on q_proj/v_proj by default) trains through
+`block_sparse_linear`; the block-sparse weights are buffers and never change.
+The output directory receives the adapter (`adapter_config.json` +
+`adapter_model.safetensors`, whose `base_model_name_or_path` names the base
+model), Trainer checkpoints (`checkpoint-N/`, for `--resume_from_checkpoint`),
+`train_results.json` and `eval_results.json` (held-out perplexity,
+non-overlapping windows of `--eval_seqlen` tokens). A model sparsified on the
+fly is saved as a sparse checkpoint in `sparse_base/`, since the adapter only
+fits that model.
+
+Several devices: run the same command under `torchrun --nproc_per_node N`
+(DDP; gloo on CPU; see `blocksparse.integration.train`).
+
+`--block_size` is run_clm's: tokens per training sequence. The sparse block
+edge of `--sparsity` is `--sparse_block_size`.
+
+`--distill` adds a KL term to the dense teacher's next-token distribution
+(`--teacher_model`; by default the model a pruned checkpoint was made from, or
+the dense model itself when it was sparsified on the fly).
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import math
+import os
+import time
+
+from ..dtypes import DTYPES
+from .args import CLIError, add_dataset_flag, add_dtype_flag, add_flag
+
+EVAL_RESULTS = "eval_results.json"
+SPARSE_BASE = "sparse_base"  # where a model sparsified on the fly is saved, inside --output_dir
+# A --block_size this small is a sparse block edge typed into run_clm's flag.
+MIN_SEQUENCE_TOKENS = 65
+
+
+def add_parser(subparsers):
+    parser = subparsers.add_parser(
+        "finetune", help="LoRA fine-tuning of a block-sparse model (HF Trainer, PEFT)",
+        description="LoRA recovery of a block-sparse model through the fused kernel, with the flags "
+                    "of Wanda's lora_ft/finetune_lm.py (run_clm). Under torchrun it trains with DDP.")
+    model = parser.add_argument_group("model")
+    add_flag(model, "--model_name_or_path", default="default",
+             help="'default' (embedded SmolLM2-135M-Instruct), a sparse checkpoint directory "
+                  "(blocksparse prune) or a dense model directory (default: %(default)s)")
+    add_flag(model, "--config_name", default=None,
+             help="accepted for run_clm compatibility; the model directory's own config is used")
+    add_flag(model, "--sparsity", type=float, default=None,
+             help="sparsify a dense model on the fly at this block sparsity (magnitude, per block row)")
+    add_flag(model, "--sparse_block_size", type=int, default=16,
+             help="block size for --sparsity (default: %(default)s)")
+    add_dtype_flag(model, "dtype the model is loaded in")
+
+    data = parser.add_argument_group("data")
+    add_dataset_flag(data, "--dataset_name", what="training text (its train split; eval split for the final "
+                                                 "perplexity)")
+    add_flag(data, "--dataset_config_name", default=None, help="accepted for run_clm compatibility; unused")
+    add_flag(data, "--block_size", type=int, default=1024,
+             help="tokens per training sequence, as in run_clm (default: %(default)s); the sparse block "
+                  "edge is --sparse_block_size")
+    add_flag(data, "--max_train_samples", type=int, default=None,
+             help="train on at most this many sequences (default: all)")
+    add_flag(data, "--eval_seqlen", type=int, default=None,
+             help="window of the final held-out perplexity (default: --block_size)")
+    add_flag(data, "--max_eval_samples", type=int, default=None,
+             help="score at most this many eval windows (default: all)")
+
+    lora = parser.add_argument_group("LoRA")
+    add_flag(lora, "--lora_r", type=int, default=8, help="rank (default: %(default)s)")
+    add_flag(lora, "--lora_alpha", type=float, default=16, help="alpha; scaling = alpha / r (default: %(default)s)")
+    add_flag(lora, "--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input (default: %(default)s)")
+    add_flag(lora, "--target_modules", default=None,
+             help="comma-separated module names to adapt (default: the model family's, q_proj,v_proj "
+                  "for Llama, Mistral and Qwen2)")
+
+    train = parser.add_argument_group("training (TrainingArguments)")
+    add_flag(train, "--output_dir", required=True, help="adapter, checkpoints and results go here")
+    add_flag(train, "--num_train_epochs", type=float, default=1.0, help="(default: %(default)s)")
+    add_flag(train, "--max_steps", type=int, default=-1, help="overrides --num_train_epochs when > 0")
+    add_flag(train, "--learning_rate", type=float, default=1e-4, help="(default: %(default)s)")
+    add_flag(train, "--per_device_train_batch_size", type=int, default=1, help="(default: %(default)s)")
+    add_flag(train, "--per_device_eval_batch_size", type=int, default=1,
+             help="windows per forward pass in the final eval (default: %(default)s)")
+    add_flag(train, "--gradient_accumulation_steps", type=int, default=1, help="(default: %(default)s)")
+    add_flag(train, "--warmup_steps", type=int, default=5, help="(default: %(default)s)")
+    add_flag(train, "--lr_scheduler_type", default="linear", help="(default: %(default)s)")
+    add_flag(train, "--weight_decay", type=float, default=0.0, help="(default: %(default)s)")
+    add_flag(train, "--seed", type=int, default=42, help="(default: %(default)s)")
+    add_flag(train, "--logging_steps", type=int, default=10, help="(default: %(default)s)")
+    add_flag(train, "--save_steps", type=int, default=50, help="checkpoint every N steps (default: %(default)s)")
+    add_flag(train, "--save_total_limit", type=int, default=3, help="checkpoints kept (default: %(default)s)")
+    add_flag(train, "--resume_from_checkpoint", default=None,
+             help="a checkpoint-N directory, or 'last' for the newest one in --output_dir")
+    add_flag(train, "--overwrite_output_dir", action="store_true",
+             help="start afresh even if --output_dir holds checkpoints")
+    add_flag(train, "--bf16", action="store_true", help="bf16 mixed precision (GPU)")
+    add_flag(train, "--fp16", action="store_true", help="fp16 mixed precision (GPU)")
+    add_flag(train, "--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    add_flag(train, "--do_train", action="store_true", help="accepted for run_clm compatibility (always trains)")
+    add_flag(train, "--do_eval", action="store_true", help="accepted for run_clm compatibility (always evaluates)")
+    add_flag(train, "--no_eval", action="store_true", help="skip the final held-out perplexity")
+    add_flag(train, "--eval_base", action="store_true",
+             help="also measure the perplexity without the adapter (written to eval_results.json)")
+
+    distill = parser.add_argument_group("distillation (optional)")
+    add_flag(distill, "--distill", action="store_true",
+             help="add a KL term to a dense teacher's logits")
+    add_flag(distill, "--teacher_model", default=None,
+             help="dense teacher (default: the model a pruned checkpoint records in prune_report.json, "
+                  "or the dense model itself when --sparsity sparsifies it)")
+    add_flag(distill, "--distill_weight", type=float, default=0.5,
+             help="weight of the KL term; CE gets 1 - weight (default: %(default)s)")
+    add_flag(distill, "--distill_temperature", type=float, default=1.0, help="(default: %(default)s)")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _checkpoints(output_dir: str) -> list[str]:
+    found = glob.glob(os.path.join(output_dir, "checkpoint-*"))
+    return sorted((p for p in found if p.rsplit("-", 1)[1].isdigit()), key=lambda p: int(p.rsplit("-", 1)[1]))
+
+
+def _check_args(args) -> None:
+    for name in ("block_size", "lora_r", "per_device_train_batch_size", "gradient_accumulation_steps",
+                 "logging_steps", "save_steps"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.block_size < MIN_SEQUENCE_TOKENS:
+        raise CLIError(f"--block_size {args.block_size} is tokens per training sequence (run_clm's flag); "
+                       f"a value below {MIN_SEQUENCE_TOKENS} looks like a sparse block edge: pass that as "
+                       f"--sparse_block_size")
+    if args.max_train_samples is not None and args.max_train_samples < 1:
+        raise CLIError(f"--max_train_samples must be >= 1, got {args.max_train_samples}")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        raise CLIError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
+        raise CLIError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if not 0.0 <= args.distill_weight <= 1.0:
+        raise CLIError(f"--distill_weight must be in [0, 1], got {args.distill_weight}")
+    if args.bf16 and args.fp16:
+        raise CLIError("give --bf16 or --fp16, not both")
+
+
+def _resolve_resume(args) -> str | None:
+    existing = _checkpoints(args.output_dir)
+    if args.resume_from_checkpoint in ("last", "true", "True"):
+        if not existing:
+            raise CLIError(f"--resume_from_checkpoint last: no checkpoint-N directory in {args.output_dir!r}")
+        return existing[-1]
+    if args.resume_from_checkpoint is not None:
+        if not os.path.isfile(os.path.join(args.resume_from_checkpoint, "trainer_state.json")):
+            raise CLIError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a Trainer "
+                           "checkpoint directory (no trainer_state.json)")
+        return args.resume_from_checkpoint
+    if existing and not args.overwrite_output_dir:
+        raise CLIError(f"{args.output_dir!r} already holds {os.path.basename(existing[-1])}: pass "
+                       "--resume_from_checkpoint last to continue or --overwrite_output_dir to start afresh")
+    return None
+
+
+def _pruned_from(model_dir: str) -> str | None:
+    """The dense model a `blocksparse prune` checkpoint came from (its prune_report.json)."""
+    report = os.path.join(model_dir, "prune_report.json")
+    if not os.path.isfile(report):
+        return None
+    with open(report) as f:
+        source = json.load(f).get("model")
+    return source if isinstance(source, str) else None
+
+
+def _load(args):
+    """(model, tokenizer, teacher): the model to adapt, sparsified if asked, and the distillation teacher."""
+    from ..integration.model import ModelNotFoundError, load_model
+    from ..nn import BlockSparseLinear
+    from ..sparsify import sparsify_model
+
+    try:
+        model, tokenizer = load_model(args.model_name_or_path, dtype=DTYPES[args.dtype])
+    except (ModelNotFoundError, ValueError) as err:
+        raise CLIError(str(err)) from err
+    is_sparse = any(isinstance(m, BlockSparseLinear) for m in model.modules())
+    teacher = None
+    if args.sparsity is not None:
+        if is_sparse:
+            raise CLIError(f"{args.model_name_or_path!r} is already block-sparse; drop --sparsity")
+        if args.distill and args.teacher_model is None:
+            teacher = copy.deepcopy(model)
+        try:
+            sparsify_model(model, sparsity=args.sparsity, block_size=args.sparse_block_size)
+        except ValueError as err:
+            raise CLIError(str(err)) from err
+    elif not is_sparse and _is_main_process():
+        print(f"note: {args.model_name_or_path!r} has no block-sparse layers; training plain LoRA "
+              "(pass a sparse checkpoint, or --sparsity S to sparsify on the fly)")
+    if args.distill and teacher is None:
+        source = args.teacher_model or _pruned_from(args.model_name_or_path)
+        if source is None:
+            raise CLIError("--distill needs --teacher_model (the dense model the checkpoint was pruned from)")
+        try:
+            teacher, _ = load_model(source, dtype=DTYPES[args.dtype])
+        except (ModelNotFoundError, ValueError) as err:
+            raise CLIError(f"--teacher_model: {err}") from err
+    return model, tokenizer, teacher
+
+
+def _lora_targets(model) -> tuple[str, ...]:
+    from ..families import UnsupportedModelError, family_of
+
+    try:
+        return family_of(model).lora_targets
+    except UnsupportedModelError as err:
+        raise CLIError(f"{err}; or name the modules to adapt with --target_modules") from err
+
+
+def run(args) -> int:
+    from ..integration.checkpoint import is_sparse_checkpoint, save_sparse_pretrained
+    from ..integration.data import DatasetError, eval_tokens, train_token_blocks
+    from ..integration.evaluate import count_windows, perplexity
+    from ..integration.peft import lora_config
+    from ..integration.train import train_lora, training_arguments
+
+    _check_args(args)
+    started = time.perf_counter()
+    resume = _resolve_resume(args)
+    model, tokenizer, teacher = _load(args)
+    eval_seqlen = args.eval_seqlen or args.block_size
+    try:
+        blocks = train_token_blocks(tokenizer, args.dataset_name, args.block_size, args.max_train_samples)
+        held_out = None
+        if not args.no_eval:
+            held_out = eval_tokens(tokenizer, args.dataset_name)
+            count_windows(held_out.shape[1], eval_seqlen, args.max_eval_samples)
+    except (DatasetError, ValueError) as err:
+        raise CLIError(str(err)) from err
+    base_name = args.model_name_or_path
+    if args.sparsity is not None:
+        # The adapter only fits this sparsified model: keep it beside the adapter.
+        base_name = os.path.join(args.output_dir, SPARSE_BASE)
+        if _is_main_process() and not is_sparse_checkpoint(base_name):
+            save_sparse_pretrained(model, tokenizer, base_name,
+                                   report={"method": "magnitude", "sparsity": args.sparsity,
+                                           "block_size": args.sparse_block_size,
+                                           "source": args.model_name_or_path})
+    targets = ([t.strip() for t in args.target_modules.split(",") if t.strip()] if args.target_modules
+               else list(_lora_targets(model)))
+    # Only what is asked for: TrainingArguments warns about deprecated fields even when False.
+    device_args = {name: True for name in ("bf16", "fp16", "gradient_checkpointing") if getattr(args, name)}
+    train_args = training_arguments(
+        args.output_dir, num_train_epochs=args.num_train_epochs, max_steps=args.max_steps,
+        learning_rate=args.learning_rate, per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, warmup_steps=args.warmup_steps,
+        lr_scheduler_type=args.lr_scheduler_type, weight_decay=args.weight_decay, seed=args.seed,
+        logging_steps=args.logging_steps, save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit, **device_args)
+    if _is_main_process():
+        print(f"train: {blocks.shape[0]} sequences x {args.block_size} tokens (--block_size: tokens per "
+              f"sequence) = {blocks.numel()} tokens from {args.dataset_name!r} | LoRA on {','.join(targets)} | "
+              f"world size {train_args.world_size}")
+    config = lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, targets)
+    try:
+        peft_model, trainer, output = train_lora(
+            model, blocks, train_args, config, resume_from_checkpoint=resume, teacher=teacher,
+            distill_weight=args.distill_weight, distill_temperature=args.distill_temperature)
+    except ValueError as err:  # e.g. no module matches --target_modules
+        raise CLIError(str(err)) from err
+
+    # Record where the adapter belongs; `blocksparse eval --model` needs the same base.
+    peft_model.peft_config["default"].base_model_name_or_path = base_name
+    if not trainer.is_world_process_zero():
+        return 0
+    # The adapter alone, as safetensors (trainer.save_model would add a pickled training_args.bin).
+    peft_model.save_pretrained(args.output_dir)
+    metrics = dict(output.metrics, train_samples=blocks.shape[0], train_tokens_per_epoch=blocks.numel(),
+                   model=args.model_name_or_path, sparsity=args.sparsity, dataset=args.dataset_name)
+    trainer.save_metrics("train", metrics)
+
+    if held_out is not None:
+        results = dict(model=args.model_name_or_path, sparsity=args.sparsity, dataset=args.dataset_name,
+                       split="eval", seqlen=eval_seqlen, adapter=args.output_dir,
+                       steps=trainer.state.global_step)
+        evaluate = dict(tokens=held_out, seqlen=eval_seqlen, max_windows=args.max_eval_samples,
+                        batch_size=args.per_device_eval_batch_size)
+        if args.eval_base:
+            with peft_model.disable_adapter():
+                results["base"] = perplexity(peft_model, **evaluate)
+        results["lora"] = perplexity(peft_model, **evaluate)
+        results["perplexity"] = results["lora"]["ppl"]
+        results["seconds"] = round(time.perf_counter() - started, 1)
+        with open(os.path.join(args.output_dir, EVAL_RESULTS), "w") as f:
+            json.dump(results, f, indent=2)
+            f.write("\n")
+        base = f" (without adapter {results['base']['ppl']:.3f})" if args.eval_base else ""
+        print(f"held-out perplexity with adapter: {results['perplexity']:.3f}{base} | "
+              f"{results['lora']['windows']} windows x {eval_seqlen} tokens")
+    print(f"adapter saved to {args.output_dir} in {(time.perf_counter() - started) / 60:.1f} min")
+    if not math.isfinite(output.training_loss):
+        print(f"blocksparse finetune: training loss is {output.training_loss}: lower --learning_rate")
+        return 1
+    return 0

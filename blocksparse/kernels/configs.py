@@ -1,0 +1,145 @@
+"""Launch configs of the Triton kernels: constants and one function per kernel and regime.
+
+Plain Python (no Triton import), so the roofline model and the ahead-of-time
+compile report use the very tiles the launchers pick, on machines without
+Triton or a GPU. Nothing here queries a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+TRITON_BLOCK_SIZES = (16, 32, 64)
+# Up to this many tokens the decode schedule runs (memory-bound on W).
+DECODE_MAX_M = 64
+GROUP_SIZES = (1, 2, 4, 8)
+# Relative MMA efficiency of a [BM, BN] tile vs BN=128, a rough model used only
+# to choose G: cost(G) ~ union_density(G) / efficiency(b * G).
+TILE_EFFICIENCY = {16: 0.45, 32: 0.7, 64: 0.9, 128: 1.0}
+DEFAULT_NUM_SMS = 132  # H100 / H200; used when no GPU can be asked (interpreter)
+
+
+def next_pow2(value: int) -> int:
+    """The smallest power of two >= value (1 for value <= 1)."""
+    return 1 << max(0, int(value) - 1).bit_length()
+
+
+SMEM_BYTES = {80: 166912, 90: 232448}  # opt-in shared memory per block (A100, H100/H200)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """A launch config: regime name, the kernel's tile constexprs, warps and stages."""
+
+    regime: str
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+
+
+def pow2_at_most(value: int, cap: int) -> int:
+    value = max(1, min(int(value), cap))
+    return 1 << (value.bit_length() - 1)
+
+
+def fit_stages(stage_bytes: int, smem_bytes: int, wanted: int) -> int:
+    """The most pipeline stages (<= wanted, >= 3) whose tile buffers fit shared memory.
+
+    The LUT loads feeding the tile addresses take one stage of the software
+    pipeline, so `stages` holds stages - 2 buffers of the X and W tiles
+    (Triton 3.9's TTGIR for this kernel; 5 stages = triple buffering).
+    """
+    for stages in range(wanted, 3, -1):
+        if (stages - 2) * stage_bytes <= smem_bytes:
+            return stages
+    return 3
+
+
+def matmul_config(m: int, block_size: int, group_size: int, element_size: int, *,
+                  dropout_epilogue: bool = False, smem_bytes: int = SMEM_BYTES[80]) -> KernelConfig:
+    """Tile config of `_bsl_matmul_kernel` for M tokens (the regime follows from M).
+
+    `dropout_epilogue`: the backward's regenerated LoRA dropout mask (Philox
+    per output element) needs 8 warps from a 128x64 tile on, and BM=64 above
+    it, not to spill registers.
+    """
+    bs = block_size
+    if m <= DECODE_MAX_M:
+        # Memory-bound: 256-deep K steps keep ~16 KB of W in flight per program
+        # (two buffers), >= 32 KB per SM with the >= 2 programs per SM that
+        # split_k_for ensures, about what HBM latency x bandwidth needs per SM.
+        # From BM=64 on, the X slab would crowd shared memory: 128-deep steps.
+        bm = max(16, next_pow2(m))
+        regime, bk, warps, wanted_stages = "decode", 256 if bm <= 32 else 128, 4, 5
+    else:
+        regime, bm, bk, wanted_stages = "prefill", 128 if m >= 128 else 64, 64, 5
+        if dropout_epilogue and bm * bs * group_size > 128 * 64:
+            bm = 64
+        tile = bm * bs * group_size
+        # fp32 inputs take the ieee (FMA) dot: twice the registers per element.
+        big = 128 * 64 if dropout_epilogue or element_size == 4 else 128 * 128
+        warps = 8 if tile >= big else 4
+    kc = max(1, bk // bs)
+    stage_bytes = (bm * kc * bs + kc * bs * bs * group_size) * element_size
+    stages = fit_stages(stage_bytes, smem_bytes, wanted_stages)
+    return KernelConfig(regime, {"BS": bs, "G": group_size, "KC": kc, "BM": bm}, warps, stages)
+
+
+def split_k_for(m_tiles: int, groups: int, union_steps: float, num_sms: int) -> int:
+    """Split the union so that decode launches >= 2 programs per SM, each with >= 1 step."""
+    programs = max(1, m_tiles * groups)
+    if programs >= 2 * num_sms:
+        return 1
+    return pow2_at_most(min(-(-2 * num_sms // programs), math.ceil(union_steps)), 8)
+
+
+def matmul_candidates(cfg: KernelConfig, split_k: int, union_steps: float, element_size: int,
+                      smem_bytes: int) -> list[tuple[KernelConfig, int]]:
+    """What autotuning tries around the heuristic `cfg`: few, so first calls stay short.
+
+    Decode: the union split and a shallower K step. Prefill: warps and BM.
+    """
+    cx = cfg.constexprs
+    bs, g, kc, bm = cx["BS"], cx["G"], cx["KC"], cx["BM"]
+
+    def make(bm: int, kc: int, warps: int) -> KernelConfig:
+        stage_bytes = (bm * kc * bs + kc * bs * bs * g) * element_size
+        stages = fit_stages(stage_bytes, smem_bytes, cfg.num_stages)
+        return KernelConfig(cfg.regime, dict(cx, BM=bm, KC=kc), warps, stages)
+
+    if cfg.regime == "decode":
+        splits = sorted({max(1, split_k // 2), split_k, min(8, split_k * 2)})
+        splits = [s for s in splits if s == 1 or s <= math.ceil(union_steps)]
+        return [(make(bm, k, cfg.num_warps), s) for k in (kc, max(1, kc // 2)) for s in splits]
+    shapes = {(bm, cfg.num_warps), (bm, 8 if cfg.num_warps == 4 else 4)}
+    if bm == 128:
+        shapes.add((64, 4))
+    return [(make(b, kc, w), split_k) for b, w in sorted(shapes)]
+
+
+def shrink_config(m: int, k: int, rank_padded: int, num_sms: int) -> tuple[KernelConfig, int]:
+    """(config, number of K splits) of the shrink kernel."""
+    # BK=64 throughout: at BM=16, BK=128 the backward shrink (B^T loaded with a
+    # strided K axis) spilled on sm_90.
+    bm, bk = (16 if m <= 16 else 64), 64
+    m_tiles = -(-m // bm)
+    splits = pow2_at_most(min(-(-2 * num_sms // m_tiles), -(-k // bk)), 16)
+    regime = "lora_shrink"
+    return KernelConfig(regime, {"BM": bm, "BK": bk, "RP": rank_padded, "SPLITS": splits}, 4, 3), splits
+
+
+def grad_a_config(m: int, k: int, rank_padded: int, num_sms: int, element_size: int = 2) -> KernelConfig:
+    """Config of the dA kernel: K tiles times M splits, >= 2 programs per SM."""
+    bm, bk = 64, 64 if element_size < 4 else 32
+    k_tiles = -(-k // bk)
+    splits = pow2_at_most(min(-(-2 * num_sms // k_tiles), -(-m // bm)), 16)
+    return KernelConfig("lora_grad_a", {"BM": bm, "BK": bk, "RP": rank_padded, "SPLITS": splits}, 4, 3)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs must not silently drop to TF32: torch's fp32 matmul does not.
+    return "ieee" if dtype == torch.float32 else "tf32"
+

@@ -1,0 +1,307 @@
+"""Sequential block pruning: `prune_model(model, calib_inputs, PruneOptions(...))`.
+
+The calibration batch flows through the already-pruned layers, so each decoder
+layer is pruned against the inputs it will really see. Inside a layer the
+linears are processed in the order they run ([q, k, v], o, [gate, up], down),
+each set against inputs produced by the already-pruned members before it:
+choose the block mask (a score from `blocksparse.masks`, or greedy block OBS),
+re-solve the kept weights (`reconstruct.py`), then optionally refine the whole
+layer against the dense one (`refine.py`). How many blocks each matrix keeps
+comes from `allocation.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..families import decoder_layers
+from ..format import DEFAULT_BLOCK_SIZE, check_block_size
+from ..masks import COMPARISON_GROUPS, SCORES, block_scores, element_mask, select_block_mask
+from ..sparsify import FilterFn, check_block_divisible, sparsify_model, target_linears
+from .allocation import ALLOCATIONS, explicit_densities, keep_counts, outlier_ratio, owl_densities
+from .calibration import (DEFAULT_SINK_TOKENS, DEFAULT_SINK_WEIGHT, InputStats, calibration_batches,
+                          collect_stats, dense_sq_norms, layer0_inputs, layer_output, linear_groups,
+                          sink_probe_ids)
+from .reconstruct import DEFAULT_DAMP, dense_target_weight, greedy_obs_mask, output_error, reconstruct_block_rows
+from .refine import refine_layer
+
+# A score of `blocksparse.masks.SCORES`, or greedy block OBS.
+METHODS = (*SCORES, "obc")
+RECONSTRUCT_TARGETS = ("dense", "pruned")
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """Every choice of `prune_model`, validated when constructed.
+
+    What is removed:
+      sparsity: fraction of the target linears' weights removed (with a non-uniform
+        allocation: of all of them together). block_size: the block edge b.
+      method: a block score of `blocksparse.masks.SCORES` ("wanda" |W| ||X_j||, "obs"
+        W^2 ||X_j||^2, "magnitude"), or "obc": greedy block OBS, dropping the blocks whose
+        removal costs least output error after re-solving the others, in `obc_rounds`
+        rounds (None: one block at a time).
+      comparison_group: "block-row" (every block row keeps the same number of blocks)
+        or "global" (one threshold per matrix; for comparison only).
+      allocation: "uniform", "owl" (outlier-weighted layer-wise densities, mean =
+        target, +-owl_spread; outliers are scores above owl_threshold x the mean), or
+        {linear name or module prefix: density} (`*` matches anything; the linears
+        not named share the rest of the budget).
+    How the kept weights are fitted:
+      reconstruct: re-solve each block row's kept weights by least squares on the
+        calibration inputs (always, with "obc"). reconstruct_target: "dense" fits the
+        dense model's output of each linear (correcting what earlier pruned layers let
+        through); "pruned" fits the linear's own dense weights on the pruned inputs.
+      damp: least-squares damping as a fraction of mean(diag X^T X).
+      refine_steps / refine_lr: Adam steps on each pruned decoder layer's kept weights
+        so that its output on the pruned hidden states matches the dense layer's on the
+        dense ones (`refine_layer`); lr relative to each matrix's RMS weight; 0 = off.
+    Calibration:
+      sink_weight: how many ordinary tokens the first token of every window (the
+        attention sink, with a residual norm ~100x the others) counts for in scores
+        and fits; 1 = no weighting.
+      sink_tokens: how many of the calibration text's most frequent tokens (and BOS)
+        are also fitted as one-token sequences (`sink_probe_ids`), so the sink forms
+        for any first token; they share the sink weight; 0 = off.
+      batch_size: calibration windows per forward pass.
+    """
+
+    sparsity: float = 0.5
+    block_size: int = DEFAULT_BLOCK_SIZE
+    method: str = "wanda"
+    comparison_group: str = "block-row"
+    allocation: str | Mapping[str, float] = "uniform"
+    owl_threshold: float = 5.0
+    owl_spread: float = 0.08
+    reconstruct: bool = True
+    reconstruct_target: str = "dense"
+    damp: float = DEFAULT_DAMP
+    obc_rounds: int | None = 8
+    refine_steps: int = 0
+    refine_lr: float = 0.03
+    sink_weight: float = DEFAULT_SINK_WEIGHT
+    sink_tokens: int = DEFAULT_SINK_TOKENS
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        check_block_size(self.block_size)
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.comparison_group not in COMPARISON_GROUPS:
+            raise ValueError(f"comparison_group must be one of {tuple(COMPARISON_GROUPS)}, "
+                             f"got {self.comparison_group!r}")
+        if self.method == "obc" and self.comparison_group != "block-row":
+            raise ValueError("method 'obc' chooses blocks per block row; use comparison_group='block-row'")
+        if self.method == "obc" and not self.reconstruct:
+            raise ValueError("method 'obc' re-solves the kept weights by construction; keep reconstruct=True")
+        if isinstance(self.allocation, str) and self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS} or a {{linear name or prefix: density}} "
+                             f"mapping, got {self.allocation!r}")
+        if self.reconstruct_target not in RECONSTRUCT_TARGETS:
+            raise ValueError(f"reconstruct_target must be one of {RECONSTRUCT_TARGETS}, "
+                             f"got {self.reconstruct_target!r}")
+        if not self.sink_weight >= 1.0:
+            raise ValueError(f"sink_weight must be >= 1 (1 = no weighting), got {self.sink_weight}")
+        if not (isinstance(self.sink_tokens, int) and self.sink_tokens >= 0):
+            raise ValueError(f"sink_tokens must be an integer >= 0 (0 = only the windows' first tokens), "
+                             f"got {self.sink_tokens!r}")
+        if not (isinstance(self.refine_steps, int) and self.refine_steps >= 0):
+            raise ValueError(f"refine_steps must be an integer >= 0 (0 = no refinement), got {self.refine_steps!r}")
+        if self.refine_steps and not self.refine_lr > 0:
+            raise ValueError(f"refine_lr must be > 0, got {self.refine_lr}")
+        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+
+
+@contextlib.contextmanager
+def _eval_without_cache(model: nn.Module):
+    """Eval mode and no KV cache for the calibration passes; both restored after."""
+    was_training = model.training
+    model.eval()
+    use_cache = getattr(model.config, "use_cache", None)
+    if use_cache is not None:
+        model.config.use_cache = False
+    try:
+        yield
+    finally:
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+        model.train(was_training)
+
+
+def _by_layer(layers: nn.ModuleList, targets: Mapping[str, nn.Linear]) -> list[dict[str, nn.Linear]]:
+    """The target linears of each decoder layer (every target must sit in one)."""
+    per_layer: list[dict[str, nn.Linear]] = [{} for _ in layers]
+    for name, lin in targets.items():
+        owner = next((i for i, layer in enumerate(layers) if any(m is lin for m in layer.modules())), None)
+        if owner is None:
+            raise ValueError(f"target linear {name} is outside the decoder layers; it cannot be pruned "
+                             f"sequentially (narrow target_modules / filter_fn)")
+        per_layer[owner][name] = lin
+    return per_layer
+
+
+def _keep_per_row(model, layers, batches, linears_by_layer, shapes, options: PruneOptions):
+    """Blocks kept per block row of every target linear, and OWL's outlier ratios (or None)."""
+    density = 1.0 - options.sparsity
+    outlier_ratios = None
+    if isinstance(options.allocation, Mapping):
+        densities = explicit_densities(options.allocation, shapes, density)
+    elif options.allocation == "owl":
+        sq = dense_sq_norms(model, layers, batches, linears_by_layer)
+        outlier_ratios = [outlier_ratio([lin.weight for lin in per_layer.values()],
+                                        [sq[name] for name in per_layer], options.owl_threshold)
+                          if per_layer else 0.0 for per_layer in linears_by_layer]
+        layer_density = owl_densities(outlier_ratios, density, options.owl_spread)
+        densities = {name: layer_density[i] for i, per_layer in enumerate(linears_by_layer) for name in per_layer}
+    else:
+        densities = {name: density for name in shapes}
+    return keep_counts(densities, shapes, options.block_size, density), outlier_ratios
+
+
+@torch.no_grad()
+def prune_model(model: nn.Module, calib_inputs: torch.Tensor, options: PruneOptions | None = None, *,
+                target_modules: Sequence[str] | None = None, filter_fn: FilterFn | None = None,
+                convert: bool = True, progress: bool = True, **choices) -> dict:
+    """Prune the target linears of `model` in place to b x b blocks; return a report dict.
+
+    calib_inputs: token ids [nsamples, seqlen]. options: a `PruneOptions`; `choices`
+    are its fields for short calls (`prune_model(model, calib, sparsity=0.5, method="obc")`)
+    and override `options`. Targets: `blocksparse.sparsify.target_linears` (the family's
+    projections by default), all inside the decoder layers. convert: finish by
+    swapping the pruned linears for BlockSparseLinear; otherwise they stay nn.Linear
+    with zeros outside the blocks.
+    """
+    options = dataclasses.replace(options or PruneOptions(), **choices)
+    layers = decoder_layers(model)
+    targets = target_linears(model, target_modules, filter_fn)
+    if not targets:
+        raise ValueError(f"no nn.Linear in the model matches target_modules={tuple(target_modules or ())}"
+                         + (" / filter_fn" if filter_fn is not None else ""))
+    check_block_divisible(targets, options.block_size)
+    linears_by_layer = _by_layer(layers, targets)
+    shapes = {name: (lin.out_features, lin.in_features) for name, lin in targets.items()}
+
+    batches = calibration_batches(calib_inputs, options.batch_size)
+    n_calib = len(batches)  # the sink probes, if any, ride along as one more batch
+    probes = (sink_probe_ids(calib_inputs, options.sink_tokens, getattr(model.config, "bos_token_id", None))
+              if options.sink_tokens else None)
+    if probes is not None:
+        batches.append(probes)
+    n_sinks = calib_inputs.shape[0] + (0 if probes is None else probes.shape[0])
+    # The windows' first tokens and the probes share the sink weight; none counts less than once.
+    stats_sink_weight = max(1.0, options.sink_weight * calib_inputs.shape[0] / n_sinks)
+
+    with _eval_without_cache(model):
+        keep, outlier_ratios = _keep_per_row(model, layers, batches[:n_calib], linears_by_layer, shapes, options)
+        masks, per_linear, refine_loss = _prune_layers(model, layers, linears_by_layer, batches, n_calib, keep,
+                                                       stats_sink_weight, options, progress)
+    if convert:
+        sparsify_model(model, block_masks=masks, block_size=options.block_size)
+
+    kept = sum(int(m.sum()) for m in masks.values()) * options.block_size ** 2
+    total = sum(n * k for n, k in shapes.values())
+    return {
+        "total_density": kept / total,
+        "target_sparsity": options.sparsity,
+        "block_size": options.block_size,
+        "method": options.method,
+        "comparison_group": options.comparison_group,
+        "reconstruct": options.reconstruct,
+        "reconstruct_target": options.reconstruct_target if options.reconstruct else None,
+        "allocation": (options.allocation if isinstance(options.allocation, str)
+                       else {"explicit": dict(options.allocation)}),
+        "damp": options.damp,
+        "sink_weight": options.sink_weight,
+        "sink_tokens": 0 if probes is None else int(probes.shape[0]),
+        "obc_rounds": options.obc_rounds if options.method == "obc" else None,
+        "refine": ({"steps": options.refine_steps, "lr": options.refine_lr,
+                    "layer_loss_before_after": {str(i): list(v) for i, v in refine_loss.items()}}
+                   if options.refine_steps > 0 else None),
+        "calibration": {"nsamples": int(calib_inputs.shape[0]), "seqlen": int(calib_inputs.shape[1])},
+        "owl_outlier_ratios": outlier_ratios,
+        "layers": per_linear,
+    }
+
+
+def _prune_layers(model, layers, linears_by_layer, batches, n_calib, keep, sink_weight, options: PruneOptions,
+                  progress: bool):
+    """The sequential loop: prune, fit and refine each decoder layer, then advance the hidden states.
+
+    batches[:n_calib] are the calibration windows; a batch after them holds the sink probes.
+    """
+    hidden, kwargs = layer0_inputs(model, layers, batches)
+    use_dense_target = options.reconstruct and options.reconstruct_target == "dense"
+    track_dense = use_dense_target or options.refine_steps > 0
+    dense_hidden = [h.clone() for h in hidden] if track_dense else None
+    need_gram = options.reconstruct or options.method == "obc"
+    needs_stats = options.method == "obc" or SCORES[options.method].needs_activations or options.reconstruct
+    masks: dict[str, torch.Tensor] = {}
+    per_linear: dict[str, dict] = {}
+    refine_loss: dict[int, tuple[float, float]] = {}
+
+    iterator = range(len(layers))
+    if progress:
+        from tqdm.auto import tqdm
+        iterator = tqdm(iterator, desc="pruning layers", unit="layer")
+    for i in iterator:
+        layer, linears = layers[i], linears_by_layer[i]
+        # The dense model's path must advance through every layer, pruned here or not.
+        dense_layer = (copy.deepcopy(layer) if linears else layer) if track_dense else None
+        if linears:
+            for names in linear_groups(layer, linears, hidden[0], kwargs[0]):
+                stats = (collect_stats(layer, names, linears, hidden, kwargs, need_gram, sink_weight,
+                                       *((dense_layer, dense_hidden) if use_dense_target else ()))
+                         if needs_stats else None)
+                for name in names:
+                    masks[name], per_linear[name] = _prune_linear(linears[name], stats, keep[name], options)
+        if dense_layer is not None:
+            dense_hidden = [layer_output(dense_layer(h, **kw)) for h, kw in zip(dense_hidden, kwargs)]
+        if linears and options.refine_steps > 0:
+            weights = {name: (lin.weight, element_mask(masks[name], options.block_size).to(lin.weight.device))
+                       for name, lin in linears.items()}
+            has_probes = len(batches) > n_calib
+            sink = (hidden[n_calib], kwargs[n_calib], dense_hidden[n_calib]) if has_probes else None
+            refine_loss[i] = refine_layer(layer, weights, hidden[:n_calib], kwargs[:n_calib],
+                                          dense_hidden[:n_calib], options.refine_steps, options.refine_lr,
+                                          sink=sink)
+        hidden = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
+        del dense_layer
+    return masks, per_linear, refine_loss
+
+
+def _prune_linear(lin: nn.Linear, stats: InputStats | None, keep_per_row: int, options: PruneOptions):
+    """Choose the block mask of one linear, re-solve its kept weights, write them back."""
+    b = options.block_size
+    weight = lin.weight.data
+    target = weight.float()
+    if stats is not None and options.reconstruct and stats.cross is not None:
+        target = dense_target_weight(target, stats.gram, stats.cross, options.damp)
+    if options.method == "obc":
+        mask = greedy_obs_mask(target, stats.gram, keep_per_row, b, options.damp, options.obc_rounds)
+    else:
+        scores = block_scores(target, None if stats is None else stats.sq_norms, b, options.method)
+        mask = select_block_mask(scores, keep_per_row, options.comparison_group)
+    if options.reconstruct:
+        new = reconstruct_block_rows(target, mask, stats.gram, options.damp)
+    else:
+        new = target * element_mask(mask, b).to(target.dtype)
+    info = {
+        "density": float(mask.float().mean()),
+        "blocks_per_row": sorted(set(mask.sum(1).tolist())),
+        "zero_input_columns": int((~mask.any(0)).sum()) * b,
+        "zero_output_rows": int((~mask.any(1)).sum()) * b,
+    }
+    if stats is not None and stats.gram is not None:
+        info["rel_output_error"] = output_error(target, new, stats.gram)
+    lin.weight.data.copy_(new.to(weight.dtype))
+    return mask.cpu(), info

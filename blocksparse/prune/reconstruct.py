@@ -1,0 +1,124 @@
+"""Least-squares fits of kept weights, and greedy block OBS (the "obc" method).
+
+Notation: W [N, K] (out x in), X [tokens, K] the linear's input, H = X^T X,
+one "block row" = b consecutive output rows, which share the kept block columns.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DEFAULT_DAMP = 0.01
+
+
+def damped(gram: torch.Tensor, damp: float = DEFAULT_DAMP) -> torch.Tensor:
+    """H + damp * mean(diag H) * I (dead input channels get a unit diagonal)."""
+    h = gram.clone()
+    diag = h.diagonal()
+    diag[diag == 0] = 1.0
+    diag += damp * diag.mean()
+    return h
+
+
+def reconstruct_block_rows(weight: torch.Tensor, block_mask: torch.Tensor, gram: torch.Tensor,
+                           damp: float = DEFAULT_DAMP) -> torch.Tensor:
+    """Re-solve the kept weights of every block row against the calibration inputs.
+
+    For block row r with kept input columns S: argmin_V ||X W_r^T - X_S V^T||^2,
+    i.e. H[S, S] V^T = H[S, :] W_r^T with H damped. The b rows of a block row share
+    S, so one Cholesky factor serves all of them; block rows with the same number
+    of kept blocks are solved as one batch. Returns the new W, zero outside the mask.
+    """
+    n, k = weight.shape
+    b = n // block_mask.shape[0]
+    h = damped(gram.double(), damp)
+    w = weight.detach().double()
+    out = torch.zeros_like(w)
+    counts = block_mask.sum(1)
+    for count in counts.unique().tolist():
+        rows = torch.nonzero(counts == count).flatten()
+        cols = torch.nonzero(block_mask[rows])[:, 1].view(len(rows), count)          # [R, count]
+        idx = (cols[:, :, None] * b + torch.arange(b, device=cols.device)).flatten(1)  # [R, m]
+        h_ss = h[idx[:, :, None], idx[:, None, :]]                                     # [R, m, m]
+        w_rows = w.view(n // b, b, k)[rows]                                            # [R, b, K]
+        rhs = h[idx] @ w_rows.transpose(1, 2)                                          # [R, m, b]
+        solved = torch.cholesky_solve(rhs, torch.linalg.cholesky(h_ss))               # [R, m, b]
+        block = torch.zeros(len(rows), b, k, dtype=w.dtype, device=w.device)
+        block.scatter_(2, idx[:, None, :].expand(-1, b, -1), solved.transpose(1, 2))
+        out.view(n // b, b, k)[rows] = block
+    return out.to(weight.dtype)
+
+
+def greedy_obs_mask(weight: torch.Tensor, gram: torch.Tensor, keep_per_row: int, block_size: int,
+                    damp: float = DEFAULT_DAMP, rounds: int | None = None) -> torch.Tensor:
+    """Choose each block row's kept blocks by greedy block OBS (Optimal Brain Compression).
+
+    Starting from the dense block row, repeatedly drop the block whose removal
+    raises the output error least *given that the remaining weights are re-solved*:
+    error(G) = tr(W_G (Hinv_GG)^-1 W_G^T) with Hinv the inverse Hessian restricted to
+    the blocks still kept; then update the kept weights and Hinv (exact downdate).
+    rounds=None drops one block per step; rounds=r drops the cheapest blocks in r
+    rounds (faster, nearly as good). All block rows run as one batch. Returns the
+    bool block mask; the caller re-solves the final weights with
+    `reconstruct_block_rows` (which also removes the drift of the downdates).
+    """
+    n, k = weight.shape
+    b = block_size
+    rows, cols = n // b, k // b
+    h = damped(gram.float(), damp)
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    hinv = hinv.expand(rows, k, k).contiguous()                  # [R, K, K], one per block row
+    w = weight.detach().float().reshape(rows, b, k).clone()      # [R, b, K]
+    alive = torch.ones(rows, cols, dtype=torch.bool, device=weight.device)
+    eye = torch.eye(b, device=weight.device)
+    arange_b = torch.arange(b, device=weight.device)
+    to_drop = cols - keep_per_row
+    rounds = to_drop if rounds is None else max(1, min(rounds, to_drop))
+    dropped = 0
+    for step in range(rounds):
+        count = math.ceil((to_drop - dropped) / (rounds - step))
+        dropped += count
+        diag_blocks = torch.diagonal(hinv.view(rows, cols, b, cols, b), dim1=1, dim2=3)  # [R, b, b, C]
+        diag_blocks = diag_blocks.permute(0, 3, 1, 2)                                     # [R, C, b, b]
+        diag_blocks = torch.where(alive[:, :, None, None], diag_blocks, eye)
+        w_blocks = w.view(rows, b, cols, b).permute(0, 2, 3, 1)                           # [R, C, b_in, b_out]
+        cost = (w_blocks * torch.linalg.solve(diag_blocks, w_blocks)).sum(dim=(2, 3))
+        cost = cost.masked_fill(~alive, math.inf)
+        drop = cost.topk(count, dim=1, largest=False).indices                              # [R, count]
+        alive.scatter_(1, drop, False)
+        idx = (drop[:, :, None] * b + arange_b).flatten(1)                                 # [R, m]
+        m = idx.shape[1]
+        hinv_cols = hinv.gather(2, idx[:, None, :].expand(rows, k, m))                     # [R, K, m]
+        hinv_gg = hinv_cols.gather(1, idx[:, :, None].expand(rows, m, m))                  # [R, m, m]
+        w_g = w.gather(2, idx[:, None, :].expand(rows, b, m))                              # [R, b_out, m]
+        inv_gg = torch.linalg.inv(hinv_gg)
+        w -= (w_g @ inv_gg) @ hinv_cols.transpose(1, 2)
+        hinv -= hinv_cols @ inv_gg @ hinv_cols.transpose(1, 2)
+        w.scatter_(2, idx[:, None, :].expand(rows, b, m), 0.0)
+    return alive
+
+
+def output_error(weight: torch.Tensor, new_weight: torch.Tensor, gram: torch.Tensor) -> float:
+    """||X W^T - X W'^T||^2 / ||X W^T||^2 over the calibration tokens, from H = X^T X."""
+    delta = (weight.double() - new_weight.double())
+    h = gram.double()
+    num = torch.einsum("nk,kl,nl->", delta, h, delta)
+    den = torch.einsum("nk,kl,nl->", weight.double(), h, weight.double())
+    return float(num / den.clamp_min(1e-30))
+
+
+def dense_target_weight(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor,
+                        damp: float = DEFAULT_DAMP) -> torch.Tensor:
+    """The weight whose output on the pruned model's inputs best matches the dense model's output.
+
+    gram = X^T X (pruned model's inputs), cross = X^T X_dense.
+    argmin_V ||X_dense W^T - X V^T||^2 = W + H^-1 (X^T X_dense - X^T X) W^T (transposed); pruning
+    then fits this weight on H, which equals fitting the dense output up to a constant. Only
+    the correction is damped, so where the inputs agree (the first layer) the target is W.
+    """
+    h = damped(gram, damp)
+    correction = torch.cholesky_solve((cross - gram) @ weight.double().T, torch.linalg.cholesky(h))
+    return (weight.double() + correction.T).to(weight.dtype)
+

@@ -1,0 +1,112 @@
+"""`blocksparse finetune`: the CLI, resume, torchrun/DDP and the reference-workflow scripts."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from blocksparse.commands import main as cli_main
+from helpers import byte_tokenizer, make_tiny_llama
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def tiny_model_and_text(tmp_path_factory, corpus_file):
+    model_dir = tmp_path_factory.mktemp("tiny") / "model"
+    make_tiny_llama().save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    return model_dir, corpus_file
+
+
+def cli_flags(model_dir, text, out, **extra):
+    flags = {"--model-name-or-path": model_dir, "--dataset_name": text, "--block_size": 96,
+             "--sparsity": 0.5, "--lora-r": 4, "--logging_steps": 1, "--max_eval_samples": 4,
+             "--output_dir": out}
+    flags.update(extra)
+    return [str(a) for kv in flags.items() for a in kv]
+
+
+def test_cli_trains_saves_evaluates_and_resumes(tiny_model_and_text, tmp_path, capsys):
+    model_dir, text = tiny_model_and_text
+    out = tmp_path / "out"
+    assert cli_main(["finetune", *cli_flags(model_dir, text, out, **{"--max_steps": 4, "--save_steps": 2}),
+                     "--eval_base"]) == 0
+    assert {"adapter_config.json", "adapter_model.safetensors", "eval_results.json",
+            "train_results.json", "checkpoint-2", "checkpoint-4"} <= set(os.listdir(out))
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in os.listdir(out))  # no pickle
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["steps"] == 4 and results["seqlen"] == 96 and results["lora"]["windows"] == 4
+    assert 1.0 < results["perplexity"] < 1000 and 1.0 < results["base"]["ppl"] < 1000
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(out / "sparse_base")
+    assert (out / "sparse_base" / "blocksparse_config.json").is_file()
+
+    capsys.readouterr()
+    assert cli_main(["finetune", *cli_flags(model_dir, text, out, **{"--max_steps": 6})]) == 2
+    assert "--resume_from_checkpoint last" in capsys.readouterr().err
+    assert cli_main(["finetune", *cli_flags(model_dir, text, out, **{"--max_steps": 6}),
+                     "--resume-from-checkpoint", "last", "--no_eval"]) == 0
+    state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+
+
+def test_cli_rejects_bad_input(tiny_model_and_text, tmp_path, capsys):
+    model_dir, text = tiny_model_and_text
+    assert cli_main(["finetune", *cli_flags(model_dir, text, tmp_path, **{"--lora_dropout": 1.5})]) == 2
+    assert "--lora_dropout must be in [0, 1)" in capsys.readouterr().err
+    assert cli_main(["finetune", *cli_flags(model_dir, text, tmp_path, **{"--target_modules": "nope"})]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_torchrun_two_processes_train_like_one_process_with_twice_the_batch(tiny_model_and_text, tmp_path):
+    # DDP averages the two ranks' gradients: with batch 1 per rank it must follow the
+    # same trajectory as one process with batch 2 (the sampler hands out the same samples).
+    model_dir, text = tiny_model_and_text
+    common = {"--max_steps": 3, "--save_steps": 100, "--learning_rate": 1e-2, "--lora_dropout": 0.0}
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    assert cli_main(["finetune", *cli_flags(model_dir, text, single, **common,
+                                            **{"--per_device_train_batch_size": 2}), "--no_eval"]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+               "-m", "blocksparse", "finetune",
+               *cli_flags(model_dir, text, ddp, **common, **{"--per_device_train_batch_size": 1}), "--no_eval"]
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "world size 2" in done.stdout
+    ours, reference = load_file(ddp / "adapter_model.safetensors"), load_file(single / "adapter_model.safetensors")
+    assert ours.keys() == reference.keys() and len(ours) == 8
+    for key in ours:
+        assert not torch.equal(ours[key], torch.zeros_like(ours[key])), key
+        torch.testing.assert_close(ours[key], reference[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_scripts_train_then_evaluate_the_adapter_unmerged(tiny_model_and_text, tmp_path):
+    model_dir, text = tiny_model_and_text
+    out = tmp_path / "lora"
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", MODEL=str(model_dir), SPARSITY="0.5",
+               DATASET=str(text), OUTPUT_DIR=str(out), BLOCK_SIZE="96", MAX_STEPS="2", LORA_R="4", LORA_ALPHA="8")
+    done = subprocess.run(["bash", os.path.join(REPO, "scripts", "run_lora_finetune_block.sh"),
+                           "--max_eval_samples", "3", "--save_steps", "100", "--eval_base"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trained = json.loads((out / "eval_results.json").read_text())
+    del env["MODEL"]  # the evaluation finds the sparse base through the adapter's config
+    done = subprocess.run(["bash", os.path.join(REPO, "scripts", "evaluate_lora_block.sh")],
+                          env=dict(env, SEQLEN="96", MAX_WINDOWS="3"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "ppl_corpus_96.json").read_text())
+    assert result["windows"] == 3 and result["ppl"] == pytest.approx(trained["lora"]["ppl"], rel=1e-5)
+    assert abs(trained["lora"]["ppl"] - trained["base"]["ppl"]) > 1e-3  # the adapter was applied
+
+
+
+def test_a_sequence_length_that_looks_like_a_sparse_block_edge_is_refused(tiny_model_and_text, tmp_path, capsys):
+    model_dir, text = tiny_model_and_text
+    assert cli_main(["finetune", *cli_flags(model_dir, text, tmp_path / "out", **{"--block_size": 16})]) == 2
+    err = capsys.readouterr().err
+    assert "--block_size 16 is tokens per training sequence" in err and "--sparse_block_size" in err
+    assert len(err.strip().splitlines()) == 1

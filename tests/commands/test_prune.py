@@ -1,0 +1,70 @@
+"""`blocksparse prune`: flags, a whole run on the tiny model, one-line errors."""
+
+import json
+import re
+
+import pytest
+
+from blocksparse import BlockSparseLinear
+from blocksparse.commands import main
+
+
+def test_cli_help_lists_both_spellings(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prune", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--sparsity", "--block-size", "--block_size", "--method", "--comparison-group", "--calib", "--nsamples",
+                 "--seqlen", "--out", "--no-reconstruct", "--allocation", "--module-density", "--sink-weight",
+                 "--sink-tokens", "--refine-steps", "--refine-lr", "--eval-dataset", "--eval-max-windows"):
+        assert flag in out
+
+
+def test_cli_prunes_saves_and_reloads(tiny_dir, text_file, tmp_path, capsys):
+    from blocksparse.integration.model import load_model
+
+    out = tmp_path / "pruned"
+    code = main(["prune", "--model", str(tiny_dir), "--calib", str(text_file), "--nsamples", "4",
+                 "--seqlen", "64", "--method", "wanda", "--module-density", "model.layers.0.mlp=1.0",
+                 "--refine-steps", "4",
+                 "--eval_dataset", str(text_file), "--eval-seqlen", "64",
+                 "--eval-max-windows", "2", "--out", str(out), "--no-progress"])
+    assert code == 0
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["total_density"] == 0.5
+    assert report["calibration"] == {"nsamples": 4, "seqlen": 64, "dataset": str(text_file), "seed": 0}
+    assert report["perplexity"]["windows"] == 2 and report["perplexity"]["pruned"] > 1
+    assert report["layers"]["model.layers.0.mlp.up_proj"]["blocks_per_row"] == [4]  # kept dense
+    assert report["layers"]["model.layers.1.mlp.up_proj"]["blocks_per_row"] == [1]  # pays for it
+    assert report["allocation"] == {"explicit": {"model.layers.0.mlp": 1.0}}
+    assert report["refine"]["steps"] == 4 and set(report["refine"]["layer_loss_before_after"]) == {"0", "1"}
+    model, _ = load_model(str(out))
+    assert isinstance(model.model.layers[1].mlp.down_proj, BlockSparseLinear)
+    assert "-> pruned" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sparsity", "1.0"], r"--sparsity must be in \[0, 1\), got 1.0"),
+    (["--block-size", "64"], r"not divisible: model.layers.0.self_attn.k_proj \[32, 64\]"),
+    (["--sparse-block-size", "64"], r"not divisible: model.layers.0.self_attn.k_proj \[32, 64\]"),
+    (["--seqlen", "5000"], "fewer than the 5001 needed"),
+    (["--model", "./no-such-model"], "does not exist"),
+    (["--method", "obc", "--comparison-group", "global"], "use --comparison-group block-row"),
+    (["--module-density", "model.layers.0.mlp"], "expects NAME=D"),
+    (["--module-density", "model.layers.9=1.0"], r"match no pruned linear: \['model.layers.9'\]"),
+    (["--sink-weight", "0"], r"--sink-weight must be >= 1"),
+    (["--sink-tokens", "-1"], r"--sink-tokens must be >= 0"),
+    (["--refine-steps", "-3"], r"--refine-steps must be >= 0"),
+    (["--refine-lr", "0"], r"--refine-lr must be > 0"),
+])
+def test_cli_bad_input_is_one_line_error(tiny_dir, text_file, tmp_path, capsys, extra, message):
+    args = ["prune", "--model", str(tiny_dir), "--calib", str(text_file), "--nsamples", "2", "--seqlen", "32",
+            "--out", str(tmp_path / "never"), "--no-progress"]
+    code = main(args + extra)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]  # above it only the loader's progress bars
+    assert last.startswith("blocksparse prune: error: ")
+    assert re.search(message, last), last
+    assert not (tmp_path / "never").exists()

@@ -1,0 +1,119 @@
+"""Sparse checkpoints: save/load round trip, tied embeddings, malformed files."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from blocksparse import BlockSparseLinear, sparsify_model
+from blocksparse.integration.checkpoint import (SparseCheckpointError, load_sparse_pretrained,
+                                                save_sparse_pretrained)
+from blocksparse.prune import prune_model
+from helpers import byte_tokenizer, make_tiny_llama
+
+
+PROBE = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
+
+
+def tied_tiny_llama():
+    """The tiny Llama with lm_head tied to the embeddings, like SmolLM2."""
+    from transformers import LlamaForCausalLM
+
+    config = make_tiny_llama().config
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = make_tiny_llama()
+    prune_model(model, torch.randint(0, 256, (4, 32)), sparsity=0.5, method="wanda", progress=False)
+    out = save_sparse_pretrained(model, byte_tokenizer(), tmp_path / "ckpt", report={"total_density": 0.5})
+    return model, out
+
+
+def test_round_trip_gives_identical_outputs(saved):
+    model, out = saved
+    loaded, tokenizer = load_sparse_pretrained(out)
+    assert tokenizer is not None and tokenizer("ab c").input_ids == byte_tokenizer()("ab c").input_ids
+    sparse = {name for name, m in loaded.named_modules() if isinstance(m, BlockSparseLinear)}
+    assert len(sparse) == 14
+    for name in sparse:
+        assert torch.equal(loaded.get_submodule(name).block_mask, model.get_submodule(name).block_mask)
+    assert torch.equal(loaded(PROBE).logits, model(PROBE).logits)
+    marker = json.loads((out / "blocksparse_config.json").read_text())
+    assert marker["block_size"] == 16 and marker["format_version"] == 1
+    assert json.loads((out / "prune_report.json").read_text()) == {"total_density": 0.5}
+    assert (out / "config.json").is_file() and (out / "generation_config.json").is_file()
+
+
+def test_stores_only_the_kept_blocks(saved):
+    _, out = saved
+    tensors = load_file(str(out / "model.safetensors"))
+    values = tensors["model.layers.0.mlp.down_proj.sparse_weight.values"]
+    assert values.shape == (4 * 4, 16, 16)  # 4 block rows x 4 of 8 blocks
+    assert "model.layers.0.mlp.down_proj.weight" not in tensors
+    assert tensors["model.layers.0.mlp.down_proj.sparse_weight.col"].dtype == torch.int32
+
+
+def test_tied_embeddings_round_trip_in_another_dtype(tmp_path):
+    model = sparsify_model(tied_tiny_llama(), sparsity=0.5)
+    out = save_sparse_pretrained(model, None, tmp_path / "tied")
+    loaded, tokenizer = load_sparse_pretrained(out, dtype=torch.bfloat16)
+    assert tokenizer is None
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    assert loaded.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    reference = load_sparse_pretrained(out)[0]
+    assert torch.equal(reference(PROBE).logits, model(PROBE).logits)
+
+
+def _rewrite(out, key, change):
+    tensors = load_file(str(out / "model.safetensors"))
+    change(tensors, key)
+    save_file(tensors, str(out / "model.safetensors"))
+
+
+@pytest.mark.parametrize("key, change, message", [
+    ("model.layers.1.mlp.up_proj.sparse_weight.col",
+     lambda t, k: t[k].__setitem__(0, 99), r"col\[0\]=99 is out of range \[0, 4\)"),
+    ("model.layers.0.self_attn.k_proj.sparse_weight.crow",
+     lambda t, k: t.__setitem__(k, t[k][:-1].clone()), r"crow must have N/b \+ 1 = 3 entries, got 2"),
+    ("model.layers.0.mlp.gate_proj.sparse_weight.values",
+     lambda t, k: t.__setitem__(k, t[k][:, :8].contiguous()), r"expected \[nnz, 16, 16\] blocks"),
+    ("model.norm.weight",
+     lambda t, k: t.__setitem__(k, torch.ones(32)), r"model.norm.weight: expected shape \(64,\), got \(32,\)"),
+    ("model.layers.1.mlp.down_proj.sparse_weight.values",
+     lambda t, k: t.pop(k), r"missing tensors \['model.layers.1.mlp.down_proj.sparse_weight.values'\]"),
+    ("model.layers.0.mlp.up_proj.weight",
+     lambda t, k: t.__setitem__(k, torch.zeros(128, 64)), r"unexpected tensor 'model.layers.0.mlp.up_proj.weight'"),
+])
+def test_malformed_weights_raise_a_clear_error(saved, key, change, message):
+    _, out = saved
+    _rewrite(out, key, change)
+    with pytest.raises(SparseCheckpointError, match=message):
+        load_sparse_pretrained(out)
+
+
+def test_malformed_marker_raises_a_clear_error(saved):
+    _, out = saved
+    marker_file = out / "blocksparse_config.json"
+    marker = json.loads(marker_file.read_text())
+    marker["format_version"] = 7
+    marker_file.write_text(json.dumps(marker))
+    with pytest.raises(SparseCheckpointError, match="format_version 7 is not supported"):
+        load_sparse_pretrained(out)
+    marker["format_version"] = 1
+    marker["modules"]["model.layers.0.mlp.fc9"] = {"in_features": 64, "out_features": 64}
+    marker_file.write_text(json.dumps(marker))
+    with pytest.raises(SparseCheckpointError, match=r"lists 'model.layers.0.mlp.fc9'.*has nothing there"):
+        load_sparse_pretrained(out)
+    marker_file.unlink()
+    with pytest.raises(SparseCheckpointError, match="blocksparse_config.json is missing"):
+        load_sparse_pretrained(out)
+
+
+def test_save_refuses_a_dense_model(tmp_path):
+    with pytest.raises(ValueError, match="no BlockSparseLinear"):
+        save_sparse_pretrained(make_tiny_llama(), None, tmp_path / "dense")

@@ -1,0 +1,284 @@
+"""Triton kernels vs the fp32 reference (TRITON_INTERPRET=1 on a CPU, or CUDA).
+
+Tolerance rule (DESIGN.md section 8): the kernel's max error against an fp32
+reference is at most 2x the error of the PyTorch backend in the same dtype,
+plus a small atol relative to the output's scale.
+"""
+
+import copy
+import os
+
+import pytest
+import torch
+
+from blocksparse import BlockSparseWeight, block_sparse_linear
+from blocksparse.ops import linear_torch
+
+if torch.cuda.is_available():
+    DEVICE = "cuda"
+elif os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    DEVICE = "cpu"
+else:
+    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1 (make test sets it)",
+                allow_module_level=True)
+
+from blocksparse.kernels import (  # noqa: E402  (after the device check on purpose)
+    block_sparse_linear_triton,
+    get_schedule,
+    new_dropout_seed,
+    philox_keep_mask,
+)
+
+ATOL_SCALE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+RANK = 8
+SCALING = 0.5
+
+
+def random_mask(rows: int, cols: int, density: float) -> torch.Tensor:
+    """A block mask with exactly round(density * rows * cols) blocks, rows of unequal length."""
+    count = round(density * rows * cols)
+    mask = torch.zeros(rows * cols, dtype=torch.bool)
+    mask[torch.randperm(rows * cols)[:count]] = True
+    return mask.view(rows, cols)
+
+
+def make_weight(n: int, k: int, density: float, dtype: torch.dtype, block_size: int = 16):
+    dense = torch.randn(n, k) / k ** 0.5
+    mask = random_mask(n // block_size, k // block_size, density)
+    return BlockSparseWeight.from_dense(dense, mask).to(device=DEVICE, dtype=dtype)
+
+
+def make_operands(m: int, n: int, k: int, dtype: torch.dtype, bias: bool, lora: bool):
+    ops = {
+        "x": torch.randn(m, k),
+        "bias": torch.randn(n) if bias else None,
+        "lora_a": torch.randn(RANK, k) / k ** 0.5 if lora else None,
+        "lora_b": torch.randn(n, RANK) if lora else None,
+    }
+    return {name: None if t is None else t.to(device=DEVICE, dtype=dtype).requires_grad_()
+            for name, t in ops.items()}
+
+
+def run(fn, ops: dict, grad_y: torch.Tensor) -> dict:
+    """Output and the gradient of every operand that has one, for a fresh copy of `ops`."""
+    leaves = {name: None if t is None else t.detach().clone().requires_grad_() for name, t in ops.items()}
+    y = fn(**leaves)
+    y.backward(grad_y.to(y.dtype))
+    out = {"y": y.detach()}
+    out.update({f"d{name}": t.grad for name, t in leaves.items() if t is not None})
+    return out
+
+
+def assert_within_rule(kernel: dict, torch_same_dtype: dict, reference: dict, dtype) -> None:
+    for name, ref in reference.items():
+        ref = ref.float()
+        err = (kernel[name].float() - ref).abs().max().item()
+        torch_err = (torch_same_dtype[name].float() - ref).abs().max().item()
+        bound = 2 * torch_err + ATOL_SCALE[dtype] * max(1.0, ref.abs().max().item())
+        assert err <= bound, (f"{name}: kernel error {err:.3g} > bound {bound:.3g} "
+                              f"(torch error {torch_err:.3g})")
+
+
+def check_against_torch(m, n, k, dtype, density, *, bias, lora, dropout, **schedule):
+    weight = make_weight(n, k, density, dtype)
+    ops = make_operands(m, n, k, dtype, bias, lora)
+    grad_y = torch.randn(m, n, device=DEVICE)
+    seed = new_dropout_seed(torch.device(DEVICE))
+    keep = philox_keep_mask(seed, m, k, dropout, dtype) if dropout else None
+
+    def kernel(x, bias, lora_a, lora_b):
+        return block_sparse_linear_triton(x, weight, bias, lora_a, lora_b, SCALING, dropout,
+                                          seed=seed, **schedule)
+
+    def torch_backend(w, cast):
+        def fn(x, bias, lora_a, lora_b):
+            args = [None if t is None else t.to(cast) for t in (x, bias, lora_a, lora_b)]
+            mask = None if keep is None else keep.to(cast)
+            return linear_torch(args[0], w, args[1], args[2], args[3], SCALING, dropout, mask)
+        return fn
+
+    weight32 = copy.deepcopy(weight).to(torch.float32)
+    got = run(kernel, ops, grad_y)
+    assert got["y"].dtype == dtype and got["y"].shape == (m, n)
+    assert_within_rule(got, run(torch_backend(weight, dtype), ops, grad_y),
+                       run(torch_backend(weight32, torch.float32), ops, grad_y), dtype)
+    return weight, got
+
+
+# (dtype, M, G, density, bias, lora, dropout, cluster, split_k): a covering set,
+# not the full cross product (the interpreter is slow). N=96 gives 6 block rows,
+# so G=4 has a padded last group; K=80 gives 5 block columns.
+CASES = [
+    (torch.float32, 1, None, 0.5, True, True, 0.0, True, 0),     # decode defaults
+    (torch.float32, 7, 2, 0.25, False, True, 0.1, True, 0),
+    (torch.float32, 64, 4, 0.5, True, False, 0.0, True, 0),
+    (torch.float32, 130, 4, 0.5, True, True, 0.2, True, 0),
+    (torch.float32, 130, 2, 0.5, True, True, 0.0, False, 0),
+    (torch.float32, 130, 1, 1.0, False, True, 0.0, True, 0),
+    (torch.float32, 7, 1, 0.5, True, True, 0.1, True, 0),
+    (torch.float16, 130, 2, 0.25, True, True, 0.1, True, 0),
+    (torch.float16, 64, None, 1.0, False, False, 0.0, True, 0),
+    (torch.bfloat16, 1, 1, 0.25, False, True, 0.1, True, 0),
+    (torch.bfloat16, 64, 2, 1.0, True, False, 0.0, True, 0),
+    (torch.bfloat16, 130, 4, 0.5, True, True, 0.1, True, 0),
+    (torch.bfloat16, 130, None, 0.5, False, True, 0.0, True, 0),  # G from the cost model
+]
+
+
+@pytest.mark.parametrize("dtype,m,group_size,density,bias,lora,dropout,cluster,split_k", CASES)
+def test_forward_and_gradients_match_torch(dtype, m, group_size, density, bias, lora, dropout,
+                                           cluster, split_k):
+    check_against_torch(m, 96, 80, dtype, density, bias=bias, lora=lora, dropout=dropout,
+                        group_size=group_size, cluster=cluster, split_k=split_k)
+
+
+# Decode split-K: K=512 at density 0.75 gives 24 blocks per block row, two
+# 256-deep K steps: 2 splits both reduce work, the third of 3 is empty.
+@pytest.mark.parametrize("dtype,m,split_k,dropout", [
+    (torch.float32, 7, 2, 0.1), (torch.float16, 7, 3, 0.0), (torch.bfloat16, 1, 2, 0.1)])
+def test_decode_split_k_matches_torch(dtype, m, split_k, dropout):
+    check_against_torch(m, 32, 512, dtype, 0.75, bias=True, lora=True, dropout=dropout,
+                        group_size=1, split_k=split_k)
+
+
+def test_empty_weight_gives_bias_plus_lora():
+    weight, got = check_against_torch(7, 64, 48, torch.float32, 0.0, bias=True, lora=True,
+                                      dropout=0.0, group_size=2)
+    assert weight.nnz_blocks == 0
+
+
+@pytest.mark.parametrize("block_size,group_size", [(32, 2), (64, 1)])
+def test_larger_blocks(block_size, group_size):
+    weight = make_weight(128, 128, 0.5, torch.float32, block_size)
+    ops = make_operands(70, 128, 128, torch.float32, True, True)
+    grad_y = torch.randn(70, 128, device=DEVICE)
+    got = run(lambda x, bias, lora_a, lora_b: block_sparse_linear_triton(
+        x, weight, bias, lora_a, lora_b, SCALING, group_size=group_size), ops, grad_y)
+    ref = run(lambda x, bias, lora_a, lora_b: linear_torch(
+        x, weight, bias, lora_a, lora_b, SCALING), ops, grad_y)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-4)
+
+
+def test_block_size_8_is_rejected_by_name():
+    weight = make_weight(32, 32, 0.5, torch.float32, block_size=8)
+    with pytest.raises(ValueError, match="block_size=8"):
+        block_sparse_linear_triton(torch.randn(4, 32, device=DEVICE), weight)
+
+
+def test_public_function_takes_3d_and_non_contiguous_x():
+    weight = make_weight(64, 96, 0.5, torch.float32)
+    bias = torch.randn(64, device=DEVICE)
+    x = torch.randn(2, 96, 5, device=DEVICE).transpose(1, 2)  # [2, 5, 96], last dim strided
+    assert not x.is_contiguous()
+    y = block_sparse_linear(x, weight, bias, backend="triton")
+    ref = block_sparse_linear(x, weight, bias, backend="torch")
+    assert y.shape == (2, 5, 64)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    rows = torch.randn(9, 2 * 96, device=DEVICE)[:, ::2]  # strided rows and columns
+    torch.testing.assert_close(block_sparse_linear(rows, weight, backend="triton"),
+                               block_sparse_linear(rows, weight, backend="torch"), rtol=1e-5, atol=1e-5)
+
+
+def test_split_k_is_deterministic():
+    weight = make_weight(32, 512, 0.75, torch.float32)
+    x = torch.randn(3, 512, device=DEVICE)
+    first = block_sparse_linear_triton(x, weight, split_k=2)
+    again = block_sparse_linear_triton(x, weight, split_k=2)
+    assert torch.equal(first, again)
+    torch.testing.assert_close(first, block_sparse_linear_triton(x, weight, split_k=1))
+
+
+def test_dropout_mask_comes_from_the_seed():
+    seed = torch.tensor([1234], dtype=torch.int64, device=DEVICE)
+    keep = philox_keep_mask(seed, 64, 96, 0.25)
+    assert torch.equal(keep, philox_keep_mask(seed, 64, 96, 0.25))
+    assert not torch.equal(keep, philox_keep_mask(seed + 1, 64, 96, 0.25))
+    assert set(keep.unique().tolist()) <= {0.0, 1.0}
+    assert abs(keep.mean().item() - 0.75) < 0.03
+
+
+def test_fake_tensor_path():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    weight = make_weight(64, 48, 0.5, torch.float32)
+    luts = get_schedule(weight, 2).tensors
+    t_luts = get_schedule(weight, 2, transposed=True).tensors
+    real = [torch.randn(5, 48), torch.randn(64), torch.randn(RANK, 48), torch.randn(64, RANK)]
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        x, bias, a, b = (mode.from_tensor(t.to(DEVICE)) for t in real)
+        y, shrink = torch.ops.blocksparse.linear(x, weight.values, luts, t_luts, bias, a, b, None,
+                                                 64, 1.0, 0.0, 0, True)
+        assert y.shape == (5, 64) and shrink.shape == (5, RANK)
+        grads = torch.ops.blocksparse.linear_backward(y, x, weight.values, t_luts, a, b, shrink,
+                                                      None, 1.0, 0.0, 0, True, True, False)
+        assert [tuple(g.shape) for g in grads] == [(5, 48), (RANK, 48), (0,)]
+
+
+def test_torch_compile_traces_the_op():
+    weight = make_weight(64, 48, 0.5, torch.float32)
+    a = (torch.randn(RANK, 48, device=DEVICE) / 7).requires_grad_()
+    b = torch.randn(64, RANK, device=DEVICE).requires_grad_()
+
+    def fn(x):
+        return block_sparse_linear(x, weight, None, a, b, 2.0, backend="triton").square().sum()
+
+    x = torch.randn(3, 48, device=DEVICE, requires_grad=True)
+    compiled = torch.compile(fn, backend="aot_eager")
+    loss = compiled(x)
+    grads = torch.autograd.grad(loss, (x, a, b))
+    ref_loss = fn(x)
+    ref_grads = torch.autograd.grad(ref_loss, (x, a, b))
+    torch.testing.assert_close(loss, ref_loss)
+    for got, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(got, ref)
+
+
+def test_opcheck_forward_op():
+    """Schema, fake tensor, autograd registration and AOT dispatch of the registered op."""
+    weight = make_weight(64, 48, 0.5, torch.float32)
+    luts = get_schedule(weight, 2).tensors
+    t_luts = get_schedule(weight, 2, transposed=True).tensors
+    x, bias, a, b = (t.to(DEVICE).requires_grad_() for t in (
+        torch.randn(5, 48), torch.randn(64), torch.randn(RANK, 48), torch.randn(64, RANK)))
+    seed = torch.tensor([7], dtype=torch.int64, device=DEVICE)
+    torch.library.opcheck(torch.ops.blocksparse.linear.default,
+                          (x, weight.values, luts, t_luts, bias, a, b, seed, 64, 0.5, 0.1, 0, True))
+
+
+@pytest.mark.parametrize("m", [5, 130])
+def test_every_autotune_candidate_computes_the_same(monkeypatch, m):
+    """Each config autotuning may pick (decode: splits and K steps; prefill: BM, warps) is exact."""
+    import blocksparse.kernels.block_sparse_linear as bsl
+
+    weight = make_weight(96, 512, 0.5, torch.float32)
+    x = torch.randn(m, 512, device=DEVICE)
+    expected = block_sparse_linear_triton(x, weight, group_size=2)
+    timings = iter(range(100, 0, -1))  # each candidate "faster" than the last: the last wins
+    ran = []
+
+    def fake_bench(fn, **_):
+        ran.append(fn())
+        return next(timings)
+
+    monkeypatch.setattr(bsl, "_autotune_enabled", lambda device: True)
+    monkeypatch.setattr(bsl.triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(bsl, "_TUNED", {})
+    got = block_sparse_linear_triton(x, weight, group_size=2)
+    assert len(bsl._TUNED) == 1
+    (cfg, split_k), = bsl._TUNED.values()
+    candidates = bsl.matmul_candidates(*_heuristic_args(bsl, weight, m))
+    assert len(ran) == len(candidates) >= 3 and (cfg, split_k) == candidates[-1]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _heuristic_args(bsl, weight, m):
+    schedule = get_schedule(weight, 2)
+    cfg = bsl.matmul_config(m, 16, 2, 4)
+    groups = schedule.group_rows.shape[0]
+    steps = (schedule.union_col.numel() - 1) / groups / cfg.constexprs["KC"]
+    split = bsl.split_k_for(-(-m // cfg.constexprs["BM"]), groups, steps, bsl.DEFAULT_NUM_SMS) \
+        if cfg.regime == "decode" else 1
+    return cfg, split, steps, 4, bsl.SMEM_BYTES[80]
+
+

@@ -1,0 +1,112 @@
+"""Roofline model: exact bytes and FLOPs of small cases, regime behaviour, errors."""
+
+import pytest
+
+from blocksparse.kernels.roofline import DEVICES, default_union_density, llama2_7b_table, main, predict
+
+H200 = DEVICES["h200"]
+LAUNCH = H200.launch_us * 1e-6
+
+
+def test_dense_decode_is_memory_bound_on_w():
+    p = predict("dense", 1, 4096, 4096, device="h200")
+    hbm = (4096 * 4096 + 4096 + 4096) * 2
+    assert p.hbm_bytes == hbm
+    assert p.flops == 2 * 4096 * 4096
+    assert p.time_s == pytest.approx(hbm / (4.8e12 * 0.90) + LAUNCH)
+    assert p.bound == "memory"
+
+
+def test_dense_prefill_is_compute_bound():
+    p = predict("dense", 2048, 4096, 4096, device="h100")
+    assert p.flops == 2 * 2048 * 4096 * 4096
+    assert p.time_s == pytest.approx(p.flops / (989.4e12 * 0.80) + LAUNCH)
+    assert p.bound == "compute"
+
+
+def test_sparse_decode_reads_present_blocks_and_metadata():
+    p = predict("sparse", 1, 4096, 4096, density=0.5)
+    nnz = 0.5 * 256 * 256
+    assert p.hbm_bytes == nnz * 256 * 2 + 4096 * 2 + 4096 * 2 + nnz * 4 + 257 * 4
+    assert p.flops == 2 * 16 * 4096 * 4096 * 0.5        # tokens padded to 16 rows
+    assert p.group_size is None and p.union_density == 0.5
+    # Ideal decode speedup is below 1/density: metadata and the launch gap do not shrink.
+    assert 1.5 < p.speedup_over(predict("dense", 1, 4096, 4096)) < 2.0
+
+
+def test_grouped_prefill_computes_the_union():
+    p = predict("sparse", 2048, 4096, 4096, density=0.5, union_density=0.7, group_size=8)
+    assert p.flops == pytest.approx(2 * 2048 * 4096 * 4096 * 0.7)
+    assert p.useful_flops == pytest.approx(2 * 2048 * 4096 * 4096 * 0.5)
+    # X is re-read from L2 once per group (BN = 128) over the union's columns.
+    narrow = predict("sparse", 2048, 4096, 4096, density=0.5, union_density=0.5, group_size=1)
+    assert narrow.l2_bytes > 4 * p.l2_bytes / 2
+    assert narrow.bound == "l2" and narrow.time_s > predict("dense", 2048, 4096, 4096).time_s
+
+
+def test_group_size_none_picks_the_fastest_measured_g():
+    best = predict("sparse", 2048, 11008, 4096, density=0.5)
+    times = [predict("sparse", 2048, 11008, 4096, density=0.5, group_size=g).time_s for g in (1, 2, 4, 8)]
+    assert best.time_s == min(times)
+    assert best.union_density == pytest.approx(default_union_density(0.5, best.group_size))
+
+
+def test_default_union_density_interpolates():
+    assert default_union_density(1.0, 4) == 1.0
+    assert default_union_density(0.5, 1) == 0.5
+    u25, u375, u50 = (default_union_density(d, 4) for d in (0.25, 0.375, 0.5))
+    assert u375 == pytest.approx((u25 + u50) / 2)
+    assert 0.25 < u25 < u50 < 1.0
+
+
+def test_fused_lora_beats_unfused_and_costs_extra_kernels():
+    kw = dict(density=0.5, lora_rank=8, group_size=8)
+    dense_lora = predict("dense_lora", 2048, 4096, 4096, lora_rank=8)
+    fused = predict("sparse_lora", 2048, 4096, 4096, **kw)
+    plain = predict("sparse", 2048, 4096, 4096, density=0.5, group_size=8)
+    assert [k.name for k in dense_lora.kernels] == ["Y = X W^T", "T = X A^T", "Y += T B^T"]
+    assert len(fused.kernels) == 2
+    assert plain.time_s < fused.time_s < dense_lora.time_s
+    # rank 8 is padded to 16 in the epilogue MMA
+    assert fused.flops - plain.flops == pytest.approx(2 * 2048 * 4096 * 8 + 2 * 2048 * 4096 * 16)
+
+
+def test_backward_adds_dx_and_lora_gradients():
+    fwd = predict("dense_lora", 2048, 4096, 4096, lora_rank=8)
+    both = predict("dense_lora", 2048, 4096, 4096, lora_rank=8, backward=True)
+    assert len(both.kernels) == len(fwd.kernels) + 5
+    assert both.useful_flops == pytest.approx(2 * (2 * 2048 * 4096 * 4096) + 6 * 2048 * 8 * (4096 + 4096))
+    sparse = predict("sparse_lora", 2048, 4096, 4096, density=0.5, lora_rank=8, group_size=4, backward=True,
+                     union_density=0.65, union_density_bwd=0.8)
+    dx = [k for k in sparse.kernels if k.name.startswith("dX")]
+    assert len(dx) == 1 and dx[0].flops == pytest.approx(2 * 2048 * 4096 * 4096 * 0.8 + 2 * 2048 * 4096 * 16)
+
+
+def test_fp32_moves_twice_the_bytes():
+    assert predict("dense", 1, 1024, 1024, dtype="fp32").hbm_bytes == 2 * predict("dense", 1, 1024, 1024).hbm_bytes
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(provider="cusparse"), "provider must be one of"),
+    (dict(device="v100"), "device must be one of"),
+    (dict(N=4100), "divide by the block size 16"),
+    (dict(density=0.0), "density must lie in"),
+    (dict(provider="sparse_lora"), "needs lora_rank"),
+    (dict(union_density=0.6), "pass group_size too"),
+    (dict(union_density=0.3, group_size=4), "union_density must lie in"),
+    (dict(dtype="int8"), "dtype must be one of"),
+])
+def test_bad_arguments(kwargs, message):
+    args = dict(provider="sparse", M=2048, N=4096, K=4096, density=0.5)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        predict(args.pop("provider"), args.pop("M"), args.pop("N"), args.pop("K"), **args)
+
+
+def test_llama_table_and_main(capsys):
+    table = llama2_7b_table("h200", sparsities=(0.5,))
+    assert table.count("\n| ") == 1 + 3 * 4          # header, 3 shapes x 4 regimes
+    assert "gate/up 11008x4096 | prefill M=2048 | 50%" in table
+    assert main(["--device", "a100", "--sparsity", "0.75"]) == 0
+    out = capsys.readouterr().out
+    assert "A100" in out and "Per Llama-2-7B decoder layer" in out

@@ -1,0 +1,153 @@
+"""The sequential driver (blocksparse.prune.prune_model) on a tiny random Llama."""
+
+import pytest
+import torch
+
+from blocksparse.prune import prune_model
+from blocksparse.prune.calibration import sink_probe_ids
+from blocksparse.sparsify import target_linears
+from helpers import CALIB, make_tiny_llama, prune_tiny, sparse_layers
+
+PROBE = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("method", ["wanda", "obs", "magnitude", "obc"])
+def test_every_block_row_keeps_the_same_number_of_blocks(method):
+    model, report = prune_tiny(method=method)
+    layers = sparse_layers(model)
+    assert len(layers) == 2 * 7  # every q/k/v/o/gate/up/down of both layers
+    for name, layer in layers.items():
+        per_row = layer.block_mask.sum(1)
+        assert per_row.tolist() == [layer.block_mask.shape[1] // 2] * layer.block_mask.shape[0], name
+        assert report["layers"][name]["blocks_per_row"] == [layer.block_mask.shape[1] // 2]
+        assert report["layers"][name]["zero_output_rows"] == 0
+    assert report["total_density"] == 0.5
+
+
+def test_pruned_weights_are_zero_outside_the_mask_and_model_still_runs():
+    model, _ = prune_tiny(method="wanda")
+    for layer in sparse_layers(model).values():
+        dense = layer.to_dense()
+        outside = ~layer.block_mask.repeat_interleave(16, 0).repeat_interleave(16, 1)
+        assert torch.count_nonzero(dense[outside]) == 0
+    assert torch.isfinite(model(PROBE).logits).all()
+
+
+def test_global_group_keeps_half_of_each_matrix_with_uneven_rows():
+    model, report = prune_tiny(method="wanda", comparison_group="global", reconstruct=False)
+    uneven = 0
+    for name, layer in sparse_layers(model).items():
+        assert layer.block_mask.sum() == layer.block_mask.numel() // 2, name
+        uneven += len(report["layers"][name]["blocks_per_row"]) > 1
+    assert uneven > 0  # one threshold per matrix does not balance block rows
+    assert report["total_density"] == 0.5
+
+
+@pytest.mark.parametrize("block_size", [8, 32])
+def test_other_block_sizes(block_size):
+    model, report = prune_tiny(block_size=block_size, sparsity=0.5, method="wanda")
+    for layer in sparse_layers(model).values():
+        assert layer.block_size == block_size
+        assert (layer.block_mask.sum(1) == layer.block_mask.shape[1] // 2).all()
+    assert report["total_density"] == 0.5
+
+
+def test_block_size_that_does_not_divide_a_matrix_is_refused():
+    # k_proj/v_proj have 2 KV heads x 16 = 32 outputs: not a multiple of 64.
+    with pytest.raises(ValueError, match=r"block size 64; not divisible: .*k_proj"):
+        prune_tiny(block_size=64)
+
+
+def test_sparsity_out_of_range_is_refused():
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\), got 1.0"):
+        prune_tiny(sparsity=1.0)
+
+
+def test_convert_false_leaves_masked_dense_linears():
+    model, report = prune_tiny(method="wanda", convert=False)
+    assert not sparse_layers(model)
+    lin = target_linears(model)["model.layers.0.mlp.down_proj"]
+    blocks = lin.weight.reshape(4, 16, 8, 16).abs().sum(dim=(1, 3)) > 0
+    assert (blocks.sum(1) == 4).all()
+
+
+def test_sink_weight_is_validated_and_reported():
+    with pytest.raises(ValueError, match="sink_weight must be >= 1"):
+        prune_tiny(sink_weight=0.5)
+    _, report = prune_tiny(method="magnitude", reconstruct=False, sink_weight=1.0)
+    assert report["sink_weight"] == 1.0
+
+
+def test_sink_probes_fit_the_first_position_for_first_tokens_the_windows_lack():
+    # Position 0 attends only to itself, so a one-token sequence is the first position of any
+    # window starting with that token. With the probes in the fit, the pruned model's output
+    # there is closer to the dense one for the probe tokens, most of which start no window.
+    reference = make_tiny_llama()
+    probes = sink_probe_ids(CALIB, 64, reference.config.bos_token_id)
+    unseen = probes[~torch.isin(probes[:, 0], CALIB[:, 0])]
+    assert len(unseen) > 50
+    errors = {}
+    for sink_tokens in (0, 64):
+        model, report = prune_tiny(method="wanda", sink_tokens=sink_tokens)
+        assert report["sink_tokens"] == sink_tokens
+        out, ref = model(unseen).logits, reference(unseen).logits
+        errors[sink_tokens] = ((out - ref).norm() / ref.norm()).item()
+    assert errors[64] < 0.8 * errors[0], errors
+    with pytest.raises(ValueError, match="sink_tokens"):
+        prune_tiny(sink_tokens=-1)
+
+
+def test_dense_target_follows_the_dense_model_through_layers_left_unpruned():
+    # Only layer 1 is pruned, so q/k/v (its first linears) see exactly the dense model's
+    # inputs: fitting the dense outputs and fitting their own weights must agree.
+    only_layer_1 = lambda module, name: name.startswith("model.layers.1.")  # noqa: E731
+    weights = {}
+    for target in ("dense", "pruned"):
+        model, _ = prune_tiny(method="wanda", reconstruct_target=target, filter_fn=only_layer_1)
+        weights[target] = {name: m.to_dense() for name, m in sparse_layers(model).items()}
+    assert len(weights["dense"]) == 7
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        name = f"model.layers.1.self_attn.{proj}"
+        torch.testing.assert_close(weights["dense"][name], weights["pruned"][name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("target", ["pruned", "dense"])
+def test_reconstruction_lowers_the_model_output_error_on_calibration_data(target):
+    reference = make_tiny_llama()(CALIB).logits
+    errors = {}
+    for reconstruct in (False, True):
+        model, _ = prune_tiny(method="wanda", reconstruct=reconstruct, reconstruct_target=target)
+        errors[reconstruct] = ((model(CALIB).logits - reference).norm() / reference.norm()).item()
+    assert errors[True] < 0.8 * errors[False]
+
+
+def test_explicit_allocation_keeps_the_total_at_the_target():
+    model = make_tiny_llama()
+    names = list(target_linears(model))
+    allocation = {name: (0.75 if ".layers.0." in name else 0.25) for name in names}
+    report = prune_model(model, CALIB, sparsity=0.5, allocation=allocation, batch_size=4, progress=False)
+    layers = sparse_layers(model)
+    assert report["total_density"] == 0.5
+    assert layers["model.layers.0.mlp.up_proj"].block_mask.sum(1).tolist() == [3] * 8
+    assert layers["model.layers.1.mlp.up_proj"].block_mask.sum(1).tolist() == [1] * 8
+
+
+def test_a_module_prefix_keeps_its_density_and_the_rest_share_the_budget():
+    model = make_tiny_llama()
+    report = prune_model(model, CALIB, sparsity=0.5, allocation={"model.layers.0.mlp": 1.0},
+                         batch_size=4, progress=False)
+    layers = sparse_layers(model)
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        assert bool(layers[f"model.layers.0.mlp.{proj}"].block_mask.all()), proj
+    assert report["total_density"] == 0.5
+    assert layers["model.layers.1.mlp.up_proj"].block_mask.float().mean() < 0.5
+    assert report["allocation"] == {"explicit": {"model.layers.0.mlp": 1.0}}
+
+
+def test_owl_allocation_keeps_the_total_at_the_target():
+    model, report = prune_tiny(method="wanda", allocation="owl", owl_spread=0.25)
+    assert report["total_density"] == 0.5
+    assert len(report["owl_outlier_ratios"]) == 2
+    layer_density = [sum(report["layers"][n]["density"] for n in report["layers"] if f".layers.{i}." in n)
+                     for i in range(2)]
+    assert layer_density[0] != layer_density[1]

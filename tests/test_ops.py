@@ -1,0 +1,175 @@
+"""The torch backend of block_sparse_linear against the dense-masked reference."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from blocksparse import BlockSparseWeight, block_sparse_linear
+from blocksparse.ops import SMALL_M_MAX
+from helpers import assert_matches_reference, linear_lora, random_block_mask
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_case(m, n, k, density, dtype, bias=True, lora_rank=0, uniform_rows=False, lead=()):
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    mask = random_block_mask(n // 16, k // 16, density, generator=gen, uniform_rows=uniform_rows)
+    w64 = torch.randn(n, k, generator=gen, dtype=torch.float64) / k ** 0.5
+    w = BlockSparseWeight.from_dense(w64.to(dtype), mask)
+    x64 = torch.randn(*lead, m, k, generator=gen, dtype=torch.float64)
+    b64 = torch.randn(n, generator=gen, dtype=torch.float64) if bias else None
+    a64 = torch.randn(lora_rank, k, generator=gen, dtype=torch.float64) / k ** 0.5 if lora_rank else None
+    bb64 = torch.randn(n, lora_rank, generator=gen, dtype=torch.float64) if lora_rank else None
+    return w, x64, b64, a64, bb64
+
+
+def run_and_compare(m, n, k, density, dtype, bias=True, lora_rank=0, scaling=2.0,
+                    uniform_rows=False, lead=(), transpose_x=False):
+    w, x64, b64, a64, bb64 = make_case(m, n, k, density, dtype, bias, lora_rank, uniform_rows, lead)
+    w_ref64 = w.to_dense().double()
+
+    def leaves(dt):
+        out = []
+        for t in (x64, b64, a64, bb64):
+            out.append(None if t is None else t.detach().to(dt, copy=True).requires_grad_(True))
+        return out
+
+    x, b, a, bb = leaves(dtype)
+    x_in = x
+    if transpose_x:  # a non-contiguous view with the same values
+        wide = torch.cat([x.detach(), torch.zeros_like(x.detach())], dim=-1)
+        x_in = wide[..., : x.shape[-1]].requires_grad_(True)
+        assert not x_in.is_contiguous()
+        x = x_in
+    y = block_sparse_linear(x_in, w, b, a, bb, scaling=scaling, backend="torch")
+    x_r, b_r, a_r, bb_r = leaves(torch.float64)
+    y_ref = linear_lora(x_r, w_ref64, b_r, a_r, bb_r, scaling)
+    x_t, b_t, a_t, bb_t = leaves(dtype)
+    y_torch = linear_lora(x_t, w.to_dense(), b_t, a_t, bb_t, scaling)
+    assert_matches_reference(y.detach(), y_ref.detach(), y_torch.detach(), "y")
+
+    grad = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    y.backward(grad.to(dtype))
+    y_ref.backward(grad)
+    y_torch.backward(grad.to(dtype))
+    for name, ours, ref, theirs in zip(("x", "bias", "lora_a", "lora_b"), (x, b, a, bb),
+                                       (x_r, b_r, a_r, bb_r), (x_t, b_t, a_t, bb_t)):
+        if ours is not None:
+            assert_matches_reference(ours.grad, ref.grad, theirs.grad, f"grad {name}")
+    assert not w.values.requires_grad and w.values.grad is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [0, 1, 7, SMALL_M_MAX + 1, 130])
+@pytest.mark.parametrize("density", [0.0, 0.25, 0.5, 1.0])
+def test_forward_and_gradients(dtype, m, density):
+    run_and_compare(m, 64, 96, density, dtype, bias=True, lora_rank=8)
+
+
+@pytest.mark.parametrize("m", [1, 7, 130])
+@pytest.mark.parametrize("uniform_rows", [True, False])
+def test_without_bias_or_lora(m, uniform_rows):
+    run_and_compare(m, 96, 64, 0.5, torch.float32, bias=False, lora_rank=0, uniform_rows=uniform_rows)
+
+
+@pytest.mark.parametrize("m", [1, 7, 130])
+def test_leading_dims_and_non_contiguous_x(m):
+    run_and_compare(m, 64, 64, 0.5, torch.float32, lora_rank=4, lead=(2, 3))
+    run_and_compare(m, 64, 64, 0.5, torch.bfloat16, lora_rank=4, lead=(2,), transpose_x=True)
+
+
+@pytest.mark.parametrize("m", [5, 70])
+def test_lora_dropout_matches_reference_with_the_same_mask(m):
+    p = 0.3
+    w, x64, b64, a64, bb64 = make_case(m, 64, 48, 0.5, torch.float32, lora_rank=4)
+    x, a, bb = (t.float().requires_grad_(True) for t in (x64, a64, bb64))
+    torch.manual_seed(123)
+    y = block_sparse_linear(x, w, None, a, bb, scaling=0.5, lora_dropout=p, backend="torch")
+    torch.manual_seed(123)
+    keep = (torch.rand(m, 48) >= p).double()  # the mask the op draws
+    x_r, a_r, bb_r = (t.clone().requires_grad_(True) for t in (x64, a64, bb64))
+    y_ref = linear_lora(x_r, w.to_dense().double(), None, a_r, bb_r, 0.5, keep_mask=keep, p=p)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    y_ref.sum().backward()
+    for ours, ref in ((x, x_r), (a, a_r), (bb, bb_r)):
+        torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=1e-5, atol=1e-5)
+    # dropout touches the LoRA path only: with a zero LoRA delta it changes nothing
+    y0 = block_sparse_linear(x, w, None, a, torch.zeros_like(bb), lora_dropout=p, backend="torch")
+    torch.testing.assert_close(y0, block_sparse_linear(x, w, backend="torch"))
+
+
+@pytest.mark.parametrize("m", [3, 100])
+def test_nan_stays_in_its_token(m):
+    w, x64, *_ = make_case(m, 64, 64, 0.5, torch.float32, bias=False, uniform_rows=True)
+    x = x64.float()
+    x[1, 5] = float("nan")
+    x[2, 40] = float("inf")
+    y = block_sparse_linear(x, w, backend="torch")
+    reads_col0 = w.block_mask[:, 0].repeat_interleave(16)  # output rows whose blocks read column 5
+    assert torch.isnan(y[1, reads_col0]).all()
+    assert not torch.isfinite(y[2, w.block_mask[:, 2].repeat_interleave(16)]).any()
+    keep = torch.ones(m, dtype=torch.bool)
+    keep[1:3] = False
+    assert torch.isfinite(y[keep]).all()
+
+
+def test_backend_selection(monkeypatch):
+    w = BlockSparseWeight.from_dense(torch.randn(32, 32), torch.ones(2, 2, dtype=torch.bool))
+    x = torch.randn(2, 32)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        block_sparse_linear(x, w, backend="cuda")
+    monkeypatch.setenv("BLOCKSPARSE_BACKEND", "fast")
+    with pytest.raises(ValueError, match="BLOCKSPARSE_BACKEND must be"):
+        block_sparse_linear(x, w)
+    monkeypatch.setenv("BLOCKSPARSE_BACKEND", "torch")
+    torch.testing.assert_close(block_sparse_linear(x, w), x @ w.to_dense().t())
+
+
+def test_bad_inputs_name_expected_and_given():
+    w = BlockSparseWeight.from_dense(torch.randn(32, 48), torch.ones(2, 3, dtype=torch.bool))
+    x = torch.randn(4, 48)
+    cases = [
+        (dict(x=torch.randn(4, 32)), "in_features=48 as its last dimension, got shape \\(4, 32\\)"),
+        (dict(x=x.double()), "share dtype and device.*float64"),
+        (dict(x=x.to("meta")), "share dtype and device.*meta"),
+        (dict(bias=torch.randn(48)), "bias must have shape \\(32,\\)"),
+        (dict(bias=torch.randn(32).half()), "bias must have shape.*float16"),
+        (dict(lora_a=torch.randn(4, 48)), "given together"),
+        (dict(lora_a=torch.randn(4, 32), lora_b=torch.randn(32, 4)), "lora_a must be \\[r, in_features=48\\]"),
+        (dict(lora_a=torch.randn(4, 48), lora_b=torch.randn(32, 8)), "lora_b must be \\[out_features=32, r=4\\]"),
+        (dict(lora_a=torch.randn(4, 48).half(), lora_b=torch.randn(32, 4)), "lora_a must match x"),
+        (dict(lora_a=torch.randn(4, 48), lora_b=torch.randn(32, 4), lora_dropout=1.0), "lora_dropout"),
+    ]
+    for overrides, message in cases:
+        kwargs = dict(x=x, weight=w) | overrides
+        with pytest.raises(ValueError, match=message):
+            block_sparse_linear(**kwargs)
+    with pytest.raises(TypeError, match="BlockSparseWeight"):
+        block_sparse_linear(x, torch.randn(32, 48))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    m=st.integers(0, 40),
+    n_blocks=st.integers(1, 5),
+    k_blocks=st.integers(1, 5),
+    block_size=st.sampled_from([8, 16, 32]),
+    density=st.floats(0.0, 1.0),
+    dtype=st.sampled_from(DTYPES),
+    lora_rank=st.sampled_from([0, 1, 8]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_matches_dense_reference(m, n_blocks, k_blocks, block_size, density, dtype, lora_rank, seed):
+    gen = torch.Generator().manual_seed(seed)
+    n, k = n_blocks * block_size, k_blocks * block_size
+    mask = random_block_mask(n_blocks, k_blocks, density, generator=gen)
+    w = BlockSparseWeight.from_dense(torch.randn(n, k, generator=gen).to(dtype), mask)
+    x64 = torch.randn(m, k, generator=gen, dtype=torch.float64)
+    a64 = torch.randn(lora_rank, k, generator=gen, dtype=torch.float64) if lora_rank else None
+    b64 = torch.randn(n, lora_rank, generator=gen, dtype=torch.float64) if lora_rank else None
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    y = block_sparse_linear(x64.to(dtype), w, None, cast(a64), cast(b64), scaling=0.5, backend="torch")
+    y_ref = linear_lora(x64, w.to_dense().double(), None, a64, b64, 0.5)
+    y_torch = linear_lora(x64.to(dtype), w.to_dense(), None, cast(a64), cast(b64), 0.5)
+    assert_matches_reference(y, y_ref, y_torch)
