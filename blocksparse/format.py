@@ -9,11 +9,21 @@
                             values[i][c, j] = W[row*b + j, col*b + c]
                             (rows = in, columns = out)
 
-Derived metadata (not saved, rebuilt from crow/col):
+Row grouping (saved; a layout, never a correctness requirement):
 
-- `row`     int32 [nnz]     block row of each block
+- `row_perm`  int32 [N/b]   storage row s holds block row row_perm[s]: the BSR
+                            arrays list block rows in this order, so the G rows
+                            of a row group lie next to each other (their tiles
+                            form one contiguous stretch of `values`);
+- `row_group` int           G, the rows per group (consecutive storage rows;
+                            1 = ungrouped, row_perm then the identity); saved
+                            in the state dict as an int32 scalar.
+
+Derived metadata (not saved, rebuilt from crow/col/row_perm):
+
+- `row`     int32 [nnz]     (true) block row of each block
 - `t_crow`  int32 [K/b + 1] the transposed structure (block rows over K)
-- `t_row`   int32 [nnz]     block row (over N) of each transposed entry
+- `t_row`   int32 [nnz]     (true) block row (over N) of each transposed entry
 - `t_index` int32 [nnz]     index into `values` of each transposed entry:
                             a permutation, the weights are never copied
 
@@ -106,11 +116,30 @@ def _validate_structure(crow: torch.Tensor, col: torch.Tensor, n_block_rows: int
             )
 
 
+def _validate_grouping(row_perm: torch.Tensor, row_group: int, n_block_rows: int) -> None:
+    """Raise ValueError unless row_perm is a permutation of the block rows and row_group >= 1."""
+    if row_perm.dtype not in (torch.int32, torch.int64) or row_perm.dim() != 1:
+        raise ValueError(f"row_perm must be a 1-D int32/int64 tensor, got dtype {row_perm.dtype} "
+                         f"and shape {tuple(row_perm.shape)}")
+    if row_perm.numel() != n_block_rows:
+        raise ValueError(f"row_perm must list all N/b = {n_block_rows} block rows, got {row_perm.numel()} entries")
+    perm = row_perm.long().cpu()
+    seen = torch.zeros(n_block_rows + 1, dtype=torch.long)
+    seen.index_add_(0, perm.clamp(0, n_block_rows), torch.ones_like(perm))
+    if perm.numel() and (perm.min() < 0 or perm.max() >= n_block_rows or (seen[:n_block_rows] != 1).any()):
+        bad = int(torch.nonzero((perm < 0) | (perm >= n_block_rows) | (seen[perm.clamp(0, n_block_rows)] != 1))[0])
+        raise ValueError(f"row_perm is not a permutation of range({n_block_rows}): row_perm[{bad}]="
+                         f"{perm[bad].item()} is out of range or repeated")
+    if isinstance(row_group, bool) or not isinstance(row_group, int) or row_group < 1:
+        raise ValueError(f"row_group must be an int >= 1, got {row_group!r}")
+
+
 class BlockSparseWeight(nn.Module):
     """A frozen W [N, K] stored as b x b blocks (BSR). Build with `from_dense`."""
 
     def __init__(self, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
-                 shape: tuple[int, int], *, validate: bool = True):
+                 shape: tuple[int, int], *, row_perm: torch.Tensor | None = None, row_group: int = 1,
+                 validate: bool = True):
         super().__init__()
         if values.dim() != 3 or values.shape[1] != values.shape[2]:
             raise ValueError(f"values must be [nnz, b, b], got shape {tuple(values.shape)}")
@@ -118,8 +147,11 @@ class BlockSparseWeight(nn.Module):
         shape = (int(shape[0]), int(shape[1]))
         check_divisible(shape, block_size)
         n_block_rows, n_block_cols = shape[0] // block_size, shape[1] // block_size
+        if row_perm is None:
+            row_perm = torch.arange(n_block_rows)
         if validate:
             _validate_structure(crow, col, n_block_rows, n_block_cols, values.shape[0])
+            _validate_grouping(row_perm, row_group, n_block_rows)
         self.shape = shape
         self.block_size = block_size
         device = values.device
@@ -129,12 +161,15 @@ class BlockSparseWeight(nn.Module):
         self.register_buffer("crow", crow)
         self.register_buffer("col", col)
         self.register_buffer("values", values.detach().contiguous())
-        self._register_derived(crow.long(), col.long(), n_block_rows, n_block_cols)
+        row_perm = row_perm.to(device=device, dtype=torch.int32)
+        self.register_buffer("row_perm", row_perm)
+        self.row_group = int(row_group)  # saved as a tensor by _save_to_state_dict
+        self._register_derived(crow.long(), col.long(), row_perm.long(), n_block_cols)
 
-    def _register_derived(self, crow: torch.Tensor, col: torch.Tensor,
-                          n_block_rows: int, n_block_cols: int) -> None:
+    def _register_derived(self, crow: torch.Tensor, col: torch.Tensor, row_perm: torch.Tensor,
+                          n_block_cols: int) -> None:
         counts = crow[1:] - crow[:-1]
-        row = torch.repeat_interleave(torch.arange(n_block_rows, device=crow.device), counts)
+        row = torch.repeat_interleave(row_perm, counts)  # the true block row of each block
         # Transposed structure: sort blocks by (col, row); a stable sort keeps rows ordered.
         t_index = torch.sort(col, stable=True).indices
         t_counts = torch.bincount(col, minlength=n_block_cols)
@@ -166,11 +201,14 @@ class BlockSparseWeight(nn.Module):
     # ------------------------------------------------------------------ builders
     @classmethod
     def from_dense(cls, weight: torch.Tensor, block_mask: torch.Tensor | None = None,
-                   block_size: int | None = None) -> "BlockSparseWeight":
+                   block_size: int | None = None, *, row_perm: torch.Tensor | None = None,
+                   row_group: int = 1) -> "BlockSparseWeight":
         """Keep the blocks of `weight` [N, K] where `block_mask` [N/b, K/b] is True.
 
         The block size is read from the mask's shape (b = N / mask rows); with no
         mask, every block that holds a nonzero is kept (b defaults to 16).
+        row_perm / row_group: the row grouping (see the module docstring); the
+        blocks are stored with the block rows in row_perm order.
         """
         if weight.dim() != 2:
             raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
@@ -200,19 +238,35 @@ class BlockSparseWeight(nn.Module):
                     + (f" (got block_size={block_size})" if block_size else "")
                 )
         b = block_size
-        block_mask = block_mask.to(weight.device)
+        if row_perm is None:
+            row_perm = torch.arange(n // b)
+        _validate_grouping(row_perm, row_group, n // b)
+        row_perm = row_perm.to(device=weight.device, dtype=torch.long)
+        stored = block_mask.to(weight.device)[row_perm]  # block rows in storage order
         tiles = weight.detach().reshape(n // b, b, k // b, b).permute(0, 2, 3, 1)  # [R, C, c, j]
-        rows, cols = torch.nonzero(block_mask, as_tuple=True)  # row-major: sorted
-        values = tiles[rows, cols].contiguous()
+        rows, cols = torch.nonzero(stored, as_tuple=True)  # row-major: sorted
+        values = tiles[row_perm[rows], cols].contiguous()
         crow = torch.zeros(n // b + 1, dtype=torch.int32, device=weight.device)
-        crow[1:] = torch.cumsum(block_mask.sum(dim=1), 0)
-        return cls(crow, cols.to(torch.int32), values, (n, k), validate=False)
+        crow[1:] = torch.cumsum(stored.sum(dim=1), 0)
+        return cls(crow, cols.to(torch.int32), values, (n, k), row_perm=row_perm, row_group=row_group,
+                   validate=False)
+
+    def blocks_of(self, dense: torch.Tensor) -> torch.Tensor:
+        """The tiles of a dense [N, K] matrix at this weight's blocks, in its storage
+        order and tile layout: what `values` would be for `dense` ([nnz, b, b])."""
+        if tuple(dense.shape) != self.shape:
+            raise ValueError(f"dense must have this weight's shape {self.shape}, got {tuple(dense.shape)}")
+        rows, cols = self.block_grid
+        b = self.block_size
+        tiles = dense.reshape(rows, b, cols, b).permute(0, 2, 3, 1)
+        return tiles[self.row.long(), self.col.long()]
 
     @classmethod
     def from_bsr(cls, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
-                 shape: tuple[int, int]) -> "BlockSparseWeight":
+                 shape: tuple[int, int], row_perm: torch.Tensor | None = None,
+                 row_group: int = 1) -> "BlockSparseWeight":
         """Build from (possibly untrusted) BSR arrays, e.g. a checkpoint; validated."""
-        return cls(crow, col, values, shape, validate=True)
+        return cls(crow, col, values, shape, row_perm=row_perm, row_group=row_group, validate=True)
 
     # --------------------------------------------------------------- properties
     @property
@@ -251,6 +305,21 @@ class BlockSparseWeight(nn.Module):
         dense.view(rows, b, cols, b).permute(0, 2, 3, 1)[self.row.long(), self.col.long()] = self.values
         return dense
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "row_group"] = torch.tensor(self.row_group, dtype=torch.int32)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # The structure's size changes with the checkpoint's: BlockSparseLinear rebuilds
+        # the weight from the saved arrays (`from_bsr`); here only G is read.
+        key = prefix + "row_group"
+        if key in state_dict:
+            self.row_group = int(state_dict[key])
+        super()._load_from_state_dict({k: v for k, v in state_dict.items() if k != key}, prefix,
+                                      local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
     def extra_repr(self) -> str:
+        grouping = f", row_group={self.row_group}" if self.row_group > 1 else ""
         return (f"shape={self.shape}, block_size={self.block_size}, "
-                f"density={self.density:.3f}, dtype={self.dtype}")
+                f"density={self.density:.3f}, dtype={self.dtype}{grouping}")

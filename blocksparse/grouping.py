@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["cluster_block_rows", "union_density", "group_union_sizes"]
+__all__ = ["cluster_block_rows", "group_union_sizes", "shared_column_groups", "union_density"]
 
 
 def _check_mask(block_mask: torch.Tensor, group_size: int) -> None:
@@ -203,3 +203,98 @@ def cluster_block_rows(block_mask: torch.Tensor, group_size: int, max_swap_passe
     finally:
         torch.set_num_threads(threads)
     return perm.cpu()
+
+
+# ---------------------------------------------------------------------------------------
+# Groups that share block columns, chosen on scores (grouped masks, DESIGN.md section 6)
+# ---------------------------------------------------------------------------------------
+def _group_of(perm: torch.Tensor, group_size: int) -> torch.Tensor:
+    group = torch.empty_like(perm)
+    group[perm] = torch.arange(perm.numel(), device=perm.device) // group_size
+    return group
+
+
+def _column_sets(scores: torch.Tensor, group: torch.Tensor, n_groups: int, union_blocks: int,
+                 keep_per_row: int) -> torch.Tensor:
+    """Bool [groups, C]: each group's `union_blocks` columns.
+
+    Fully shared (union_blocks == keep_per_row): the columns of the largest summed
+    score, which is exact (every row keeps the whole set). Wider sets: start there,
+    then repeatedly take the columns the rows' own top-`keep_per_row` choices inside
+    the set value most (a fixed point in a few rounds).
+    """
+    totals = torch.zeros(n_groups, scores.shape[1], dtype=scores.dtype).index_add_(0, group, scores)
+    sets = torch.zeros_like(totals, dtype=torch.bool).scatter_(1, totals.topk(union_blocks, dim=1).indices, True)
+    if union_blocks == keep_per_row:
+        return sets
+    for _ in range(4):
+        inside = scores.masked_fill(~sets[group], -1.0)
+        chosen = torch.zeros_like(inside).scatter_(1, inside.topk(keep_per_row, dim=1).indices, 1.0) * scores
+        used = torch.zeros_like(totals).index_add_(0, group, chosen)
+        # What the rows use first; the summed score breaks ties among unused columns.
+        new = torch.zeros_like(sets).scatter_(1, (used + 1e-6 * totals).topk(union_blocks, dim=1).indices, True)
+        if torch.equal(new, sets):
+            break
+        sets = new
+    return sets
+
+
+def _affinity(scores: torch.Tensor, sets: torch.Tensor, keep_per_row: int) -> torch.Tensor:
+    """[R, groups]: the score row r would keep inside group g's columns (its best keep_per_row)."""
+    if int(sets[0].sum()) == keep_per_row:  # fully shared: the row keeps the whole set
+        return scores @ sets.to(scores.dtype).T
+    inside = scores[:, None, :].masked_fill(~sets[None], 0.0)
+    return inside.topk(keep_per_row, dim=2).values.sum(dim=2)
+
+
+def shared_column_groups(scores: torch.Tensor, group_size: int, keep_per_row: int, union_blocks: int,
+                         max_passes: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block rows in groups of `group_size` that share `union_blocks` block columns.
+
+    scores: [R, C] tile importances (any non-negative score). Rows are compared on
+    their scores normalised to sum 1, so a row's share of its own importance counts,
+    not its scale. Maximises the kept normalised score, sum over rows of the row's
+    best `keep_per_row` tiles inside its group's column set: starting from
+    `cluster_block_rows` on the rows' free top-`keep_per_row` masks, alternate a
+    local search over row swaps between groups (all swap gains at once, with the
+    groups' sets fixed) with re-choosing each group's set, while the objective rises.
+
+    Returns (perm, sets): group g holds block rows perm[g*G:(g+1)*G] and may use the
+    block columns where sets[g] is True. Deterministic.
+    """
+    rows, cols = scores.shape
+    if not 1 <= keep_per_row <= union_blocks <= cols:
+        raise ValueError(f"need 1 <= keep_per_row ({keep_per_row}) <= union_blocks ({union_blocks}) "
+                         f"<= block columns ({cols})")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    s = scores.detach().double().cpu().clamp_min(0)
+    s = s / s.sum(dim=1, keepdim=True).clamp_min(1e-30)
+    free = torch.zeros_like(s, dtype=torch.bool).scatter_(1, s.topk(keep_per_row, dim=1).indices, True)
+    perm = cluster_block_rows(free, group_size)
+    n_groups = -(-rows // group_size)
+
+    def evaluate(perm):
+        group = _group_of(perm, group_size)
+        sets = _column_sets(s, group, n_groups, union_blocks, keep_per_row)
+        kept = _affinity(s, sets, keep_per_row).gather(1, group[:, None]).sum()
+        return float(kept), group, sets
+
+    best, group, sets = evaluate(perm)
+    for _ in range(max_passes if group_size > 1 else 0):
+        a = _affinity(s, sets, keep_per_row)                     # [R, groups]
+        own = a.gather(1, group[:, None])[:, 0]
+        gain = a[:, group] + a[:, group].T - own[:, None] - own[None, :]   # swap rows i and j
+        gain[group[:, None] == group[None, :]] = 0.0
+        best_gain, partner = gain.max(dim=1)
+        improving = (best_gain > 1e-12).nonzero().flatten()
+        if improving.numel() == 0:
+            break
+        candidate = perm.clone()
+        _apply_swaps(candidate, list(zip(improving[torch.argsort(-best_gain[improving])].tolist(),
+                                         partner[improving].tolist())), group)
+        value, new_group, new_sets = evaluate(candidate)
+        if value <= best + 1e-12:
+            break
+        best, perm, group, sets = value, candidate, new_group, new_sets
+    return perm, sets

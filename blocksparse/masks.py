@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from .format import DEFAULT_BLOCK_SIZE, check_divisible
+from .grouping import shared_column_groups
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,35 @@ def select_block_mask(scores: torch.Tensor, keep_per_row: int, comparison_group:
     if comparison_group not in COMPARISON_GROUPS:
         raise ValueError(f"comparison_group must be one of {tuple(COMPARISON_GROUPS)}, got {comparison_group!r}")
     return COMPARISON_GROUPS[comparison_group](scores, keep_per_row)
+
+
+def union_blocks_for(n_block_cols: int, keep_per_row: int, union_density: float | None) -> int:
+    """Block columns a row group may use: round(union_density * C), at least keep_per_row;
+    None means fully shared (= keep_per_row: the union is the density)."""
+    if union_density is None:
+        return keep_per_row
+    if not 0.0 < union_density <= 1.0:
+        raise ValueError(f"union_density must be in (0, 1], got {union_density}")
+    return min(n_block_cols, max(keep_per_row, round(union_density * n_block_cols)))
+
+
+def grouped_block_mask(scores: torch.Tensor, keep_per_row: int, row_group: int,
+                       union_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block-row mask whose rows, in groups of `row_group`, share `union_blocks` columns.
+
+    Every block row keeps exactly `keep_per_row` blocks, its best inside its group's
+    column set (`blocksparse.grouping.shared_column_groups` chooses groups and sets).
+    Returns (mask [N/b, K/b], perm): group g is block rows perm[g*G:(g+1)*G].
+    """
+    cols = scores.shape[1]
+    if not 1 <= keep_per_row <= cols:
+        raise ValueError(f"keep_per_row must be in [1, {cols}], got {keep_per_row}")
+    perm, sets = shared_column_groups(scores, row_group, keep_per_row, union_blocks)
+    group = torch.empty_like(perm)
+    group[perm] = torch.arange(perm.numel()) // row_group
+    inside = scores.detach().double().cpu().masked_fill(~sets[group], -float("inf"))
+    mask = torch.zeros_like(inside, dtype=torch.bool).scatter_(1, inside.topk(keep_per_row, dim=1).indices, True)
+    return mask.to(scores.device), perm
 
 
 def element_mask(block_mask: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -33,13 +33,14 @@ class BlockSparseLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, block_mask: torch.Tensor | None = None,
-                    sparsity: float | None = None,
-                    block_size: int = DEFAULT_BLOCK_SIZE) -> "BlockSparseLinear":
+                    sparsity: float | None = None, block_size: int = DEFAULT_BLOCK_SIZE, *,
+                    row_perm: torch.Tensor | None = None, row_group: int = 1) -> "BlockSparseLinear":
         """Convert `linear`, keeping the blocks in `block_mask` [out/b, in/b].
 
         With `sparsity` and no mask, each block row keeps its largest-magnitude
         blocks (`blocksparse.masks.magnitude_block_mask`); with neither, every
-        block is kept (density 1).
+        block is kept (density 1). row_perm / row_group: the weight's row grouping
+        (`BlockSparseWeight`), e.g. from `prune_model(row_group=G)`.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
@@ -48,7 +49,8 @@ class BlockSparseLinear(nn.Module):
         weight = linear.weight.detach()
         if block_mask is None:
             block_mask = magnitude_block_mask(weight, sparsity or 0.0, block_size)
-        sparse_weight = BlockSparseWeight.from_dense(weight, block_mask.to(weight.device))
+        sparse_weight = BlockSparseWeight.from_dense(weight, block_mask.to(weight.device), row_perm=row_perm,
+                                                     row_group=row_group)
         module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                      block_size=sparse_weight.block_size, device=weight.device, dtype=weight.dtype)
         module.sparse_weight = sparse_weight
@@ -101,10 +103,13 @@ class BlockSparseLinear(nn.Module):
                     f"got shape {tuple(values.shape)}"
                 )
                 return
+            # A checkpoint written before row groupings existed has neither key: ungrouped.
+            row_perm, row_group = state_dict.get(sw + "row_perm"), state_dict.get(sw + "row_group")
             try:
                 loaded = BlockSparseWeight.from_bsr(
                     crow, col, values.to(self.sparse_weight.values.device),
-                    (self.out_features, self.in_features))
+                    (self.out_features, self.in_features), row_perm=row_perm,
+                    row_group=1 if row_group is None else int(row_group))
             except ValueError as err:
                 error_msgs.append(f"{sw[:-1]}: malformed block-sparse checkpoint: {err}")
                 return

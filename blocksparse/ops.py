@@ -88,16 +88,21 @@ def check_inputs(x: torch.Tensor, weight: BlockSparseWeight, bias: torch.Tensor 
 # torch backend
 # --------------------------------------------------------------------------
 def _padded_rows(weight: BlockSparseWeight) -> dict:
-    """The torch backend's padded per-row ("ELL") layout: each block row lists
-    max-blocks-per-row block indices; padding points at block 0 and is masked."""
+    """The torch backend's padded per-row ("ELL") layout: each storage row lists
+    max-blocks-per-row block indices; padding points at block 0 and is masked.
+    With a row grouping, `to_storage` gathers true block rows into storage order
+    and `to_true` the reverse (None: storage order is the true order)."""
     crow = weight.crow.long()
     counts = crow[1:] - crow[:-1]
     width = int(counts.max()) if counts.numel() else 0
     slot = torch.arange(width, device=crow.device)
     valid = slot[None, :] < counts[:, None]
     index = torch.where(valid, crow[:-1, None] + slot[None, :], 0)
+    perm = weight.row_perm.long()
+    identity = bool((perm == torch.arange(perm.numel(), device=perm.device)).all())
     return {"index": index.to(torch.int32), "col": torch.where(valid, weight.col.long()[index], 0).to(torch.int32),
-            "valid": valid, "uniform": bool(valid.all())}
+            "valid": valid, "uniform": bool(valid.all()),
+            "to_storage": None if identity else perm, "to_true": None if identity else torch.argsort(perm)}
 
 
 def _row_chunks(weight: BlockSparseWeight, m: int, element_size: int):
@@ -141,7 +146,10 @@ def _sparse_matmul_small_m(x: torch.Tensor, weight: BlockSparseWeight) -> torch.
         # [ch, M, P*b] as a strided view: bmm reads it in place.
         gathered = gathered.view(m, r1 - r0, slab.shape[1]).transpose(0, 1)
         parts.append(torch.bmm(gathered, slab))  # [ch, M, b]
-    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)  # [R, M, b], storage order
+    to_true = weight.layout("padded_rows", _padded_rows)["to_true"]
+    if to_true is not None:
+        out = out.index_select(0, to_true)
     return out.transpose(0, 1).reshape(m, n)
 
 
@@ -153,6 +161,9 @@ def _sparse_matmul_t_small_m(grad_y: torch.Tensor, weight: BlockSparseWeight) ->
     if weight.nnz_blocks == 0 or m == 0:
         return grad_x.reshape(m, k)
     grad_y_blocks = grad_y.reshape(m, weight.block_grid[0], b)
+    to_storage = weight.layout("padded_rows", _padded_rows)["to_storage"]
+    if to_storage is not None:
+        grad_y_blocks = grad_y_blocks.index_select(1, to_storage)
     for r0, r1, slab, cols, valid in _row_chunks(weight, m, grad_y.element_size()):
         partial = torch.bmm(grad_y_blocks[:, r0:r1].transpose(0, 1), slab.transpose(1, 2))  # [ch, M, P*b]
         partial = partial.view(r1 - r0, m, -1, b)
@@ -162,17 +173,84 @@ def _sparse_matmul_t_small_m(grad_y: torch.Tensor, weight: BlockSparseWeight) ->
     return grad_x.reshape(m, k)
 
 
+def _shared_groups(weight: BlockSparseWeight) -> dict:
+    """The packed view of a weight whose row groups are fully shared (every group G rows,
+    each holding the same U block columns): `tiles` [groups, G, U, b, b] is `values` itself,
+    `cols` [groups * U] the groups' columns. `usable` is False for any other weight."""
+    g, (rows, _) = weight.row_group, weight.block_grid
+    crow = weight.crow.long()
+    counts = crow[1:] - crow[:-1]
+    if g < 2 or rows % g or weight.nnz_blocks == 0 or not bool((counts == counts[0]).all()):
+        return {"usable": False}
+    groups, per_row = rows // g, int(counts[0])
+    cols = weight.col.long().view(groups, g, per_row)
+    if not bool((cols == cols[:, :1]).all()):
+        return {"usable": False}
+    return {"usable": True, "groups": groups, "per_row": per_row, "cols": cols[:, 0].reshape(-1)}
+
+
+def _packed(weight: BlockSparseWeight, layout: dict) -> torch.Tensor:
+    """[groups, U*b, G*b]: each group's W^T tile as one dense matrix (a copy, per call)."""
+    b, g = weight.block_size, weight.row_group
+    tiles = weight.values.view(layout["groups"], g, layout["per_row"], b, b)
+    return tiles.permute(0, 2, 3, 1, 4).reshape(layout["groups"], layout["per_row"] * b, g * b)
+
+
+def _grouped_matmul(x: torch.Tensor, weight: BlockSparseWeight, layout: dict) -> torch.Tensor:
+    """Y = X W^T for fully shared row groups: per group one GEMM of the group's gathered
+    X columns [M, U*b] with its packed tile [U*b, G*b]: union = density, no zero tiles."""
+    m, (n, _), b = x.shape[0], weight.shape, weight.block_size
+    packed = _packed(weight, layout)
+    gathered = x.view(m, weight.block_grid[1], b).index_select(1, layout["cols"])   # [M, groups*U, b]
+    gathered = gathered.view(m, layout["groups"], -1).transpose(0, 1)                # [groups, M, U*b]
+    out = torch.bmm(gathered, packed)                                                # [groups, M, G*b]
+    out = out.transpose(0, 1).reshape(m, weight.block_grid[0], b)                    # storage rows
+    to_true = weight.layout("padded_rows", _padded_rows)["to_true"]
+    return (out if to_true is None else out.index_select(1, to_true)).reshape(m, n)
+
+
+def _grouped_matmul_t(grad_y: torch.Tensor, weight: BlockSparseWeight, layout: dict) -> torch.Tensor:
+    """dX = dY W for fully shared row groups: per group dY's rows [M, G*b] times the packed
+    tile transposed, scatter-added into the group's columns."""
+    m, (_, k), b = grad_y.shape[0], weight.shape, weight.block_size
+    packed = _packed(weight, layout)
+    rows = grad_y.view(m, weight.block_grid[0], b)
+    to_storage = weight.layout("padded_rows", _padded_rows)["to_storage"]
+    if to_storage is not None:
+        rows = rows.index_select(1, to_storage)
+    rows = rows.reshape(m, layout["groups"], -1).transpose(0, 1)                      # [groups, M, G*b]
+    partial = torch.bmm(rows, packed.transpose(1, 2))                                # [groups, M, U*b]
+    grad_x = grad_y.new_zeros(m, weight.block_grid[1], b)
+    grad_x.index_add_(1, layout["cols"], partial.transpose(0, 1).reshape(m, -1, b))
+    return grad_x.reshape(m, k)
+
+
+def torch_schedule(weight: BlockSparseWeight, m: int) -> str:
+    """How the torch backend multiplies M tokens by `weight`: "blocks" (only the stored
+    blocks, small M), "row-groups" (one GEMM per fully shared row group) or "dense"
+    (BLAS on the masked weight, materialised for the call)."""
+    if m <= SMALL_M_MAX:
+        return "blocks"
+    return "row-groups" if weight.layout("shared_groups", _shared_groups)["usable"] else "dense"
+
+
 def sparse_matmul_torch(x: torch.Tensor, weight: BlockSparseWeight) -> torch.Tensor:
     """Y = X [M, K] W^T with W block-sparse."""
-    if x.shape[0] <= SMALL_M_MAX:
+    schedule = torch_schedule(weight, x.shape[0])
+    if schedule == "blocks":
         return _sparse_matmul_small_m(x, weight)
+    if schedule == "row-groups":
+        return _grouped_matmul(x, weight, weight.layout("shared_groups", _shared_groups))
     return F.linear(x, weight.to_dense())
 
 
 def sparse_matmul_t_torch(grad_y: torch.Tensor, weight: BlockSparseWeight) -> torch.Tensor:
     """dX = dY [M, N] W with W block-sparse."""
-    if grad_y.shape[0] <= SMALL_M_MAX:
+    schedule = torch_schedule(weight, grad_y.shape[0])
+    if schedule == "blocks":
         return _sparse_matmul_t_small_m(grad_y, weight)
+    if schedule == "row-groups":
+        return _grouped_matmul_t(grad_y, weight, weight.layout("shared_groups", _shared_groups))
     return grad_y @ weight.to_dense()
 
 

@@ -63,13 +63,16 @@ def check_block_divisible(linears: Mapping[str, nn.Linear], block_size: int) -> 
 def sparsify_model(model: nn.Module, block_masks: Mapping[str, torch.Tensor] | None = None,
                    sparsity: float | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
                    target_modules: Sequence[str] | None = None,
-                   filter_fn: FilterFn | None = None) -> nn.Module:
+                   filter_fn: FilterFn | None = None, *,
+                   row_perms: Mapping[str, torch.Tensor] | None = None, row_group: int = 1) -> nn.Module:
     """Replace target nn.Linear layers of `model` in place with BlockSparseLinear.
 
     block_masks: {qualified linear name: bool [out/b, in/b]}; exactly those layers
     are converted. Otherwise the linears of `target_linears(model, target_modules,
     filter_fn)` are converted with a per-block-row magnitude mask at `sparsity`
-    (all blocks kept when None). Returns the model; undo with `densify_model`.
+    (all blocks kept when None). row_perms ({name: row permutation}) with row_group:
+    the masks' row groupings (`prune_model(row_group=G)` returns them so).
+    Returns the model; undo with `densify_model`.
     """
     if block_masks is not None:
         if sparsity is not None:
@@ -91,10 +94,11 @@ def sparsify_model(model: nn.Module, block_masks: Mapping[str, torch.Tensor] | N
             )
     for name, linear in chosen.items():
         mask = block_masks[name] if block_masks is not None else None
+        perm = row_perms.get(name) if row_perms is not None else None
         try:
             new = BlockSparseLinear.from_linear(
                 linear, block_mask=mask, sparsity=None if mask is not None else sparsity,
-                block_size=block_size)
+                block_size=block_size, row_perm=perm, row_group=row_group if perm is not None else 1)
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from err
         replace_module(model, name, new)

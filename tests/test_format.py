@@ -54,7 +54,7 @@ def test_state_dict_safetensors_round_trip(tmp_path):
     w = BlockSparseWeight.from_dense(torch.randn(64, 32), random_block_mask(4, 2, 0.5))
     save_file(w.state_dict(), tmp_path / "w.safetensors")
     sd = load_file(tmp_path / "w.safetensors")
-    assert set(sd) == {"crow", "col", "values"}
+    assert set(sd) == {"crow", "col", "values", "row_perm", "row_group"}
     w2 = BlockSparseWeight.from_bsr(sd["crow"], sd["col"], sd["values"], w.shape)
     assert torch.equal(w2.to_dense(), w.to_dense())
 
@@ -97,3 +97,50 @@ def test_bad_shapes_and_block_sizes():
     with pytest.raises(ValueError, match="values must be"):
         BlockSparseWeight.from_bsr(torch.zeros(3, dtype=torch.int32), torch.zeros(0, dtype=torch.int32),
                                    torch.randn(0, 16, 8), (32, 32))
+
+
+def grouped_weight(perm=(2, 0, 3, 1), row_group=2):
+    dense = torch.randn(64, 48)
+    mask = random_block_mask(4, 3, 0.6, generator=torch.Generator().manual_seed(4))
+    return dense, mask, BlockSparseWeight.from_dense(dense, mask, row_perm=torch.tensor(perm), row_group=row_group)
+
+
+def test_a_row_grouping_is_a_layout_the_numbers_do_not_see():
+    dense, mask, w = grouped_weight()
+    plain = BlockSparseWeight.from_dense(dense, mask)
+    assert torch.equal(w.block_mask, mask) and torch.equal(w.to_dense(), plain.to_dense())
+    assert w.row_group == 2 and w.row_perm.tolist() == [2, 0, 3, 1]
+    # Storage lists the rows in group order: block row 2's tiles come first.
+    first = int(w.crow[1])
+    assert torch.equal(w.values[:first], plain.values[int(plain.crow[2]):int(plain.crow[3])])
+    assert torch.equal(w.blocks_of(dense), w.values)
+    assert sorted(w.t_index.tolist()) == list(range(w.nnz_blocks))
+    # The transposed structure names true rows: it rebuilds the true mask.
+    t_cols = torch.repeat_interleave(torch.arange(3), torch.diff(w.t_crow.long()))
+    rebuilt = torch.zeros(3, 4, dtype=torch.bool)
+    rebuilt[t_cols, w.t_row.long()] = True
+    assert torch.equal(rebuilt, mask.t())
+
+
+def test_a_row_grouping_round_trips_through_safetensors(tmp_path):
+    dense, mask, w = grouped_weight()
+    save_file(w.state_dict(), tmp_path / "w.safetensors")
+    sd = load_file(tmp_path / "w.safetensors")
+    assert sd["row_group"].item() == 2
+    w2 = BlockSparseWeight.from_bsr(sd["crow"], sd["col"], sd["values"], w.shape,
+                                    row_perm=sd["row_perm"], row_group=int(sd["row_group"]))
+    assert torch.equal(w2.to_dense(), w.to_dense()) and w2.row_group == 2
+    assert "row_group=2" in repr(w2)
+
+
+@pytest.mark.parametrize("perm, row_group, message", [
+    ([0, 1, 1, 3], 2, r"row_perm is not a permutation of range\(4\): row_perm\[1\]=1"),
+    ([0, 1, 2, 4], 2, r"row_perm\[3\]=4 is out of range"),
+    ([0, 1, 2], 2, "row_perm must list all N/b = 4 block rows, got 3"),
+    ([0, 1, 2, 3], 0, "row_group must be an int >= 1, got 0"),
+])
+def test_a_malformed_row_grouping_is_refused(perm, row_group, message):
+    dense, mask, w = grouped_weight()
+    with pytest.raises(ValueError, match=message):
+        BlockSparseWeight.from_bsr(w.crow, w.col, w.values, w.shape, row_perm=torch.tensor(perm),
+                                   row_group=row_group)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from blocksparse.grouping import cluster_block_rows, group_union_sizes, union_density
+from blocksparse.grouping import cluster_block_rows, group_union_sizes, shared_column_groups, union_density
 
 
 def planted_mask(prototypes: int, copies: int, cols: int, keep: int, seed: int = 0) -> torch.Tensor:
@@ -87,3 +87,46 @@ def test_bad_input_errors():
         union_density(mask, 2, torch.tensor([0, 0, 1, 2, 3, 4, 5, 6]))
     with pytest.raises(ValueError, match="8 block rows"):
         union_density(mask, 2, torch.arange(7))
+
+
+def planted_scores(groups: int, group_size: int, cols: int, keep: int, seed: int = 0):
+    """Rows in hidden groups, each group's rows scoring high on the group's own `keep` columns."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(groups * group_size, cols, generator=gen) * 0.1
+    truth = torch.randperm(groups * group_size, generator=gen)
+    for g in range(groups):
+        columns = torch.randperm(cols, generator=gen)[:keep]
+        rows = truth[g * group_size:(g + 1) * group_size]
+        scores[rows[:, None], columns[None, :]] += 1.0 + torch.rand(group_size, keep, generator=gen)
+    return scores, truth
+
+
+@pytest.mark.parametrize("group_size", [2, 4, 8])
+def test_shared_column_groups_recover_planted_groups(group_size):
+    scores, truth = planted_scores(6, group_size, 24, 8, seed=group_size)
+    perm, sets = shared_column_groups(scores, group_size, keep_per_row=8, union_blocks=8)
+    assert sorted(perm.tolist()) == list(range(6 * group_size)) and sets.sum(1).tolist() == [8] * 6
+    found = {frozenset(perm[g * group_size:(g + 1) * group_size].tolist()) for g in range(6)}
+    assert found == {frozenset(truth[g * group_size:(g + 1) * group_size].tolist()) for g in range(6)}
+
+
+def test_wider_sets_keep_more_and_respect_the_budget():
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.rand(32, 20, generator=gen) * torch.rand(20, generator=gen) ** 2
+    kept = {}
+    for union in (6, 9, 20):
+        perm, sets = shared_column_groups(scores, 4, keep_per_row=6, union_blocks=union)
+        assert sets.sum(1).tolist() == [union] * 8
+        group = torch.empty_like(perm)
+        group[perm] = torch.arange(32) // 4
+        inside = scores.masked_fill(~sets[group], -1.0)
+        kept[union] = float(inside.topk(6, dim=1).values.sum())
+    free = float(scores.topk(6, dim=1).values.sum())
+    assert kept[6] < kept[9] <= kept[20] == pytest.approx(free)
+
+
+def test_shared_column_groups_validate():
+    with pytest.raises(ValueError, match=r"need 1 <= keep_per_row \(5\) <= union_blocks \(4\)"):
+        shared_column_groups(torch.rand(8, 6), 2, keep_per_row=5, union_blocks=4)
+    with pytest.raises(ValueError, match="group_size must be a positive int"):
+        shared_column_groups(torch.rand(8, 6), 0, keep_per_row=2, union_blocks=2)

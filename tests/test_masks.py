@@ -50,3 +50,18 @@ def test_a_new_score_is_one_registry_entry(monkeypatch):
 
 def test_blocks_per_row_rounds_down_and_keeps_at_least_one():
     assert [blocks_per_row(36, d) for d in (0.5, 0.4, 0.01, 1.0)] == [18, 14, 1, 36]
+
+
+def test_grouped_mask_keeps_each_rows_count_inside_its_groups_budget():
+    from blocksparse.grouping import group_union_sizes
+    from blocksparse.masks import grouped_block_mask, union_blocks_for
+
+    scores = torch.rand(12, 10) * torch.rand(10)
+    for union_density, union in ((None, 4), (0.6, 6)):
+        assert union_blocks_for(10, 4, union_density) == union
+        mask, perm = grouped_block_mask(scores, 4, 3, union)
+        assert mask.sum(1).tolist() == [4] * 12
+        assert group_union_sizes(mask, 3, perm).max() <= union
+    with pytest.raises(ValueError, match=r"union_density must be in \(0, 1\]"):
+        union_blocks_for(10, 4, 0.0)
+    assert union_blocks_for(10, 4, 0.2) == 4  # never below the row's own blocks

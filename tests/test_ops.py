@@ -5,17 +5,30 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from blocksparse import BlockSparseWeight, block_sparse_linear
-from blocksparse.ops import SMALL_M_MAX
+from blocksparse.ops import SMALL_M_MAX, torch_schedule
 from helpers import assert_matches_reference, linear_lora, random_block_mask
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def make_case(m, n, k, density, dtype, bias=True, lora_rank=0, uniform_rows=False, lead=()):
+def shared_group_mask(n_block_rows, n_block_cols, density, row_group, perm, generator):
+    """Every group of `row_group` rows (in `perm` order) keeps the same random columns."""
+    keep = round(density * n_block_cols)
+    mask = torch.zeros(n_block_rows, n_block_cols, dtype=torch.bool)
+    for g in range(0, n_block_rows, row_group):
+        mask[perm[g:g + row_group][:, None], torch.randperm(n_block_cols, generator=generator)[:keep]] = True
+    return mask
+
+
+def make_case(m, n, k, density, dtype, bias=True, lora_rank=0, uniform_rows=False, lead=(), row_group=1,
+              shared=False):
     gen = torch.Generator().manual_seed(m * 1000 + n + k)
     mask = random_block_mask(n // 16, k // 16, density, generator=gen, uniform_rows=uniform_rows)
     w64 = torch.randn(n, k, generator=gen, dtype=torch.float64) / k ** 0.5
-    w = BlockSparseWeight.from_dense(w64.to(dtype), mask)
+    perm = torch.randperm(n // 16, generator=gen) if row_group > 1 else None
+    if shared:
+        mask = shared_group_mask(n // 16, k // 16, density, row_group, perm, gen)
+    w = BlockSparseWeight.from_dense(w64.to(dtype), mask, row_perm=perm, row_group=row_group)
     x64 = torch.randn(*lead, m, k, generator=gen, dtype=torch.float64)
     b64 = torch.randn(n, generator=gen, dtype=torch.float64) if bias else None
     a64 = torch.randn(lora_rank, k, generator=gen, dtype=torch.float64) / k ** 0.5 if lora_rank else None
@@ -24,8 +37,11 @@ def make_case(m, n, k, density, dtype, bias=True, lora_rank=0, uniform_rows=Fals
 
 
 def run_and_compare(m, n, k, density, dtype, bias=True, lora_rank=0, scaling=2.0,
-                    uniform_rows=False, lead=(), transpose_x=False):
-    w, x64, b64, a64, bb64 = make_case(m, n, k, density, dtype, bias, lora_rank, uniform_rows, lead)
+                    uniform_rows=False, lead=(), transpose_x=False, row_group=1, shared=False, schedule=None):
+    w, x64, b64, a64, bb64 = make_case(m, n, k, density, dtype, bias, lora_rank, uniform_rows, lead, row_group,
+                                       shared)
+    if schedule is not None:
+        assert torch_schedule(w, m) == schedule
     w_ref64 = w.to_dense().double()
 
     def leaves(dt):
@@ -64,6 +80,27 @@ def run_and_compare(m, n, k, density, dtype, bias=True, lora_rank=0, scaling=2.0
 @pytest.mark.parametrize("density", [0.0, 0.25, 0.5, 1.0])
 def test_forward_and_gradients(dtype, m, density):
     run_and_compare(m, 64, 96, density, dtype, bias=True, lora_rank=8)
+
+
+@pytest.mark.parametrize("m", [1, 7, SMALL_M_MAX + 1, 130])
+@pytest.mark.parametrize("row_group", [2, 3])
+@pytest.mark.parametrize("uniform_rows", [True, False])
+def test_row_grouped_weights_match_the_reference(m, row_group, uniform_rows):
+    run_and_compare(m, 96, 64, 0.5, torch.float32, bias=True, lora_rank=4, uniform_rows=uniform_rows,
+                    row_group=row_group)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m, row_group, schedule", [(1, 2, "blocks"), (SMALL_M_MAX + 1, 2, "row-groups"),
+                                                    (130, 3, "row-groups"), (70, 6, "row-groups")])
+def test_fully_shared_row_groups_run_one_gemm_per_group(dtype, m, row_group, schedule):
+    run_and_compare(m, 96, 80, 0.4, dtype, bias=True, lora_rank=4, row_group=row_group, shared=True,
+                    schedule=schedule)
+
+
+def test_row_groups_that_do_not_share_fall_back_to_dense_blas():
+    w, *_ = make_case(130, 96, 80, 0.5, torch.float32, row_group=2)
+    assert torch_schedule(w, 130) == "dense"
 
 
 @pytest.mark.parametrize("m", [1, 7, 130])

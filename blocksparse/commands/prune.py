@@ -49,6 +49,13 @@ def add_parser(subparsers):
     add_flag(parser, "--comparison-group", choices=tuple(COMPARISON_GROUPS), default="block-row",
              help="which blocks compete: block-row (every block row keeps the same number of blocks) or "
                   "global (one threshold per matrix, for comparison only) (default: %(default)s)")
+    add_flag(parser, "--row-group", type=int, default=1, metavar="G",
+             help="grouped masks: every G block rows (chosen by their scores) share one set of block "
+                  "columns, so the kernels' grouped schedule computes only that union; 1 = free masks "
+                  "(default: %(default)s)")
+    add_flag(parser, "--union-density", type=float, default=None, metavar="U",
+             help="with --row-group G > 1: the share of block columns a group may use, in (0, 1] "
+                  "(default: 1 - sparsity, fully shared: the union is the density)")
     add_flag(parser, "--reconstruct", action=argparse.BooleanOptionalAction, default=True,
              help="re-solve the kept weights of each block row by least squares (default: on)")
     add_flag(parser, "--reconstruct-target", choices=RECONSTRUCT_TARGETS, default="dense",
@@ -168,7 +175,8 @@ def run(args) -> int:
     allocation = _module_densities(args.module_density) or args.allocation
     try:
         options = PruneOptions(sparsity=args.sparsity, block_size=args.block_size, method=args.method,
-                               comparison_group=args.comparison_group, reconstruct=args.reconstruct,
+                               comparison_group=args.comparison_group, row_group=args.row_group,
+                               union_density=args.union_density, reconstruct=args.reconstruct,
                                allocation=allocation, reconstruct_target=args.reconstruct_target, damp=args.damp,
                                sink_weight=args.sink_weight, sink_tokens=args.sink_tokens,
                                refine_steps=args.refine_steps, refine_lr=args.refine_lr,

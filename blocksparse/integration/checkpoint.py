@@ -36,7 +36,11 @@ from ..sparsify import replace_module
 # The marker file: its presence makes a directory a sparse checkpoint.
 SPARSE_CHECKPOINT_MARKER = "blocksparse_config.json"
 FORMAT_NAME = "blocksparse-bsr"
-FORMAT_VERSION = 1
+# 2 adds each weight's row grouping (`sparse_weight.row_perm`, `.row_group`); version 1
+# checkpoints have none and load ungrouped.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+_GROUPING_LEAVES = (".sparse_weight.row_perm", ".sparse_weight.row_group")
 WEIGHTS_NAME = "model.safetensors"
 REPORT_NAME = "prune_report.json"
 
@@ -96,7 +100,8 @@ def save_sparse_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLi
         "block_size": block_sizes.pop(),
         "dtype": long_name(dtype),
         "modules": {name: {"in_features": m.in_features, "out_features": m.out_features,
-                           "bias": m.bias is not None, "nnz_blocks": m.sparse_weight.nnz_blocks}
+                           "bias": m.bias is not None, "nnz_blocks": m.sparse_weight.nnz_blocks,
+                           "row_group": m.sparse_weight.row_group}
                     for name, m in sparse.items()},
     }
     (out / SPARSE_CHECKPOINT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
@@ -121,9 +126,9 @@ def read_marker(path: str | os.PathLike) -> dict:
     if not isinstance(marker, dict) or marker.get("format") != FORMAT_NAME:
         raise SparseCheckpointError(f"{file}: expected format {FORMAT_NAME!r}, got "
                                     f"{marker.get('format') if isinstance(marker, dict) else marker!r}")
-    if marker.get("format_version") != FORMAT_VERSION:
+    if marker.get("format_version") not in READABLE_VERSIONS:
         raise SparseCheckpointError(f"{file}: format_version {marker.get('format_version')!r} is not supported "
-                                    f"(this blocksparse reads version {FORMAT_VERSION})")
+                                    f"(this blocksparse reads versions {', '.join(map(str, READABLE_VERSIONS))})")
     if marker.get("block_size") not in SUPPORTED_BLOCK_SIZES:
         raise SparseCheckpointError(f"{file}: block_size must be one of {SUPPORTED_BLOCK_SIZES}, "
                                     f"got {marker.get('block_size')!r}")
@@ -187,13 +192,13 @@ def load_sparse_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = 
         state = load_file(str(weights_file))
     except (SafetensorError, OSError) as err:
         raise SparseCheckpointError(f"{weights_file}: not a readable safetensors file ({err})") from err
-    _check_tensors(model, state, weights_file)
+    _check_tensors(model, state, weights_file, marker["format_version"])
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # the BSR validation of BlockSparseLinear reports here
         raise SparseCheckpointError(f"{weights_file}: {err}") from err
     tied = {key for keys in _tied_groups(model) for key in keys}
-    missing = [key for key in result.missing_keys if key not in tied]
+    missing = [key for key in result.missing_keys if key not in tied and not key.endswith(_GROUPING_LEAVES)]
     if missing or result.unexpected_keys:
         raise SparseCheckpointError(f"{weights_file}: missing tensors {missing[:5]}, "
                                     f"unexpected tensors {result.unexpected_keys[:5]}")
@@ -206,7 +211,8 @@ def load_sparse_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = 
     return model, tokenizer
 
 
-def _check_tensors(model: nn.Module, state: dict[str, torch.Tensor], weights_file: Path) -> None:
+def _check_tensors(model: nn.Module, state: dict[str, torch.Tensor], weights_file: Path,
+                   marker_version: int) -> None:
     """Raise SparseCheckpointError for unknown names, wrong shapes or dtypes, before loading."""
     expected = model.state_dict()
     sparse_prefixes = tuple(name + ".sparse_weight." for name, module in model.named_modules()
@@ -227,7 +233,8 @@ def _check_tensors(model: nn.Module, state: dict[str, torch.Tensor], weights_fil
             problems.append(f"{key}: expected shape {tuple(expected[key].shape)}, got {tuple(tensor.shape)}")
         elif not tensor.is_floating_point() and expected[key].is_floating_point():
             problems.append(f"{key}: expected a floating-point tensor, got {tensor.dtype}")
-    missing = [key for key in expected if key not in state and key not in tied]
+    missing = [key for key in expected if key not in state and key not in tied
+               and not (marker_version == 1 and key.endswith(_GROUPING_LEAVES))]
     if missing:
         problems.append(f"missing tensors {missing[:5]}" + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
     if problems:

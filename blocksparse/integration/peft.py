@@ -45,7 +45,6 @@ import torch
 from torch import nn
 
 from ..families import REFERENCE_LORA_TARGETS
-from ..format import BlockSparseWeight
 from ..nn import BlockSparseLinear
 from ..ops import block_sparse_linear
 from ..sparsify import densify_model
@@ -163,9 +162,7 @@ class LoraBlockSparseLinear(_PeftLoraLinear):
         norm of the dropped part ||delta outside the mask|| / ||delta|| (0 for a zero update)."""
         sw = self.get_base_layer().sparse_weight
         delta = self.get_delta_weight(adapter).to(sw.device)
-        # The same mask gives the same block order, so these tiles line up with sw.values
-        # whatever the tile layout of the format.
-        kept = BlockSparseWeight.from_dense(delta, sw.block_mask).values
+        kept = sw.blocks_of(delta)  # lined up with sw.values, whatever its order and tile layout
         total = delta.norm()
         kept_sq = kept.square().sum()
         dropped = (total.square() - kept_sq).clamp_min(0).sqrt()

@@ -42,12 +42,14 @@ class Schedule:
 
 
 def build_schedule(crow: torch.Tensor, col: torch.Tensor, block: torch.Tensor,
-                   num_block_cols: int, group_size: int, perm: torch.Tensor | None = None) -> Schedule:
+                   num_block_cols: int, group_size: int, perm: torch.Tensor | None = None,
+                   true_rows: torch.Tensor | None = None) -> Schedule:
     """Group block rows (in `perm` order) by `group_size` and list each group's column union.
 
-    crow [R+1], col [nnz] (sorted within a row) and block [nnz] (index into
-    `values` of each entry) describe a BSR structure; for the transposed
-    orientation pass (t_crow, t_row, t_index).
+    crow [R+1], col [nnz] and block [nnz] (index into `values` of each entry)
+    describe a BSR structure; for the transposed orientation pass (t_crow,
+    t_row, t_index). true_rows [R]: the output block row each of those rows
+    stands for (the weight's `row_perm`; None: the identity).
     """
     device = crow.device
     crow, col, block = crow.long(), col.long(), block.long()
@@ -59,7 +61,7 @@ def build_schedule(crow: torch.Tensor, col: torch.Tensor, block: torch.Tensor,
     position = torch.empty_like(perm)
     position[perm] = torch.arange(rows, device=device)
     group_rows = torch.full((groups * group_size,), -1, dtype=torch.long, device=device)
-    group_rows[:rows] = perm
+    group_rows[:rows] = perm if true_rows is None else true_rows.to(device=device, dtype=torch.long)[perm]
     entry_row = torch.repeat_interleave(torch.arange(rows, device=device), crow[1:] - crow[:-1])
     entry_group = position[entry_row] // group_size
     entry_slot = position[entry_row] % group_size
@@ -80,12 +82,14 @@ def build_schedule(crow: torch.Tensor, col: torch.Tensor, block: torch.Tensor,
 
 
 def _orientation(weight: BlockSparseWeight, transposed: bool):
-    """(crow, col, block index, number of block columns, block mask) of W or of W^T."""
+    """(crow, col, block index, number of block columns, block mask, true rows) of W or W^T,
+    rows in the order the structure lists them (W's storage order, W^T's block columns)."""
     rows, cols = weight.block_grid
     if transposed:
-        return weight.t_crow, weight.t_row, weight.t_index, rows, weight.block_mask.t()
+        return weight.t_crow, weight.t_row, weight.t_index, rows, weight.block_mask.t(), None
     block = torch.arange(weight.nnz_blocks, device=weight.device)
-    return weight.crow, weight.col, block, cols, weight.block_mask
+    perm = weight.row_perm.long()
+    return weight.crow, weight.col, block, cols, weight.block_mask[perm], perm
 
 
 @torch.compiler.disable
@@ -97,9 +101,9 @@ def get_schedule(weight: BlockSparseWeight, group_size: int, transposed: bool = 
     key = f"schedule_{'t' if transposed else 'f'}{group_size}{'c' if cluster else 'n'}"
 
     def build(weight: BlockSparseWeight) -> dict:
-        crow, col, block, num_block_cols, mask = _orientation(weight, transposed)
+        crow, col, block, num_block_cols, mask, true_rows = _orientation(weight, transposed)
         perm = cluster_block_rows(mask, group_size) if cluster else None
-        schedule = build_schedule(crow, col, block, num_block_cols, group_size, perm)
+        schedule = build_schedule(crow, col, block, num_block_cols, group_size, perm, true_rows)
         return dict(zip(_SCHEDULE_TENSORS, schedule.tensors))
 
     luts = weight.layout(key, build)

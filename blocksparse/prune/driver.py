@@ -23,7 +23,9 @@ from torch import nn
 
 from ..families import decoder_layers
 from ..format import DEFAULT_BLOCK_SIZE, check_block_size
-from ..masks import COMPARISON_GROUPS, SCORES, block_scores, element_mask, select_block_mask
+from ..grouping import cluster_block_rows, group_union_sizes, shared_column_groups
+from ..masks import (COMPARISON_GROUPS, SCORES, block_scores, element_mask, grouped_block_mask, select_block_mask,
+                     union_blocks_for)
 from ..sparsify import FilterFn, check_block_divisible, sparsify_model, target_linears
 from .allocation import ALLOCATIONS, explicit_densities, keep_counts, outlier_ratio, owl_densities
 from .calibration import (DEFAULT_SINK_TOKENS, DEFAULT_SINK_WEIGHT, InputStats, calibration_batches,
@@ -50,6 +52,12 @@ class PruneOptions:
         rounds (None: one block at a time).
       comparison_group: "block-row" (every block row keeps the same number of blocks)
         or "global" (one threshold per matrix; for comparison only).
+      row_group / union_density: grouped masks. With row_group G > 1 every group of G
+        block rows (chosen by their scores, any rows) shares one set of at most
+        union_density * K/b block columns, and each row keeps its best blocks inside
+        it; the kernels' grouped schedule then computes only that union. None means
+        fully shared (the set is exactly the row's blocks: union = density);
+        union_density 1 leaves the rows free. G = 1: free masks.
       allocation: "uniform", "owl" (outlier-weighted layer-wise densities, mean =
         target, +-owl_spread; outliers are scores above owl_threshold x the mean), or
         {linear name or module prefix: density} (`*` matches anything; the linears
@@ -77,6 +85,8 @@ class PruneOptions:
     block_size: int = DEFAULT_BLOCK_SIZE
     method: str = "wanda"
     comparison_group: str = "block-row"
+    row_group: int = 1
+    union_density: float | None = None
     allocation: str | Mapping[str, float] = "uniform"
     owl_threshold: float = 5.0
     owl_spread: float = 0.08
@@ -99,6 +109,12 @@ class PruneOptions:
         if self.comparison_group not in COMPARISON_GROUPS:
             raise ValueError(f"comparison_group must be one of {tuple(COMPARISON_GROUPS)}, "
                              f"got {self.comparison_group!r}")
+        if isinstance(self.row_group, bool) or not isinstance(self.row_group, int) or self.row_group < 1:
+            raise ValueError(f"row_group must be an int >= 1 (1 = free masks), got {self.row_group!r}")
+        if self.union_density is not None and not 0.0 < self.union_density <= 1.0:
+            raise ValueError(f"union_density must be in (0, 1] (or None: fully shared), got {self.union_density}")
+        if self.row_group > 1 and self.comparison_group != "block-row":
+            raise ValueError("row groups share block columns between block rows; use comparison_group='block-row'")
         if self.method == "obc" and self.comparison_group != "block-row":
             raise ValueError("method 'obc' chooses blocks per block row; use comparison_group='block-row'")
         if self.method == "obc" and not self.reconstruct:
@@ -203,10 +219,11 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, options: PruneOpti
 
     with _eval_without_cache(model):
         keep, outlier_ratios = _keep_per_row(model, layers, batches[:n_calib], linears_by_layer, shapes, options)
-        masks, per_linear, refine_loss = _prune_layers(model, layers, linears_by_layer, batches, n_calib, keep,
-                                                       stats_sink_weight, options, progress)
+        masks, row_perms, per_linear, refine_loss = _prune_layers(
+            model, layers, linears_by_layer, batches, n_calib, keep, stats_sink_weight, options, progress)
     if convert:
-        sparsify_model(model, block_masks=masks, block_size=options.block_size)
+        sparsify_model(model, block_masks=masks, block_size=options.block_size,
+                       row_perms=row_perms if options.row_group > 1 else None, row_group=options.row_group)
 
     kept = sum(int(m.sum()) for m in masks.values()) * options.block_size ** 2
     total = sum(n * k for n, k in shapes.values())
@@ -216,6 +233,8 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, options: PruneOpti
         "block_size": options.block_size,
         "method": options.method,
         "comparison_group": options.comparison_group,
+        "row_group": options.row_group,
+        "union_density": options.union_density,
         "reconstruct": options.reconstruct,
         "reconstruct_target": options.reconstruct_target if options.reconstruct else None,
         "allocation": (options.allocation if isinstance(options.allocation, str)
@@ -246,6 +265,7 @@ def _prune_layers(model, layers, linears_by_layer, batches, n_calib, keep, sink_
     need_gram = options.reconstruct or options.method == "obc"
     needs_stats = options.method == "obc" or SCORES[options.method].needs_activations or options.reconstruct
     masks: dict[str, torch.Tensor] = {}
+    row_perms: dict[str, torch.Tensor] = {}
     per_linear: dict[str, dict] = {}
     refine_loss: dict[int, tuple[float, float]] = {}
 
@@ -263,7 +283,8 @@ def _prune_layers(model, layers, linears_by_layer, batches, n_calib, keep, sink_
                                        *((dense_layer, dense_hidden) if use_dense_target else ()))
                          if needs_stats else None)
                 for name in names:
-                    masks[name], per_linear[name] = _prune_linear(linears[name], stats, keep[name], options)
+                    masks[name], row_perms[name], per_linear[name] = _prune_linear(
+                        linears[name], stats, keep[name], options)
         if dense_layer is not None:
             dense_hidden = [layer_output(dense_layer(h, **kw)) for h, kw in zip(dense_hidden, kwargs)]
         if linears and options.refine_steps > 0:
@@ -276,21 +297,37 @@ def _prune_layers(model, layers, linears_by_layer, batches, n_calib, keep, sink_
                                           sink=sink)
         hidden = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
         del dense_layer
-    return masks, per_linear, refine_loss
+    return masks, row_perms, per_linear, refine_loss
 
 
 def _prune_linear(lin: nn.Linear, stats: InputStats | None, keep_per_row: int, options: PruneOptions):
-    """Choose the block mask of one linear, re-solve its kept weights, write them back."""
-    b = options.block_size
+    """Choose the block mask (and row grouping) of one linear, re-solve its kept weights, write them back.
+
+    Returns (mask, row_perm or None, report entry).
+    """
+    b, g = options.block_size, options.row_group
     weight = lin.weight.data
     target = weight.float()
     if stats is not None and options.reconstruct and stats.cross is not None:
         target = dense_target_weight(target, stats.gram, stats.cross, options.damp)
+    cols = target.shape[1] // b
+    union_blocks = union_blocks_for(cols, keep_per_row, options.union_density) if g > 1 else cols
+    sq_norms = None if stats is None else stats.sq_norms
+    perm = None
     if options.method == "obc":
-        mask = greedy_obs_mask(target, stats.gram, keep_per_row, b, options.damp, options.obc_rounds)
+        row_groups = None
+        if g > 1:  # groups chosen on the diagonal OBS saliency; OBC then drops whole group-columns
+            perm, _ = shared_column_groups(block_scores(target, sq_norms, b, "obs"), g, keep_per_row, union_blocks)
+            row_groups = torch.empty_like(perm)
+            row_groups[perm] = torch.arange(perm.numel()) // g
+        mask = greedy_obs_mask(target, stats.gram, keep_per_row, b, options.damp, options.obc_rounds,
+                               row_groups=row_groups, union_blocks=union_blocks)
     else:
-        scores = block_scores(target, None if stats is None else stats.sq_norms, b, options.method)
-        mask = select_block_mask(scores, keep_per_row, options.comparison_group)
+        scores = block_scores(target, sq_norms, b, options.method)
+        if g > 1:
+            mask, perm = grouped_block_mask(scores, keep_per_row, g, union_blocks)
+        else:
+            mask = select_block_mask(scores, keep_per_row, options.comparison_group)
     if options.reconstruct:
         new = reconstruct_block_rows(target, mask, stats.gram, options.damp)
     else:
@@ -301,7 +338,19 @@ def _prune_linear(lin: nn.Linear, stats: InputStats | None, keep_per_row: int, o
         "zero_input_columns": int((~mask.any(0)).sum()) * b,
         "zero_output_rows": int((~mask.any(1)).sum()) * b,
     }
+    if g > 1:
+        info["union_density"] = _union_densities(mask.cpu(), perm, g)
     if stats is not None and stats.gram is not None:
         info["rel_output_error"] = output_error(target, new, stats.gram)
     lin.weight.data.copy_(new.to(weight.dtype))
-    return mask.cpu(), info
+    return mask.cpu(), perm, info
+
+
+def _union_densities(mask: torch.Tensor, perm: torch.Tensor, group_size: int) -> dict:
+    """What the grouped kernels compute, as a fraction of dense: the forward over the mask's
+    own row groups, and the backward dX = dY W over W^T's block rows clustered for G."""
+    forward = group_union_sizes(mask, group_size, perm).double().mean() / mask.shape[1]
+    transposed = mask.t().contiguous()
+    backward = (group_union_sizes(transposed, group_size, cluster_block_rows(transposed, group_size))
+                .double().mean() / transposed.shape[1])
+    return {"group_size": group_size, "forward": round(float(forward), 4), "transposed": round(float(backward), 4)}

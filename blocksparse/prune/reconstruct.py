@@ -52,7 +52,8 @@ def reconstruct_block_rows(weight: torch.Tensor, block_mask: torch.Tensor, gram:
 
 
 def greedy_obs_mask(weight: torch.Tensor, gram: torch.Tensor, keep_per_row: int, block_size: int,
-                    damp: float = DEFAULT_DAMP, rounds: int | None = None) -> torch.Tensor:
+                    damp: float = DEFAULT_DAMP, rounds: int | None = None,
+                    row_groups: torch.Tensor | None = None, union_blocks: int | None = None) -> torch.Tensor:
     """Choose each block row's kept blocks by greedy block OBS (Optimal Brain Compression).
 
     Starting from the dense block row, repeatedly drop the block whose removal
@@ -63,6 +64,12 @@ def greedy_obs_mask(weight: torch.Tensor, gram: torch.Tensor, keep_per_row: int,
     rounds (faster, nearly as good). All block rows run as one batch. Returns the
     bool block mask; the caller re-solves the final weights with
     `reconstruct_block_rows` (which also removes the drift of the downdates).
+
+    row_groups [R] (the row group of each block row) with union_blocks: a grouped
+    mask. First whole group-columns are dropped, by the summed cost of their rows'
+    blocks (each row's error is independent, so the sum is exact), until every
+    group keeps union_blocks columns; then each row drops within its group's set.
+    The rounds are shared between the two phases by their number of drops.
     """
     n, k = weight.shape
     b = block_size
@@ -75,18 +82,28 @@ def greedy_obs_mask(weight: torch.Tensor, gram: torch.Tensor, keep_per_row: int,
     eye = torch.eye(b, device=weight.device)
     arange_b = torch.arange(b, device=weight.device)
     to_drop = cols - keep_per_row
+    group_drops = 0 if row_groups is None else cols - union_blocks
+    if not 0 <= group_drops <= to_drop:
+        raise ValueError(f"union_blocks must be in [keep_per_row, block columns] = [{keep_per_row}, {cols}], "
+                         f"got {union_blocks}")
     rounds = to_drop if rounds is None else max(1, min(rounds, to_drop))
-    dropped = 0
-    for step in range(rounds):
-        count = math.ceil((to_drop - dropped) / (rounds - step))
-        dropped += count
+    group_rounds = max(1, round(rounds * group_drops / to_drop)) if group_drops else 0
+    row_rounds = max(1, rounds - group_rounds) if to_drop > group_drops else 0
+    n_groups = 0 if row_groups is None else int(row_groups.max()) + 1
+    steps = ([(0, count) for count in _drop_schedule(group_drops, group_rounds)]
+             + [(1, count) for count in _drop_schedule(to_drop - group_drops, row_rounds)])
+    for phase, count in steps:
         diag_blocks = torch.diagonal(hinv.view(rows, cols, b, cols, b), dim1=1, dim2=3)  # [R, b, b, C]
         diag_blocks = diag_blocks.permute(0, 3, 1, 2)                                     # [R, C, b, b]
         diag_blocks = torch.where(alive[:, :, None, None], diag_blocks, eye)
         w_blocks = w.view(rows, b, cols, b).permute(0, 2, 3, 1)                           # [R, C, b_in, b_out]
         cost = (w_blocks * torch.linalg.solve(diag_blocks, w_blocks)).sum(dim=(2, 3))
         cost = cost.masked_fill(~alive, math.inf)
-        drop = cost.topk(count, dim=1, largest=False).indices                              # [R, count]
+        if phase == 0:  # whole group-columns: the summed cost of the group's rows
+            group_cost = cost.new_zeros(n_groups, cols).index_add_(0, row_groups.to(cost.device), cost)
+            drop = group_cost.topk(count, dim=1, largest=False).indices[row_groups.to(cost.device)]
+        else:
+            drop = cost.topk(count, dim=1, largest=False).indices                          # [R, count]
         alive.scatter_(1, drop, False)
         idx = (drop[:, :, None] * b + arange_b).flatten(1)                                 # [R, m]
         m = idx.shape[1]
@@ -98,6 +115,14 @@ def greedy_obs_mask(weight: torch.Tensor, gram: torch.Tensor, keep_per_row: int,
         hinv -= hinv_cols @ inv_gg @ hinv_cols.transpose(1, 2)
         w.scatter_(2, idx[:, None, :].expand(rows, b, m), 0.0)
     return alive
+
+
+def _drop_schedule(drops: int, rounds: int) -> list[int]:
+    """Blocks dropped per step: `drops` in min(rounds, drops) nearly equal steps."""
+    rounds, counts = min(rounds, drops), []
+    for step in range(rounds):
+        counts.append(math.ceil((drops - sum(counts)) / (rounds - step)))
+    return counts
 
 
 def output_error(weight: torch.Tensor, new_weight: torch.Tensor, gram: torch.Tensor) -> float:

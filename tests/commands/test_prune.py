@@ -16,7 +16,8 @@ def test_cli_help_lists_both_spellings(capsys):
     out = capsys.readouterr().out
     for flag in ("--sparsity", "--block-size", "--block_size", "--method", "--comparison-group", "--calib", "--nsamples",
                  "--seqlen", "--out", "--no-reconstruct", "--allocation", "--module-density", "--sink-weight",
-                 "--sink-tokens", "--refine-steps", "--refine-lr", "--eval-dataset", "--eval-max-windows"):
+                 "--sink-tokens", "--refine-steps", "--refine-lr", "--eval-dataset", "--eval-max-windows",
+                 "--row-group", "--union-density"):
         assert flag in out
 
 
@@ -56,6 +57,8 @@ def test_cli_prunes_saves_and_reloads(tiny_dir, text_file, tmp_path, capsys):
     (["--sink-tokens", "-1"], r"--sink-tokens must be >= 0"),
     (["--refine-steps", "-3"], r"--refine-steps must be >= 0"),
     (["--refine-lr", "0"], r"--refine-lr must be > 0"),
+    (["--row-group", "0"], r"row_group must be an int >= 1"),
+    (["--row-group", "2", "--union-density", "0"], r"union_density must be in \(0, 1\]"),
 ])
 def test_cli_bad_input_is_one_line_error(tiny_dir, text_file, tmp_path, capsys, extra, message):
     args = ["prune", "--model", str(tiny_dir), "--calib", str(text_file), "--nsamples", "2", "--seqlen", "32",

@@ -44,7 +44,7 @@ def test_round_trip_gives_identical_outputs(saved):
         assert torch.equal(loaded.get_submodule(name).block_mask, model.get_submodule(name).block_mask)
     assert torch.equal(loaded(PROBE).logits, model(PROBE).logits)
     marker = json.loads((out / "blocksparse_config.json").read_text())
-    assert marker["block_size"] == 16 and marker["format_version"] == 1
+    assert marker["block_size"] == 16 and marker["format_version"] == 2
     assert json.loads((out / "prune_report.json").read_text()) == {"total_density": 0.5}
     assert (out / "config.json").is_file() and (out / "generation_config.json").is_file()
 
@@ -117,3 +117,31 @@ def test_malformed_marker_raises_a_clear_error(saved):
 def test_save_refuses_a_dense_model(tmp_path):
     with pytest.raises(ValueError, match="no BlockSparseLinear"):
         save_sparse_pretrained(make_tiny_llama(), None, tmp_path / "dense")
+
+
+def test_a_row_grouped_checkpoint_round_trips_and_a_bad_grouping_is_refused(tmp_path):
+    model = make_tiny_llama()
+    prune_model(model, torch.randint(0, 256, (4, 32)), sparsity=0.5, method="wanda", row_group=2, progress=False)
+    out = save_sparse_pretrained(model, byte_tokenizer(), tmp_path / "grouped")
+    loaded, _ = load_sparse_pretrained(out)
+    assert torch.equal(loaded(PROBE).logits, model(PROBE).logits)
+    name = "model.layers.1.mlp.up_proj"
+    ours, theirs = loaded.get_submodule(name).sparse_weight, model.get_submodule(name).sparse_weight
+    assert ours.row_group == 2 and torch.equal(ours.row_perm, theirs.row_perm)
+    _rewrite(out, f"{name}.sparse_weight.row_perm", lambda t, k: t[k].__setitem__(1, t[k][0].item()))
+    with pytest.raises(SparseCheckpointError, match=r"row_perm is not a permutation of range\(8\)"):
+        load_sparse_pretrained(out)
+
+
+def test_a_checkpoint_without_row_groupings_loads_ungrouped(saved):
+    model, out = saved
+    tensors = load_file(str(out / "model.safetensors"))
+    old = {k: v for k, v in tensors.items() if not k.endswith((".row_perm", ".row_group"))}
+    save_file(old, str(out / "model.safetensors"))  # as blocksparse wrote them before row groups
+    with pytest.raises(SparseCheckpointError, match=r"missing tensors \[.*row_perm"):
+        load_sparse_pretrained(out)                     # a version 2 marker promises them
+    marker = json.loads((out / "blocksparse_config.json").read_text())
+    (out / "blocksparse_config.json").write_text(json.dumps(dict(marker, format_version=1)))
+    loaded, _ = load_sparse_pretrained(out)
+    assert torch.equal(loaded(PROBE).logits, model(PROBE).logits)
+    assert all(m.sparse_weight.row_group == 1 for m in loaded.modules() if isinstance(m, BlockSparseLinear))

@@ -89,8 +89,8 @@ def test_training_never_changes_the_sparse_weights_or_the_bias(tmp_path):
     assert after.keys() == before.keys()
     for name, state in before.items():
         now = after[name].state_dict()
-        assert now.keys() == state.keys() == {"sparse_weight.crow", "sparse_weight.col",
-                                              "sparse_weight.values", "bias"}
+        assert now.keys() == state.keys() == {"sparse_weight.crow", "sparse_weight.col", "sparse_weight.values",
+                                              "sparse_weight.row_perm", "sparse_weight.row_group", "bias"}
         for key in state:  # bit-identical: values, structure (absent blocks stay absent), bias
             assert torch.equal(now[key], state[key]), f"{name}.{key} changed"
     lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]

@@ -42,10 +42,11 @@ def random_mask(rows: int, cols: int, density: float) -> torch.Tensor:
     return mask.view(rows, cols)
 
 
-def make_weight(n: int, k: int, density: float, dtype: torch.dtype, block_size: int = 16):
+def make_weight(n: int, k: int, density: float, dtype: torch.dtype, block_size: int = 16, row_group: int = 1):
     dense = torch.randn(n, k) / k ** 0.5
     mask = random_mask(n // block_size, k // block_size, density)
-    return BlockSparseWeight.from_dense(dense, mask).to(device=DEVICE, dtype=dtype)
+    perm = torch.randperm(n // block_size) if row_group > 1 else None
+    return BlockSparseWeight.from_dense(dense, mask, row_perm=perm, row_group=row_group).to(device=DEVICE, dtype=dtype)
 
 
 def make_operands(m: int, n: int, k: int, dtype: torch.dtype, bias: bool, lora: bool):
@@ -79,8 +80,8 @@ def assert_within_rule(kernel: dict, torch_same_dtype: dict, reference: dict, dt
                               f"(torch error {torch_err:.3g})")
 
 
-def check_against_torch(m, n, k, dtype, density, *, bias, lora, dropout, **schedule):
-    weight = make_weight(n, k, density, dtype)
+def check_against_torch(m, n, k, dtype, density, *, bias, lora, dropout, row_group=1, **schedule):
+    weight = make_weight(n, k, density, dtype, row_group=row_group)
     ops = make_operands(m, n, k, dtype, bias, lora)
     grad_y = torch.randn(m, n, device=DEVICE)
     seed = new_dropout_seed(torch.device(DEVICE))
@@ -130,6 +131,13 @@ def test_forward_and_gradients_match_torch(dtype, m, group_size, density, bias, 
                                            cluster, split_k):
     check_against_torch(m, 96, 80, dtype, density, bias=bias, lora=lora, dropout=dropout,
                         group_size=group_size, cluster=cluster, split_k=split_k)
+
+
+@pytest.mark.parametrize("m, group_size, cluster", [(1, None, True), (130, 2, False), (130, 4, True)])
+def test_row_grouped_weights_match_torch(m, group_size, cluster):
+    # Storage lists block rows in a permuted order: the kernels must store every row at its true place.
+    check_against_torch(m, 96, 80, torch.float32, 0.5, bias=True, lora=True, dropout=0.1, row_group=2,
+                        group_size=group_size, cluster=cluster, split_k=0)
 
 
 # Decode split-K: K=512 at density 0.75 gives 24 blocks per block row, two

@@ -151,3 +151,37 @@ def test_owl_allocation_keeps_the_total_at_the_target():
     layer_density = [sum(report["layers"][n]["density"] for n in report["layers"] if f".layers.{i}." in n)
                      for i in range(2)]
     assert layer_density[0] != layer_density[1]
+
+
+@pytest.mark.parametrize("method", ["wanda", "obs", "magnitude", "obc"])
+@pytest.mark.parametrize("row_group, union_density", [(2, None), (4, None), (2, 0.75)])
+def test_every_method_honours_the_row_groups(method, row_group, union_density):
+    model, report = prune_tiny(method=method, row_group=row_group, union_density=union_density)
+    assert report["row_group"] == row_group and report["total_density"] == 0.5
+    for name, layer in sparse_layers(model).items():
+        w = layer.sparse_weight
+        mask, cols = w.block_mask, w.block_grid[1]
+        keep = cols // 2
+        assert mask.sum(1).tolist() == [keep] * mask.shape[0], name     # every row keeps its count
+        assert w.row_group == row_group
+        union = keep if union_density is None else max(keep, round(union_density * cols))
+        stored = mask[w.row_perm.long()]
+        for g in range(0, stored.shape[0], row_group):                    # every group within budget
+            assert int(stored[g:g + row_group].any(0).sum()) <= union, (name, g)
+        entry = report["layers"][name]["union_density"]
+        assert entry["group_size"] == row_group and entry["forward"] <= union / cols + 1e-9
+
+
+def test_grouped_model_computes_what_its_masked_weights_do():
+    masked, _ = prune_tiny(method="wanda", row_group=4, convert=False)
+    grouped, _ = prune_tiny(method="wanda", row_group=4)
+    torch.testing.assert_close(grouped(PROBE).logits, masked(PROBE).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_row_group_options_are_validated():
+    with pytest.raises(ValueError, match="row_group must be an int >= 1"):
+        prune_tiny(row_group=0)
+    with pytest.raises(ValueError, match=r"union_density must be in \(0, 1\]"):
+        prune_tiny(row_group=2, union_density=1.5)
+    with pytest.raises(ValueError, match="use comparison_group='block-row'"):
+        prune_tiny(row_group=2, comparison_group="global", reconstruct=False)
