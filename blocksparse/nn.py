@@ -46,6 +46,7 @@ class BlockSparseLinear(nn.Module):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         if block_mask is not None and sparsity is not None:
             raise ValueError("give either block_mask or sparsity, not both")
+        block_size = check_block_size(block_size)
         weight = linear.weight.detach()
         if block_mask is None:
             block_mask = magnitude_block_mask(weight, sparsity or 0.0, block_size)
@@ -94,24 +95,29 @@ class BlockSparseLinear(nn.Module):
         # structure is rebuilt (and validated) from the stored arrays instead of
         # copied in place.
         sw = prefix + "sparse_weight."
-        keys = [sw + name for name in ("crow", "col", "values")]
+        names = ("crow", "col", "values")
+        keys = [sw + name for name in names]
         if all(key in state_dict for key in keys):
             crow, col, values = (state_dict[key] for key in keys)
+            error = None
             if values.dim() != 3 or values.shape[1:] != (self.block_size, self.block_size):
-                error_msgs.append(
-                    f"{sw}values: expected [nnz, {self.block_size}, {self.block_size}] blocks, "
-                    f"got shape {tuple(values.shape)}"
-                )
-                return
-            # A checkpoint written before row groupings existed has neither key: ungrouped.
-            row_perm, row_group = state_dict.get(sw + "row_perm"), state_dict.get(sw + "row_group")
-            try:
-                loaded = BlockSparseWeight.from_bsr(
-                    crow, col, values.to(self.sparse_weight.values.device),
-                    (self.out_features, self.in_features), row_perm=row_perm,
-                    row_group=1 if row_group is None else int(row_group))
-            except ValueError as err:
-                error_msgs.append(f"{sw[:-1]}: malformed block-sparse checkpoint: {err}")
+                error = (f"{sw}values: expected [nnz, {self.block_size}, {self.block_size}] blocks, "
+                         f"got shape {tuple(values.shape)}")
+            else:
+                # A checkpoint written before row groupings existed has neither key: ungrouped.
+                row_perm, row_group = state_dict.get(sw + "row_perm"), state_dict.get(sw + "row_group")
+                try:
+                    loaded = BlockSparseWeight.from_bsr(
+                        crow, col, values.to(self.sparse_weight.values.device),
+                        (self.out_features, self.in_features), row_perm=row_perm,
+                        row_group=1 if row_group is None else int(row_group))
+                except ValueError as err:
+                    error = f"{sw[:-1]}: malformed block-sparse checkpoint: {err}"
+            if error is not None:
+                error_msgs.append(error)
+                # torch next loads the child BlockSparseWeight from this same dict: hand it its
+                # own tensors, so that it adds no size-mismatch errors after this one.
+                state_dict.update({sw + name: getattr(self.sparse_weight, name) for name in names})
                 return
             self.sparse_weight = loaded.to(dtype=self.sparse_weight.values.dtype)
             state_dict = {k: v for k, v in state_dict.items() if k not in keys}

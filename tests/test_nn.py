@@ -73,3 +73,21 @@ def test_bad_construction():
         BlockSparseLinear.from_linear(nn.Conv1d(4, 4, 1))
     with pytest.raises(ValueError, match="in_features=64"):
         BlockSparseLinear.from_linear(nn.Linear(64, 32))(torch.randn(2, 32))
+
+
+@pytest.mark.parametrize("block_size", [0, -16, 7, 48])
+def test_from_linear_names_a_bad_block_size(block_size):
+    with pytest.raises(ValueError, match=rf"block_size must be one of \(8, 16, 32, 64\), got {block_size}"):
+        BlockSparseLinear.from_linear(nn.Linear(96, 96), sparsity=0.5, block_size=block_size)
+
+
+def test_malformed_structure_is_one_error_not_a_cascade():
+    # The child BlockSparseWeight must not go on loading the keys its parent refused.
+    sd = BlockSparseLinear.from_linear(nn.Linear(64, 32), sparsity=0.5).state_dict()
+    for bad in (dict(sd, **{"sparse_weight.col": sd["sparse_weight.col"] + 10}),
+                dict(sd, **{"sparse_weight.values": torch.randn(4, 8, 8)})):
+        with pytest.raises(RuntimeError) as error:
+            BlockSparseLinear(64, 32).load_state_dict(bad)
+        header, *problems = str(error.value).strip().splitlines()
+        assert header.startswith("Error(s) in loading state_dict") and len(problems) == 1, problems
+        assert "size mismatch" not in str(error.value)

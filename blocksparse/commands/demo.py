@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from ..families import Family
-from .args import CLIError, add_dataset_flag, add_flag
+from ..format import SUPPORTED_BLOCK_SIZES
+from .args import CLIError, add_dataset_flag, add_flag, check_finite
 
 
 def prune_recipe(family: Family) -> dict:
@@ -39,7 +40,8 @@ def add_parser(subparsers):
     add_flag(parser, "--model", default="default", help="model name or directory (default: %(default)s)")
     add_dataset_flag(parser, "--dataset", what="text for calibration, training and evaluation")
     add_flag(parser, "--sparsity", type=float, default=0.5, help="block sparsity (default: %(default)s)")
-    add_flag(parser, "--sparse_block_size", type=int, default=16, help="sparse block edge (default: %(default)s)")
+    add_flag(parser, "--sparse_block_size", type=int, default=16, choices=SUPPORTED_BLOCK_SIZES,
+             help="sparse block edge (default: %(default)s)")
     add_flag(parser, "--seqlen", type=int, default=512,
              help="tokens per calibration and evaluation window (default: %(default)s)")
     add_flag(parser, "--nsamples", type=int, default=16,
@@ -219,6 +221,7 @@ def _table(results: dict) -> str:
 
 
 def run(args) -> int:
+    check_finite(args, "_")
     if not 0.0 <= args.sparsity < 1.0:
         raise CLIError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     for name in ("steps", "seqlen", "train_seqlen", "nsamples", "batch_size", "lora_r", "decode_tokens"):

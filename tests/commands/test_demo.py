@@ -37,3 +37,8 @@ def test_demo_cli_rejects_bad_input(capsys):
     assert "--sparsity must be in [0, 1)" in capsys.readouterr().err
     assert main(["demo", "--steps", "0"]) == 2
     assert "--steps must be >= 1" in capsys.readouterr().err
+    assert main(["demo", "--learning_rate", "nan"]) == 2
+    assert "--learning_rate must be a finite number, got nan" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--sparse_block_size", "0"])
+    assert exit_info.value.code == 2 and "invalid choice: 0" in capsys.readouterr().err

@@ -53,6 +53,32 @@ def test_cli_errors_are_one_line(tiny_dir, text_file, capsys, argv, message):
     assert last.startswith("blocksparse eval: error: ") and message in last
 
 
+def test_cli_checks_the_device_and_the_json_path_before_the_work(tiny_dir, text_file, tmp_path, monkeypatch, capsys):
+    from blocksparse.integration import model as model_module
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("bad flags must be refused before the model is loaded")
+
+    monkeypatch.setattr(model_module, "load_model", no_work)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for flags, message in ((["--device", "cuda"], "--device cuda: CUDA is not available on this machine"),
+                           (["--device", "bogus"], "--device 'bogus' is not a torch device"),
+                           (["--json", str(tmp_path / "missing" / "x.json")], "missing' does not exist")):
+        code = main(["eval", "--model", str(tiny_dir), "--dataset", str(text_file), *flags, "--no-progress"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        assert err[0].startswith("blocksparse eval: error: ") and message in err[0], err
+
+
+@pytest.mark.parametrize("config", [{"hidden_size": "abc"}, {"hidden_size": 10**9}])
+def test_cli_refuses_a_bad_config_in_one_line(tiny_dir, text_file, capsys, config):
+    (tiny_dir / "config.json").write_text(json.dumps({**json.loads((tiny_dir / "config.json").read_text()),
+                                                      **config}))
+    assert main(["eval", "--model", str(tiny_dir), "--dataset", str(text_file), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"blocksparse eval: error: {tiny_dir / 'config.json'}"), err
+
+
 def test_cli_c4_scores_256_windows_like_wanda(tiny_dir, tmp_path, monkeypatch):
     import datasets
 

@@ -62,6 +62,70 @@ def test_cli_rejects_bad_input(tiny_model_and_text, tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    ({"--learning_rate": "nan"}, "--learning_rate must be a finite number, got nan"),
+    ({"--lora_alpha": "inf"}, "--lora_alpha must be a finite number, got inf"),
+    ({"--distill_temperature": "0"}, "--distill_temperature must be > 0, got 0.0"),
+    ({"--output_dir": "FILE"}, "is a file; expected a directory"),
+])
+def test_cli_bad_flags_are_one_line_errors_before_any_work(tiny_model_and_text, tmp_path, capsys, flags, message):
+    model_dir, text = tiny_model_and_text
+    (tmp_path / "FILE").write_text("not a directory")
+    flags = {key: str(tmp_path / value) if key == "--output_dir" else value for key, value in flags.items()}
+    assert cli_main(["finetune", *cli_flags(model_dir, text, tmp_path / "out", **flags), "--distill"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("blocksparse finetune: error: ") and message in err[0], err
+
+
+def test_cli_sparse_block_size_must_be_a_supported_edge(tiny_model_and_text, tmp_path, capsys):
+    model_dir, text = tiny_model_and_text
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["finetune", *cli_flags(model_dir, text, tmp_path / "out", **{"--sparse_block_size": 0})])
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("blocksparse finetune: error: ") and "invalid choice: 0" in last
+
+
+def test_a_model_with_nan_weights_fails_and_saves_no_adapter(tmp_path, corpus_file, capsys):
+    model = make_tiny_llama()
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    model.save_pretrained(tmp_path / "nan")
+    byte_tokenizer().save_pretrained(tmp_path / "nan")
+    out = tmp_path / "out"
+    assert cli_main(["finetune", *cli_flags(tmp_path / "nan", corpus_file, out, **{"--max_steps": 3, "--save_steps": 1}),
+                     "--no_eval"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("blocksparse finetune: error: training diverged: ") and "at step 1" in last, last
+    assert not (out / "adapter_model.safetensors").exists()
+    assert not list(out.glob("checkpoint-*"))  # not even the NaN step's checkpoint
+
+
+def test_overwrite_starts_afresh_and_last_is_the_newest_complete_checkpoint_of_this_run(tiny_model_and_text, tmp_path,
+                                                                                         capsys):
+    model_dir, text = tiny_model_and_text
+    out = tmp_path / "out"
+
+    def finetune(*extra, **flags):
+        return cli_main(["finetune", *cli_flags(model_dir, text, out, **{"--save_steps": 2, **flags}), "--no_eval",
+                         *extra])
+
+    assert finetune(**{"--max_steps": 4, "--lora-r": 2}) == 0  # an earlier run: checkpoint-2, checkpoint-4
+    assert finetune("--overwrite_output_dir", **{"--max_steps": 2}) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # the earlier run's are gone
+    # A kill while saving leaves a checkpoint without trainer_state.json: `last` passes over it.
+    (out / "checkpoint-9").mkdir()
+    (out / "checkpoint-9" / "adapter_model.safetensors").write_bytes(b"half")
+    capsys.readouterr()
+    assert finetune("--resume_from_checkpoint", "last", **{"--max_steps": 3, "--save_steps": 1}) == 0
+    assert "checkpoint-9" in capsys.readouterr().out
+    assert json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
+    # Other settings make another run: its checkpoints are not resumed.
+    assert finetune("--resume_from_checkpoint", "last", **{"--max_steps": 4, "--lora-r": 2}) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint-3" in err[0] and "--lora_r 4 there, 2 now" in err[0], err
+
+
 def test_torchrun_two_processes_train_like_one_process_with_twice_the_batch(tiny_model_and_text, tmp_path):
     # DDP averages the two ranks' gradients: with batch 1 per rank it must follow the
     # same trajectory as one process with batch 2 (the sampler hands out the same samples).

@@ -57,6 +57,11 @@ def test_cli_prunes_saves_and_reloads(tiny_dir, text_file, tmp_path, capsys):
     (["--sink-tokens", "-1"], r"--sink-tokens must be >= 0"),
     (["--refine-steps", "-3"], r"--refine-steps must be >= 0"),
     (["--refine-lr", "0"], r"--refine-lr must be > 0"),
+    (["--damp", "nan"], r"--damp must be a finite number, got nan"),
+    (["--damp", "inf"], r"--damp must be a finite number, got inf"),
+    (["--sink-weight", "inf"], r"--sink-weight must be a finite number, got inf"),
+    (["--owl-spread", "nan"], r"--owl-spread must be a finite number, got nan"),
+    (["--device", "bogus"], r"--device 'bogus' is not a torch device"),
     (["--row-group", "0"], r"row_group must be an int >= 1"),
     (["--row-group", "2", "--union-density", "0"], r"union_density must be in \(0, 1\]"),
 ])

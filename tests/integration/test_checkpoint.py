@@ -145,3 +145,11 @@ def test_a_checkpoint_without_row_groupings_loads_ungrouped(saved):
     loaded, _ = load_sparse_pretrained(out)
     assert torch.equal(loaded(PROBE).logits, model(PROBE).logits)
     assert all(m.sparse_weight.row_group == 1 for m in loaded.modules() if isinstance(m, BlockSparseLinear))
+
+
+def test_a_marker_over_dense_weights_is_refused(saved, tiny_dir):
+    _, out = saved
+    (tiny_dir / "blocksparse_config.json").write_text((out / "blocksparse_config.json").read_text())
+    with pytest.raises(SparseCheckpointError, match=r"blocksparse_config.json marks a sparse checkpoint but "
+                                                    r"model.safetensors holds no block-sparse tensor"):
+        load_sparse_pretrained(tiny_dir)

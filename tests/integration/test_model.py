@@ -82,13 +82,116 @@ def test_default_model_is_converted_once_and_cached(default_cache, monkeypatch):
     assert perplexity(model, tokens, seqlen=tokens.shape[1], progress=False)["ppl"] < 20
 
 
-def test_unreachable_hub_model_names_offline_alternatives(monkeypatch):
-    from transformers import AutoModelForCausalLM
+def test_a_hub_model_the_hub_cannot_provide_names_the_local_alternatives(monkeypatch):
+    import io
+    import urllib.request
 
-    def offline(*args, **kwargs):
-        raise OSError("We couldn't connect to 'https://huggingface.co'")
+    from transformers import AutoConfig
 
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", offline)
-    with pytest.raises(ModelNotFoundError, match=r"cannot load model 'meta-llama/Llama-2-7b-hf'.*offline\?.*"
-                                                 r"--model default .* or a local model directory"):
+    def refused(*args, **kwargs):
+        raise OSError("meta-llama/Llama-2-7b-hf is a gated repository")
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: io.BytesIO())  # the hub answers
+    monkeypatch.setattr(AutoConfig, "from_pretrained", refused)
+    with pytest.raises(ModelNotFoundError, match=r"cannot load model 'meta-llama/Llama-2-7b-hf'.*could not provide "
+                                                 r"it \(.*gated repository\).*'default' .* or a local model directory"):
         load_model("meta-llama/Llama-2-7b-hf")
+
+
+def test_unreachable_hub_fails_fast_and_names_the_local_models(tmp_path, monkeypatch):
+    # A bare name that is no local directory, with the hub unreachable: the hub's retries
+    # (~48 s) are skipped by loading from local files only.
+    import urllib.error
+    import urllib.request
+
+    from transformers import AutoConfig
+
+    monkeypatch.setenv("BLOCKSPARSE_CACHE", str(tmp_path))
+    (tmp_path / "models" / "my-pruned").mkdir(parents=True)
+    calls = []
+
+    def unreachable(*args, **kwargs):
+        raise urllib.error.URLError("no network in tests")
+
+    def from_pretrained(name, **kwargs):
+        calls.append(kwargs.get("local_files_only"))
+        raise OSError(f"{name} is not in the local cache")
+
+    monkeypatch.setattr(urllib.request, "urlopen", unreachable)
+    monkeypatch.setattr(AutoConfig, "from_pretrained", from_pretrained)
+    with pytest.raises(ModelNotFoundError, match=r"cannot load model 'my-model'.*hub is unreachable.*'default'.*"
+                                                 + str(tmp_path / "models" / "my-pruned")):
+        load_model("my-model")
+    assert calls == [True]
+
+
+def test_offline_mode_never_asks_the_network(monkeypatch):
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("HF_HUB_OFFLINE is set: the network must not be asked")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    with pytest.raises(ModelNotFoundError, match=r"cannot load model 'my-model'.*offline \(HF_HUB_OFFLINE\)"):
+        load_model("my-model")
+
+
+def _inv_freq(model):
+    return model.model.rotary_emb.inv_freq
+
+
+def test_bf16_loads_keep_the_rope_frequencies_in_fp32(tiny_dir, tmp_path):
+    from blocksparse import sparsify_model
+    from blocksparse.integration.checkpoint import save_sparse_pretrained
+
+    sparse_dir = save_sparse_pretrained(sparsify_model(make_tiny_llama(), sparsity=0.5), byte_tokenizer(),
+                                        tmp_path / "sparse")
+    for directory in (tiny_dir, sparse_dir):
+        reference = _inv_freq(load_model(str(directory))[0])
+        model = load_model(str(directory), dtype=torch.bfloat16)[0]
+        assert model.model.norm.weight.dtype == torch.bfloat16
+        assert _inv_freq(model).dtype == torch.float32 and torch.equal(_inv_freq(model), reference), directory
+
+
+def test_a_sparse_checkpoint_without_its_marker_is_refused(tmp_path):
+    from blocksparse import sparsify_model
+    from blocksparse.integration.checkpoint import SparseCheckpointError, save_sparse_pretrained
+
+    out = save_sparse_pretrained(sparsify_model(make_tiny_llama(), sparsity=0.5), byte_tokenizer(), tmp_path / "s")
+    (out / SPARSE_CHECKPOINT_MARKER).unlink()
+    with pytest.raises(SparseCheckpointError, match=r"model.safetensors holds block-sparse tensors .* but "
+                                                    r"blocksparse_config.json is missing"):
+        load_model(str(out))
+
+
+def _with_config(directory, **changes):
+    config = json.loads((directory / "config.json").read_text())
+    config.update(changes)
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"hidden_size": "abc"}, r"config.json: .*'hidden_size' expected int, got str \(value: 'abc'\)"),
+    ({"hidden_size": 10**9}, r"config.json describes a model of about .* parameters .* more than this machine's"),
+    ({"num_hidden_layers": 0}, r"config.json: num_hidden_layers must be a positive integer, got 0"),
+])
+def test_a_bad_config_is_refused_before_anything_is_allocated(tiny_dir, tmp_path, changes, message):
+    from blocksparse import sparsify_model
+    from blocksparse.integration.checkpoint import save_sparse_pretrained
+
+    sparse_dir = save_sparse_pretrained(sparsify_model(make_tiny_llama(), sparsity=0.5), None, tmp_path / "sparse")
+    for directory in (tiny_dir, sparse_dir):
+        with pytest.raises(ValueError, match=message):
+            load_model(str(_with_config(directory, **changes)))
+
+
+def test_pickle_weights_are_refused(tiny_dir):
+    (tiny_dir / "model.safetensors").unlink()
+    torch.save(make_tiny_llama().state_dict(), tiny_dir / "pytorch_model.bin")
+    with pytest.raises(ModelNotFoundError, match=r"pytorch_model.bin: pickle files are not loaded; convert to "
+                                                 r"safetensors"):
+        load_model(str(tiny_dir))

@@ -7,7 +7,7 @@ from transformers import Trainer, TrainerCallback, default_data_collator, set_se
 
 from blocksparse import BlockSparseLinear, sparsify_model
 from blocksparse.integration.peft import lora_config
-from blocksparse.integration.train import TokenBlocks, train_lora, training_arguments
+from blocksparse.integration.train import NonFiniteTrainingError, TokenBlocks, train_lora, training_arguments
 from helpers import make_tiny_llama
 
 STEPS = 20
@@ -109,3 +109,19 @@ def test_distillation_loss_is_zero_against_an_identical_teacher_and_ce_at_weight
         first[weight] = losses(trainer)[0]
     assert abs(first[1.0]) < 1e-5
     assert first[0.0] == pytest.approx(plain[0], abs=1e-5)
+
+
+def test_a_nan_loss_stops_training_at_once_and_saves_nothing(tmp_path):
+    model = sparsify_model(make_tiny_llama(), sparsity=0.5)
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    steps_run = []
+
+    class CountSteps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps_run.append(state.global_step)
+
+    with pytest.raises(NonFiniteTrainingError, match="training diverged: .* at step 1"):
+        train_lora(model, memorisable_blocks(n=8), arguments(tmp_path, max_steps=4, save_steps=1), lora_config(),
+                   callbacks=[CountSteps()])
+    assert steps_run == [1] and not list(tmp_path.glob("checkpoint-*"))
