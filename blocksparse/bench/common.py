@@ -222,7 +222,9 @@ def _time_cuda_graph(calls: Sequence[Callable[[], object]], rep_ms: int) -> tupl
 # --------------------------------------------------------------------------
 # masks
 # --------------------------------------------------------------------------
-MASK_KINDS = ("structured", "random")
+MASK_KINDS = ("structured", "random", "grouped")
+# Rows per group of the "grouped" masks (a fully shared row grouping, as `prune --row-group 8`).
+GROUPED_ROW_GROUP = 8
 # Column-importance spread of the structured masks, in units of the per-block
 # noise: with 1.6, 50 % masks of a 256 x 256 block grid have natural-order union
 # densities ~0.63 / 0.74 / 0.81 for G = 2 / 4 / 8, close to real Wanda masks of
@@ -233,6 +235,9 @@ STRUCTURED_COLUMN_SPREAD = 1.6
 def block_mask(kind: str, rows: int, cols: int, sparsity: float, seed: int = 0) -> torch.Tensor:
     """bool [rows, cols], every block row keeping round((1 - sparsity) * cols) blocks.
 
+    grouped:    the structured scores, masked with GROUPED_ROW_GROUP rows per group
+                sharing their columns (`grouped_block_mask`; its row permutation comes
+                from `mask_row_grouping`).
     random:     each block row picks its blocks uniformly at random.
     structured: Wanda-like. A block's score is a shared per-column importance
                 (the ||X_j|| factor of Wanda) times per-block noise, and each block
@@ -249,9 +254,25 @@ def block_mask(kind: str, rows: int, cols: int, sparsity: float, seed: int = 0) 
     if kind == "structured":
         score = score + STRUCTURED_COLUMN_SPREAD * torch.randn(cols, generator=gen)[None, :]
     keep = max(1, cols - int(round(sparsity * cols)))
+    if kind == "grouped":
+        return mask_row_grouping(kind, rows, cols, sparsity, seed)[0]
     mask = torch.zeros(rows, cols, dtype=torch.bool)
     mask.scatter_(1, score.topk(keep, dim=1).indices, True)
     return mask
+
+
+def mask_row_grouping(kind: str, rows: int, cols: int, sparsity: float, seed: int = 0):
+    """(mask, row_perm, row_group) of a mask kind; ungrouped kinds: (mask, None, 1)."""
+    if kind != "grouped":
+        return block_mask(kind, rows, cols, sparsity, seed), None, 1
+    from ..masks import grouped_block_mask
+
+    gen = torch.Generator().manual_seed(seed)
+    score = torch.randn(rows, cols, generator=gen) + STRUCTURED_COLUMN_SPREAD * torch.randn(cols, generator=gen)
+    keep = max(1, cols - int(round(sparsity * cols)))
+    group = min(GROUPED_ROW_GROUP, rows)
+    mask, perm = grouped_block_mask(score.exp(), keep, group, keep)  # a positive, Wanda-like score
+    return mask, perm, group
 
 
 def union_densities(mask: torch.Tensor, groups: Iterable[int] = (2, 4, 8)) -> dict[int, float]:

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import BlockSparseWeight, block_sparse_linear
+from ..ops import torch_schedule
 from . import common
 
 
@@ -121,8 +122,9 @@ class Case:
         gen = torch.Generator().manual_seed(seed)
         self.n, self.k, self.sparsity = n, k, sparsity
         weight = (torch.randn(n, k, generator=gen) * k ** -0.5).to(device=device, dtype=dtype)
-        self.mask = common.block_mask(mask_kind, n // block_size, k // block_size, sparsity, seed)
-        self.sparse = BlockSparseWeight.from_dense(weight, self.mask.to(device))
+        self.mask, perm, row_group = common.mask_row_grouping(mask_kind, n // block_size, k // block_size,
+                                                              sparsity, seed)
+        self.sparse = BlockSparseWeight.from_dense(weight, self.mask.to(device), row_perm=perm, row_group=row_group)
         self.dense = weight  # the dense original: what an unpruned model multiplies
         self.masked_dense = self.sparse.to_dense()
         self.block_size = block_size
@@ -341,8 +343,8 @@ def run_one(log, case, m, mode, providers, schedules, backend, device, dtype, en
     """Every provider (and schedule variant) on one (case, M, mode); rows go to the log."""
     backward = mode == "fwd+bwd"
     schedule, g, union = kernel_schedule(case, m) if device.type == "cuda" or roofline_dev else ("", None, None)
-    if device.type != "cuda":
-        schedule = "torch"  # what runs here; g and union still describe the GPU schedule for the model
+    if device.type != "cuda":  # what runs here; g and union still describe the GPU schedule for the model
+        schedule = f"torch:{torch_schedule(case.sparse, m)}"
     variants = [Variant(p, schedule, g, union) if p.startswith("ours") else Variant(p) for p in providers]
     decode_max_m = 64
     if schedules and "ours" in providers:
@@ -522,7 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32")
     p.add_argument("--mode", default="both", choices=("fwd", "fwd+bwd", "both"))
     p.add_argument("--mask", default="structured", choices=common.MASK_KINDS,
-                   help="block masks: Wanda-like column-correlated (default) or independent random rows")
+                   help="block masks: Wanda-like column-correlated (default), independent random rows, or "
+                        f"grouped (structured, {common.GROUPED_ROW_GROUP} block rows per group sharing their columns)")
     p.add_argument("--providers", default=",".join(BASE_PROVIDERS),
                    help=f"comma-separated subset of {','.join(BASE_PROVIDERS)}")
     p.add_argument("--schedules", default="",

@@ -55,6 +55,10 @@ def test_block_masks_keep_the_same_count_per_row_and_structure_shares_columns():
     assert union_density(structured, 4) < 0.8
     with pytest.raises(ValueError, match="mask kind"):
         common.block_mask("wanda", 4, 4, 0.5)
+    # Grouped masks: every group of GROUPED_ROW_GROUP rows (in row_perm order) shares its columns.
+    mask, perm, group = common.mask_row_grouping("grouped", 64, 48, 0.75, seed=3)
+    assert group == common.GROUPED_ROW_GROUP and sorted(perm.tolist()) == list(range(64))
+    assert (mask[perm].view(-1, group, 48).any(dim=1).sum(dim=1) == 12).all()
 
 
 def test_bench_kernels_quick_path_writes_csv_png_markdown(tmp_path):
