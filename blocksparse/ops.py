@@ -31,6 +31,9 @@ SMALL_M_MAX = 16
 # Working-set size of one chunk of block rows in the small-M path: the gathered
 # X slab and the transposed weight tiles of a chunk should stay in cache.
 _CHUNK_BYTES = 1 << 20
+# Gathered X slab of one step of the row-group GEMMs: 4 MiB measured best of 1-8 MiB
+# at 4096x4096 (docs/DESIGN.md, "The torch backend").
+_GROUP_SLAB_BYTES = 4 << 20
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
@@ -196,14 +199,30 @@ def _packed(weight: BlockSparseWeight, layout: dict) -> torch.Tensor:
     return tiles.permute(0, 2, 3, 1, 4).reshape(layout["groups"], layout["per_row"] * b, g * b)
 
 
+def _blocks_of_work(m: int, groups: int, slab_row_bytes: int):
+    """(token rows, groups) per step of the grouped product, so that one step's gathered
+    slab ([groups, rows, U*b]) stays in cache instead of streaming through memory."""
+    rows = max(1, min(m, _GROUP_SLAB_BYTES // max(slab_row_bytes, 1)))
+    return rows, max(1, min(groups, _GROUP_SLAB_BYTES // max(rows * slab_row_bytes, 1)))
+
+
 def _grouped_matmul(x: torch.Tensor, weight: BlockSparseWeight, layout: dict) -> torch.Tensor:
     """Y = X W^T for fully shared row groups: per group one GEMM of the group's gathered
-    X columns [M, U*b] with its packed tile [U*b, G*b]: union = density, no zero tiles."""
+    X columns [M, U*b] with its packed tile [U*b, G*b]: union = density, no zero tiles.
+    Token rows and groups are blocked so each step's gathered slab stays in cache."""
     m, (n, _), b = x.shape[0], weight.shape, weight.block_size
-    packed = _packed(weight, layout)
-    gathered = x.view(m, weight.block_grid[1], b).index_select(1, layout["cols"])   # [M, groups*U, b]
-    gathered = gathered.view(m, layout["groups"], -1).transpose(0, 1)                # [groups, M, U*b]
-    out = torch.bmm(gathered, packed)                                                # [groups, M, G*b]
+    packed = _packed(weight, layout)                                                 # [groups, U*b, G*b]
+    groups, span = packed.shape[0], packed.shape[1]
+    cols = layout["cols"].view(groups, -1)
+    x_blocks = x.view(m, weight.block_grid[1], b)
+    out = x.new_empty(groups, m, packed.shape[2])
+    rows, group_step = _blocks_of_work(m, groups, span * x.element_size())
+    for m0 in range(0, m, rows):
+        part = x_blocks[m0:m0 + rows]
+        for g0 in range(0, groups, group_step):
+            g1 = min(g0 + group_step, groups)
+            gathered = part.index_select(1, cols[g0:g1].reshape(-1)).view(part.shape[0], g1 - g0, span)
+            out[g0:g1, m0:m0 + rows] = torch.bmm(gathered.transpose(0, 1), packed[g0:g1])
     out = out.transpose(0, 1).reshape(m, weight.block_grid[0], b)                    # storage rows
     to_true = weight.layout("padded_rows", _padded_rows)["to_true"]
     return (out if to_true is None else out.index_select(1, to_true)).reshape(m, n)
@@ -211,17 +230,24 @@ def _grouped_matmul(x: torch.Tensor, weight: BlockSparseWeight, layout: dict) ->
 
 def _grouped_matmul_t(grad_y: torch.Tensor, weight: BlockSparseWeight, layout: dict) -> torch.Tensor:
     """dX = dY W for fully shared row groups: per group dY's rows [M, G*b] times the packed
-    tile transposed, scatter-added into the group's columns."""
+    tile transposed, scatter-added into the group's columns; blocked like the forward."""
     m, (_, k), b = grad_y.shape[0], weight.shape, weight.block_size
     packed = _packed(weight, layout)
-    rows = grad_y.view(m, weight.block_grid[0], b)
+    groups, span = packed.shape[0], packed.shape[1]
+    cols = layout["cols"].view(groups, -1)
+    rows_of = grad_y.view(m, weight.block_grid[0], b)
     to_storage = weight.layout("padded_rows", _padded_rows)["to_storage"]
     if to_storage is not None:
-        rows = rows.index_select(1, to_storage)
-    rows = rows.reshape(m, layout["groups"], -1).transpose(0, 1)                      # [groups, M, G*b]
-    partial = torch.bmm(rows, packed.transpose(1, 2))                                # [groups, M, U*b]
+        rows_of = rows_of.index_select(1, to_storage)
+    rows_of = rows_of.reshape(m, groups, -1)                                          # [M, groups, G*b]
     grad_x = grad_y.new_zeros(m, weight.block_grid[1], b)
-    grad_x.index_add_(1, layout["cols"], partial.transpose(0, 1).reshape(m, -1, b))
+    rows, group_step = _blocks_of_work(m, groups, span * grad_y.element_size())
+    for m0 in range(0, m, rows):
+        for g0 in range(0, groups, group_step):
+            g1 = min(g0 + group_step, groups)
+            partial = torch.bmm(rows_of[m0:m0 + rows, g0:g1].transpose(0, 1), packed[g0:g1].transpose(1, 2))
+            grad_x[m0:m0 + rows].index_add_(1, cols[g0:g1].reshape(-1),
+                                            partial.transpose(0, 1).reshape(partial.shape[1], -1, b))
     return grad_x.reshape(m, k)
 
 

@@ -98,6 +98,15 @@ def test_fully_shared_row_groups_run_one_gemm_per_group(dtype, m, row_group, sch
                     schedule=schedule)
 
 
+def test_blocked_row_group_steps_cover_every_row_and_group(monkeypatch):
+    import blocksparse.ops as ops
+
+    monkeypatch.setattr(ops, "_GROUP_SLAB_BYTES", 1000)  # a few token rows and one group per step
+    assert ops._blocks_of_work(130, 16, 320) == (3, 1)
+    run_and_compare(130, 96, 80, 0.4, torch.float32, bias=True, lora_rank=4, row_group=2, shared=True,
+                    schedule="row-groups")
+
+
 def test_row_groups_that_do_not_share_fall_back_to_dense_blas():
     w, *_ = make_case(130, 96, 80, 0.5, torch.float32, row_group=2)
     assert torch_schedule(w, 130) == "dense"
