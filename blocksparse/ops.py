@@ -131,7 +131,7 @@ def _row_chunks(weight: BlockSparseWeight, m: int, element_size: int):
 
 
 def _sparse_matmul_small_m(x: torch.Tensor, weight: BlockSparseWeight) -> torch.Tensor:
-    """Y = X W^T over the stored blocks only, for small M.
+    """Y = X W^T over the stored blocks only: small M, and any M holding a non-finite input.
 
     Gathering the X columns of block row r's blocks into [M, P*b] turns the row
     into one small GEMM against its slab, and a chunk of rows into one batched
@@ -145,7 +145,7 @@ def _sparse_matmul_small_m(x: torch.Tensor, weight: BlockSparseWeight) -> torch.
     for r0, r1, slab, cols, valid in _row_chunks(weight, m, x.element_size()):
         gathered = x_blocks.index_select(1, cols)  # [M, ch*P, b]
         if valid is not None:
-            gathered = gathered * valid.reshape(1, -1, 1)
+            gathered = torch.where(valid.reshape(1, -1, 1), gathered, 0.0)  # not * (0 * NaN)
         # [ch, M, P*b] as a strided view: bmm reads it in place.
         gathered = gathered.view(m, r1 - r0, slab.shape[1]).transpose(0, 1)
         parts.append(torch.bmm(gathered, slab))  # [ch, M, b]
@@ -157,8 +157,8 @@ def _sparse_matmul_small_m(x: torch.Tensor, weight: BlockSparseWeight) -> torch.
 
 
 def _sparse_matmul_t_small_m(grad_y: torch.Tensor, weight: BlockSparseWeight) -> torch.Tensor:
-    """dX = dY W over the stored blocks only, for small M: the forward's slabs,
-    transposed, scatter-added into the block columns they came from."""
+    """dX = dY W over the stored blocks only (small M, or a non-finite dY): the forward's
+    slabs, transposed, scatter-added into the block columns they came from."""
     m, (_, k), b = grad_y.shape[0], weight.shape, weight.block_size
     grad_x = grad_y.new_zeros(m, weight.block_grid[1], b)
     if weight.nnz_blocks == 0 or m == 0:
@@ -171,7 +171,7 @@ def _sparse_matmul_t_small_m(grad_y: torch.Tensor, weight: BlockSparseWeight) ->
         partial = torch.bmm(grad_y_blocks[:, r0:r1].transpose(0, 1), slab.transpose(1, 2))  # [ch, M, P*b]
         partial = partial.view(r1 - r0, m, -1, b)
         if valid is not None:
-            partial = partial * valid[:, None, :, None]
+            partial = torch.where(valid[:, None, :, None], partial, 0.0)
         grad_x.index_add_(1, cols, partial.permute(1, 0, 2, 3).reshape(m, -1, b))
     return grad_x.reshape(m, k)
 
@@ -254,7 +254,11 @@ def _grouped_matmul_t(grad_y: torch.Tensor, weight: BlockSparseWeight, layout: d
 def torch_schedule(weight: BlockSparseWeight, m: int) -> str:
     """How the torch backend multiplies M tokens by `weight`: "blocks" (only the stored
     blocks, small M), "row-groups" (one GEMM per fully shared row group) or "dense"
-    (BLAS on the masked weight, materialised for the call)."""
+    (BLAS on the masked weight, materialised for the call).
+
+    Pruned weights do not exist on every path: a non-finite input reaches only the
+    outputs whose stored blocks read it. Dense BLAS would compute 0 * NaN, so an input
+    holding NaN or inf takes the stored-blocks path at any M."""
     if m <= SMALL_M_MAX:
         return "blocks"
     return "row-groups" if weight.layout("shared_groups", _shared_groups)["usable"] else "dense"
@@ -267,6 +271,8 @@ def sparse_matmul_torch(x: torch.Tensor, weight: BlockSparseWeight) -> torch.Ten
         return _sparse_matmul_small_m(x, weight)
     if schedule == "row-groups":
         return _grouped_matmul(x, weight, weight.layout("shared_groups", _shared_groups))
+    if not bool(torch.isfinite(x).all()):
+        return _sparse_matmul_small_m(x, weight)
     return F.linear(x, weight.to_dense())
 
 
@@ -277,6 +283,8 @@ def sparse_matmul_t_torch(grad_y: torch.Tensor, weight: BlockSparseWeight) -> to
         return _sparse_matmul_t_small_m(grad_y, weight)
     if schedule == "row-groups":
         return _grouped_matmul_t(grad_y, weight, weight.layout("shared_groups", _shared_groups))
+    if not bool(torch.isfinite(grad_y).all()):
+        return _sparse_matmul_t_small_m(grad_y, weight)
     return grad_y @ weight.to_dense()
 
 

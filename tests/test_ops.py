@@ -219,3 +219,29 @@ def test_property_matches_dense_reference(m, n_blocks, k_blocks, block_size, den
     y_ref = linear_lora(x64, w.to_dense().double(), None, a64, b64, 0.5)
     y_torch = linear_lora(x64.to(dtype), w.to_dense(), None, cast(a64), cast(b64), 0.5)
     assert_matches_reference(y, y_ref, y_torch)
+
+
+@pytest.mark.parametrize("m, uniform_rows, row_group, schedule", [
+    (3, False, 1, "blocks"), (3, True, 1, "blocks"), (40, False, 1, "dense"), (40, True, 2, "row-groups")])
+def test_pruned_weights_do_not_exist_for_a_non_finite_input(m, uniform_rows, row_group, schedule):
+    # One semantics on every path of the torch backend: a NaN in an input feature reaches
+    # exactly the outputs whose stored blocks read it (0 * NaN is never computed); the same
+    # for dX with a NaN in the output gradient.
+    w, x64, *_ = make_case(m, 96, 64, 0.5, torch.float32, bias=False, uniform_rows=uniform_rows,
+                           row_group=row_group, shared=row_group > 1)
+    assert torch_schedule(w, m) == schedule
+    mask = w.block_mask
+    col = int(torch.nonzero(~mask.all(0))[0])  # a block column some block rows lack
+    x = x64.float().requires_grad_(True)
+    with torch.no_grad():
+        x[1, col * 16 + 3] = float("nan")
+    y = block_sparse_linear(x, w, backend="torch")
+    reads = mask[:, col].repeat_interleave(16)
+    assert torch.isnan(y[1, reads]).all() and torch.isfinite(y[1, ~reads]).all()
+    assert torch.isfinite(y[torch.arange(m) != 1]).all()
+    row = int(torch.nonzero(~mask.all(1))[0])   # a block row that lacks some block column
+    grad = torch.zeros(m, 96)
+    grad[2, row * 16 + 5] = float("nan")
+    y.backward(grad)
+    stored = mask[row].repeat_interleave(16)
+    assert torch.isnan(x.grad[2, stored]).all() and torch.isfinite(x.grad[2, ~stored]).all()
