@@ -124,12 +124,13 @@ def _validate_grouping(row_perm: torch.Tensor, row_group: int, n_block_rows: int
     if row_perm.numel() != n_block_rows:
         raise ValueError(f"row_perm must list all N/b = {n_block_rows} block rows, got {row_perm.numel()} entries")
     perm = row_perm.long().cpu()
-    seen = torch.zeros(n_block_rows + 1, dtype=torch.long)
-    seen.index_add_(0, perm.clamp(0, n_block_rows), torch.ones_like(perm))
-    if perm.numel() and (perm.min() < 0 or perm.max() >= n_block_rows or (seen[:n_block_rows] != 1).any()):
-        bad = int(torch.nonzero((perm < 0) | (perm >= n_block_rows) | (seen[perm.clamp(0, n_block_rows)] != 1))[0])
-        raise ValueError(f"row_perm is not a permutation of range({n_block_rows}): row_perm[{bad}]="
-                         f"{perm[bad].item()} is out of range or repeated")
+    outside = (perm < 0) | (perm >= n_block_rows)
+    seen = torch.zeros(n_block_rows, dtype=torch.long).index_add_(0, perm[~outside], torch.ones_like(perm[~outside]))
+    bad = outside | ~outside & (seen[perm.clamp(0, max(n_block_rows - 1, 0))] != 1)
+    if bad.any():
+        first = int(torch.nonzero(bad)[0])
+        raise ValueError(f"row_perm is not a permutation of range({n_block_rows}): row_perm[{first}]="
+                         f"{perm[first].item()} is out of range or repeated")
     if isinstance(row_group, bool) or not isinstance(row_group, int) or row_group < 1:
         raise ValueError(f"row_group must be an int >= 1, got {row_group!r}")
 
@@ -170,7 +171,7 @@ class BlockSparseWeight(nn.Module):
                           n_block_cols: int) -> None:
         counts = crow[1:] - crow[:-1]
         row = torch.repeat_interleave(row_perm, counts)  # the true block row of each block
-        # Transposed structure: sort blocks by (col, row); a stable sort keeps rows ordered.
+        # Transposed structure: sort blocks by col; a stable sort keeps storage order within a column.
         t_index = torch.sort(col, stable=True).indices
         t_counts = torch.bincount(col, minlength=n_block_cols)
         t_crow = torch.zeros(n_block_cols + 1, dtype=torch.long, device=crow.device)
@@ -311,13 +312,51 @@ class BlockSparseWeight(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # The structure's size changes with the checkpoint's: BlockSparseLinear rebuilds
-        # the weight from the saved arrays (`from_bsr`); here only G is read.
-        key = prefix + "row_group"
-        if key in state_dict:
-            self.row_group = int(state_dict[key])
-        super()._load_from_state_dict({k: v for k, v in state_dict.items() if k != key}, prefix,
-                                      local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        # A checkpoint's structure has its own number of blocks: the weight is rebuilt
+        # from the saved arrays, validated like `from_bsr`, never copied into the old
+        # buffers (whose derived tables would then be stale). Nothing changes on an error.
+        keys = {name: prefix + name for name in ("crow", "col", "values", "row_perm", "row_group")}
+        if not any(keys[name] in state_dict for name in ("crow", "col", "values")):
+            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                                 unexpected_keys, error_msgs)
+        unexpected_keys.extend(key for key in state_dict if key.startswith(prefix) and key not in keys.values())
+        missing = [keys[name] for name in ("crow", "col", "values") if keys[name] not in state_dict]
+        if missing:
+            missing_keys.extend(missing)
+            return
+        try:
+            loaded = self._validated(state_dict, keys)
+        except ValueError as err:
+            error_msgs.append(f"{prefix[:-1]}: malformed block-sparse checkpoint: {err}")
+            return
+        crow, col, values, row_perm, row_group = loaded
+        device, dtype = self.values.device, self.values.dtype
+        # Copies: the loaded weight never shares memory with the state dict it came from.
+        self.register_buffer("crow", crow.to(device=device, dtype=torch.int32, copy=True))
+        self.register_buffer("col", col.to(device=device, dtype=torch.int32, copy=True))
+        self.register_buffer("values", values.detach().to(device=device, dtype=dtype, copy=True).contiguous())
+        self.register_buffer("row_perm", row_perm.to(device=device, dtype=torch.int32, copy=True))
+        self.row_group = row_group
+        self._register_derived(self.crow.long(), self.col.long(), self.row_perm.long(), self.block_grid[1])
+
+    def _validated(self, state_dict, keys) -> tuple:
+        """(crow, col, values, row_perm, row_group) of a state dict, or ValueError."""
+        crow, col, values = (state_dict[keys[name]] for name in ("crow", "col", "values"))
+        b = self.block_size
+        if values.dim() != 3 or tuple(values.shape[1:]) != (b, b) or not values.is_floating_point():
+            raise ValueError(f"values: expected [nnz, {b}, {b}] blocks, got {values.dtype} of shape "
+                             f"{tuple(values.shape)}")
+        rows, cols = self.block_grid
+        # Written before row groupings existed: neither key, ungrouped.
+        row_perm = state_dict.get(keys["row_perm"], torch.arange(rows))
+        row_group = state_dict.get(keys["row_group"], torch.tensor(1))
+        if row_group.numel() != 1 or row_group.dtype.is_floating_point or row_group.dtype == torch.bool:
+            raise ValueError(f"row_group: expected an integer scalar, got {row_group.dtype} of shape "
+                             f"{tuple(row_group.shape)}")
+        row_group = int(row_group)
+        _validate_structure(crow, col, rows, cols, values.shape[0])
+        _validate_grouping(row_perm, row_group, rows)
+        return crow, col, values, row_perm, row_group
 
     def extra_repr(self) -> str:
         grouping = f", row_group={self.row_group}" if self.row_group > 1 else ""

@@ -40,7 +40,7 @@ class BlockSparseLinear(nn.Module):
         With `sparsity` and no mask, each block row keeps its largest-magnitude
         blocks (`blocksparse.masks.magnitude_block_mask`); with neither, every
         block is kept (density 1). row_perm / row_group: the weight's row grouping
-        (`BlockSparseWeight`), e.g. from `prune_model(row_group=G)`.
+        (`BlockSparseWeight`), as `prune_model(row_group=G)` chooses it.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
@@ -88,38 +88,3 @@ class BlockSparseLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, block_size={self.block_size}, "
                 f"density={self.density:.3f}")
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
-                              missing_keys, unexpected_keys, error_msgs):
-        # The number of blocks in a checkpoint differs from this module's, so the
-        # structure is rebuilt (and validated) from the stored arrays instead of
-        # copied in place.
-        sw = prefix + "sparse_weight."
-        names = ("crow", "col", "values")
-        keys = [sw + name for name in names]
-        if all(key in state_dict for key in keys):
-            crow, col, values = (state_dict[key] for key in keys)
-            error = None
-            if values.dim() != 3 or values.shape[1:] != (self.block_size, self.block_size):
-                error = (f"{sw}values: expected [nnz, {self.block_size}, {self.block_size}] blocks, "
-                         f"got shape {tuple(values.shape)}")
-            else:
-                # A checkpoint written before row groupings existed has neither key: ungrouped.
-                row_perm, row_group = state_dict.get(sw + "row_perm"), state_dict.get(sw + "row_group")
-                try:
-                    loaded = BlockSparseWeight.from_bsr(
-                        crow, col, values.to(self.sparse_weight.values.device),
-                        (self.out_features, self.in_features), row_perm=row_perm,
-                        row_group=1 if row_group is None else int(row_group))
-                except ValueError as err:
-                    error = f"{sw[:-1]}: malformed block-sparse checkpoint: {err}"
-            if error is not None:
-                error_msgs.append(error)
-                # torch next loads the child BlockSparseWeight from this same dict: hand it its
-                # own tensors, so that it adds no size-mismatch errors after this one.
-                state_dict.update({sw + name: getattr(self.sparse_weight, name) for name in names})
-                return
-            self.sparse_weight = loaded.to(dtype=self.sparse_weight.values.dtype)
-            state_dict = {k: v for k, v in state_dict.items() if k not in keys}
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
-                                      missing_keys, unexpected_keys, error_msgs)

@@ -6,8 +6,10 @@ Two backends behind one function:
   CPU under TRITON_INTERPRET=1 for tests);
 - "torch": plain PyTorch, the CPU path users get and the reference the kernels
   are tested against. For decode-sized inputs it multiplies only the stored
-  blocks (see `_sparse_matmul_small_m`); for larger inputs it materialises the
-  masked dense W for one call, since dense BLAS wins there on a CPU.
+  blocks (see `_sparse_matmul_small_m`); for larger inputs it runs one GEMM per
+  fully shared row group, or else materialises the masked dense W for one call
+  (`torch_schedule` says which); an input holding NaN or inf always takes the
+  stored-blocks path, so pruned weights never meet it.
 
 "auto" picks Triton for CUDA tensors and torch otherwise; the environment
 variable BLOCKSPARSE_BACKEND=triton|torch overrides "auto".
@@ -31,8 +33,8 @@ SMALL_M_MAX = 16
 # Working-set size of one chunk of block rows in the small-M path: the gathered
 # X slab and the transposed weight tiles of a chunk should stay in cache.
 _CHUNK_BYTES = 1 << 20
-# Gathered X slab of one step of the row-group GEMMs: 4 MiB measured best of 1-8 MiB
-# at 4096x4096 (docs/DESIGN.md, "The torch backend").
+# Gathered X slab of one step of the row-group GEMMs: 4 MiB was the best compromise of
+# 1-8 MiB measured at 4096x4096, M = 256 and 2048 (docs/DESIGN.md, "The torch backend").
 _GROUP_SLAB_BYTES = 4 << 20
 
 
@@ -177,26 +179,32 @@ def _sparse_matmul_t_small_m(grad_y: torch.Tensor, weight: BlockSparseWeight) ->
 
 
 def _shared_groups(weight: BlockSparseWeight) -> dict:
-    """The packed view of a weight whose row groups are fully shared (every group G rows,
-    each holding the same U block columns): `tiles` [groups, G, U, b, b] is `values` itself,
-    `cols` [groups * U] the groups' columns. `usable` is False for any other weight."""
+    """The row groups of a weight whose groups are fully shared (each group's G storage
+    rows hold the same U block columns; the last group may be shorter): `parts` lists
+    (first storage row, rows per group, groups, their columns [groups, U]) for the full
+    groups and the short one. `usable` is False for any other weight."""
     g, (rows, _) = weight.row_group, weight.block_grid
     crow = weight.crow.long()
     counts = crow[1:] - crow[:-1]
-    if g < 2 or rows % g or weight.nnz_blocks == 0 or not bool((counts == counts[0]).all()):
+    if g < 2 or weight.nnz_blocks == 0 or not bool((counts == counts[0]).all()):
         return {"usable": False}
-    groups, per_row = rows // g, int(counts[0])
-    cols = weight.col.long().view(groups, g, per_row)
-    if not bool((cols == cols[:, :1]).all()):
-        return {"usable": False}
-    return {"usable": True, "groups": groups, "per_row": per_row, "cols": cols[:, 0].reshape(-1)}
+    per_row, parts = int(counts[0]), []
+    full, tail = divmod(rows, g)
+    for first, size, groups in ((0, g, full), (full * g, tail, 1 if tail else 0)):
+        if groups == 0:
+            continue
+        cols = weight.col.long()[first * per_row:(first + groups * size) * per_row].view(groups, size, per_row)
+        if not bool((cols == cols[:, :1]).all()):
+            return {"usable": False}
+        parts.append((first, size, groups, cols[:, 0]))
+    return {"usable": True, "per_row": per_row, "parts": parts}
 
 
-def _packed(weight: BlockSparseWeight, layout: dict) -> torch.Tensor:
-    """[groups, U*b, G*b]: each group's W^T tile as one dense matrix (a copy, per call)."""
-    b, g = weight.block_size, weight.row_group
-    tiles = weight.values.view(layout["groups"], g, layout["per_row"], b, b)
-    return tiles.permute(0, 2, 3, 1, 4).reshape(layout["groups"], layout["per_row"] * b, g * b)
+def _packed(weight: BlockSparseWeight, per_row: int, first: int, size: int, groups: int) -> torch.Tensor:
+    """[groups, U*b, size*b]: each group's W^T tile as one dense matrix (a copy, per call)."""
+    b = weight.block_size
+    tiles = weight.values[first * per_row:(first + groups * size) * per_row].view(groups, size, per_row, b, b)
+    return tiles.permute(0, 2, 3, 1, 4).reshape(groups, per_row * b, size * b)
 
 
 def _blocks_of_work(m: int, groups: int, slab_row_bytes: int):
@@ -211,43 +219,43 @@ def _grouped_matmul(x: torch.Tensor, weight: BlockSparseWeight, layout: dict) ->
     X columns [M, U*b] with its packed tile [U*b, G*b]: union = density, no zero tiles.
     Token rows and groups are blocked so each step's gathered slab stays in cache."""
     m, (n, _), b = x.shape[0], weight.shape, weight.block_size
-    packed = _packed(weight, layout)                                                 # [groups, U*b, G*b]
-    groups, span = packed.shape[0], packed.shape[1]
-    cols = layout["cols"].view(groups, -1)
     x_blocks = x.view(m, weight.block_grid[1], b)
-    out = x.new_empty(groups, m, packed.shape[2])
-    rows, group_step = _blocks_of_work(m, groups, span * x.element_size())
-    for m0 in range(0, m, rows):
-        part = x_blocks[m0:m0 + rows]
-        for g0 in range(0, groups, group_step):
-            g1 = min(g0 + group_step, groups)
-            gathered = part.index_select(1, cols[g0:g1].reshape(-1)).view(part.shape[0], g1 - g0, span)
-            out[g0:g1, m0:m0 + rows] = torch.bmm(gathered.transpose(0, 1), packed[g0:g1])
-    out = out.transpose(0, 1).reshape(m, weight.block_grid[0], b)                    # storage rows
+    out = x.new_empty(m, n)                                                          # storage rows
+    for first, size, groups, cols in layout["parts"]:
+        packed = _packed(weight, layout["per_row"], first, size, groups)              # [groups, U*b, size*b]
+        span, width = packed.shape[1], packed.shape[2]
+        rows, group_step = _blocks_of_work(m, groups, span * x.element_size())
+        for m0 in range(0, m, rows):
+            part = x_blocks[m0:m0 + rows]
+            for g0 in range(0, groups, group_step):
+                g1 = min(g0 + group_step, groups)
+                gathered = part.index_select(1, cols[g0:g1].reshape(-1)).view(part.shape[0], g1 - g0, span)
+                result = torch.bmm(gathered.transpose(0, 1), packed[g0:g1])            # [g1-g0, rows, width]
+                start = first * b + g0 * width
+                out[m0:m0 + rows, start:start + (g1 - g0) * width] = result.transpose(0, 1).reshape(part.shape[0], -1)
     to_true = weight.layout("padded_rows", _padded_rows)["to_true"]
-    return (out if to_true is None else out.index_select(1, to_true)).reshape(m, n)
+    return out if to_true is None else out.view(m, -1, b).index_select(1, to_true).reshape(m, n)
 
 
 def _grouped_matmul_t(grad_y: torch.Tensor, weight: BlockSparseWeight, layout: dict) -> torch.Tensor:
     """dX = dY W for fully shared row groups: per group dY's rows [M, G*b] times the packed
     tile transposed, scatter-added into the group's columns; blocked like the forward."""
     m, (_, k), b = grad_y.shape[0], weight.shape, weight.block_size
-    packed = _packed(weight, layout)
-    groups, span = packed.shape[0], packed.shape[1]
-    cols = layout["cols"].view(groups, -1)
     rows_of = grad_y.view(m, weight.block_grid[0], b)
     to_storage = weight.layout("padded_rows", _padded_rows)["to_storage"]
     if to_storage is not None:
         rows_of = rows_of.index_select(1, to_storage)
-    rows_of = rows_of.reshape(m, groups, -1)                                          # [M, groups, G*b]
     grad_x = grad_y.new_zeros(m, weight.block_grid[1], b)
-    rows, group_step = _blocks_of_work(m, groups, span * grad_y.element_size())
-    for m0 in range(0, m, rows):
-        for g0 in range(0, groups, group_step):
-            g1 = min(g0 + group_step, groups)
-            partial = torch.bmm(rows_of[m0:m0 + rows, g0:g1].transpose(0, 1), packed[g0:g1].transpose(1, 2))
-            grad_x[m0:m0 + rows].index_add_(1, cols[g0:g1].reshape(-1),
-                                            partial.transpose(0, 1).reshape(partial.shape[1], -1, b))
+    for first, size, groups, cols in layout["parts"]:
+        packed = _packed(weight, layout["per_row"], first, size, groups)
+        part_rows = rows_of[:, first:first + groups * size].reshape(m, groups, size * b)   # [M, groups, size*b]
+        rows, group_step = _blocks_of_work(m, groups, packed.shape[1] * grad_y.element_size())
+        for m0 in range(0, m, rows):
+            for g0 in range(0, groups, group_step):
+                g1 = min(g0 + group_step, groups)
+                partial = torch.bmm(part_rows[m0:m0 + rows, g0:g1].transpose(0, 1), packed[g0:g1].transpose(1, 2))
+                grad_x[m0:m0 + rows].index_add_(1, cols[g0:g1].reshape(-1),
+                                                partial.transpose(0, 1).reshape(partial.shape[1], -1, b))
     return grad_x.reshape(m, k)
 
 

@@ -71,7 +71,7 @@ def sparsify_model(model: nn.Module, block_masks: Mapping[str, torch.Tensor] | N
     are converted. Otherwise the linears of `target_linears(model, target_modules,
     filter_fn)` are converted with a per-block-row magnitude mask at `sparsity`
     (all blocks kept when None). row_perms ({name: row permutation}) with row_group:
-    the masks' row groupings (`prune_model(row_group=G)` returns them so).
+    the masks' row groupings (`prune_model(row_group=G)` converts with its own).
     Returns the model; undo with `densify_model`.
     """
     if block_masks is not None:

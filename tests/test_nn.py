@@ -91,3 +91,35 @@ def test_malformed_structure_is_one_error_not_a_cascade():
         header, *problems = str(error.value).strip().splitlines()
         assert header.startswith("Error(s) in loading state_dict") and len(problems) == 1, problems
         assert "size mismatch" not in str(error.value)
+
+
+def test_a_state_dict_load_rebuilds_the_structure_copies_it_and_reads_old_checkpoints():
+    linear = nn.Linear(48, 64)
+    mask = random_block_mask(4, 3, 0.6, generator=torch.Generator().manual_seed(2))
+    grouped = BlockSparseLinear.from_linear(linear, block_mask=mask, row_perm=torch.tensor([2, 0, 3, 1]),
+                                            row_group=2)
+    target = BlockSparseLinear.from_linear(linear, block_mask=mask)  # same shapes, other order
+    target.load_state_dict(grouped.state_dict())
+    x = torch.randn(5, 48)
+    assert target.sparse_weight.row_group == 2 and torch.equal(target.sparse_weight.row, grouped.sparse_weight.row)
+    torch.testing.assert_close(target(x), grouped(x))
+    assert target.sparse_weight.values.data_ptr() != grouped.sparse_weight.values.data_ptr()  # a copy
+    plain = BlockSparseLinear.from_linear(linear, block_mask=mask)
+    old = {k: v for k, v in plain.state_dict().items() if not k.endswith(("row_perm", "row_group"))}
+    fresh = BlockSparseLinear(48, 64)
+    fresh.load_state_dict(old)  # strict: a checkpoint from before row groupings loads ungrouped
+    torch.testing.assert_close(fresh(x), grouped(x))
+    assert fresh.sparse_weight.row_group == 1
+
+
+def test_a_malformed_grouping_in_a_state_dict_is_one_error_and_changes_nothing():
+    module = BlockSparseLinear.from_linear(nn.Linear(48, 64), sparsity=0.5)
+    before = module.sparse_weight.to_dense().clone()
+    for key, value, message in (("sparse_weight.row_group", torch.tensor([2, 2]), "row_group: expected an integer"),
+                                ("sparse_weight.row_group", torch.tensor(0), "row_group must be an int >= 1"),
+                                ("sparse_weight.row_perm", torch.tensor([0, 1, 1, 3]), "not a permutation")):
+        state = dict(module.state_dict(), **{key: value})
+        with pytest.raises(RuntimeError) as err:
+            module.load_state_dict(state)
+        assert message in str(err.value) and str(err.value).count("malformed") == 1
+        assert module.sparse_weight.row_group == 1 and torch.equal(module.sparse_weight.to_dense(), before)

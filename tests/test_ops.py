@@ -92,7 +92,8 @@ def test_row_grouped_weights_match_the_reference(m, row_group, uniform_rows):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m, row_group, schedule", [(1, 2, "blocks"), (SMALL_M_MAX + 1, 2, "row-groups"),
-                                                    (130, 3, "row-groups"), (70, 6, "row-groups")])
+                                                    (130, 3, "row-groups"), (70, 6, "row-groups"),
+                                                    (40, 4, "row-groups")])  # 6 block rows: a short last group
 def test_fully_shared_row_groups_run_one_gemm_per_group(dtype, m, row_group, schedule):
     run_and_compare(m, 96, 80, 0.4, dtype, bias=True, lora_rank=4, row_group=row_group, shared=True,
                     schedule=schedule)

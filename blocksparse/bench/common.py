@@ -249,13 +249,13 @@ def block_mask(kind: str, rows: int, cols: int, sparsity: float, seed: int = 0) 
         raise ValueError(f"mask kind must be one of {MASK_KINDS}, got {kind!r}")
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if kind == "grouped":
+        return mask_row_grouping(kind, rows, cols, sparsity, seed)[0]
     gen = torch.Generator().manual_seed(seed)
     score = torch.randn(rows, cols, generator=gen)
     if kind == "structured":
         score = score + STRUCTURED_COLUMN_SPREAD * torch.randn(cols, generator=gen)[None, :]
     keep = max(1, cols - int(round(sparsity * cols)))
-    if kind == "grouped":
-        return mask_row_grouping(kind, rows, cols, sparsity, seed)[0]
     mask = torch.zeros(rows, cols, dtype=torch.bool)
     mask.scatter_(1, score.topk(keep, dim=1).indices, True)
     return mask

@@ -304,7 +304,8 @@ def run(args) -> Path:
                 raise SystemExit(f"shape {n}x{k} is not divisible by the block size {args.block_size}")
             case = Case(n, k, sparsity, dtype, device, args.mask, args.block_size, args.lora_rank, args.seed)
             if device.type == "cuda" or roofline_dev:
-                union_info[(n, k, sparsity)] = common.union_densities(case.mask)
+                # Natural order is the storage order of the weight's block rows.
+                union_info[(n, k, sparsity)] = common.union_densities(case.sparse.block_mask[case.sparse.row_perm.long()])
             for m in parse_list(args.m, int):
                 for mode in modes:
                     if args.time_budget and time.perf_counter() - started > args.time_budget:
@@ -412,8 +413,9 @@ def schedule_union(case: "Case", kwargs: dict) -> float:
         except (ImportError, AttributeError):
             from ..grouping import cluster_block_rows, union_density
 
-            perm = cluster_block_rows(case.mask, g) if cluster and g > 1 else None
-            case.cache[key] = union_density(case.mask, g, perm)
+            stored = case.sparse.block_mask[case.sparse.row_perm.long()]
+            perm = cluster_block_rows(stored, g) if cluster and g > 1 else None
+            case.cache[key] = union_density(stored, g, perm)
     return case.cache[key]
 
 

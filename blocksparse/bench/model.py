@@ -91,11 +91,12 @@ def sparsify(model, args) -> float:
     if args.mask == "magnitude":
         sparsify_model(model, sparsity=args.sparsity)
     else:
-        masks = {}
+        masks, perms, row_group = {}, {}, 1
         for i, (name, linear) in enumerate(target_linears(model).items()):
-            masks[name] = common.block_mask(args.mask, linear.out_features // 16, linear.in_features // 16,
-                                            args.sparsity, seed=args.seed + i)
-        sparsify_model(model, block_masks=masks)
+            masks[name], perms[name], row_group = common.mask_row_grouping(
+                args.mask, linear.out_features // 16, linear.in_features // 16, args.sparsity, seed=args.seed + i)
+        grouped = row_group > 1 and all(p is not None for p in perms.values())
+        sparsify_model(model, block_masks=masks, row_perms=perms if grouped else None, row_group=row_group)
     from ..nn import BlockSparseLinear
 
     layers = [m for m in model.modules() if isinstance(m, BlockSparseLinear)]

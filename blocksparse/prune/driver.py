@@ -113,6 +113,8 @@ class PruneOptions:
             raise ValueError(f"row_group must be an int >= 1 (1 = free masks), got {self.row_group!r}")
         if self.union_density is not None and not 0.0 < self.union_density <= 1.0:
             raise ValueError(f"union_density must be in (0, 1] (or None: fully shared), got {self.union_density}")
+        if self.union_density is not None and self.row_group == 1:
+            raise ValueError("union_density bounds a row group's shared columns: give row_group > 1 with it")
         if self.row_group > 1 and self.comparison_group != "block-row":
             raise ValueError("row groups share block columns between block rows; use comparison_group='block-row'")
         if self.method == "obc" and self.comparison_group != "block-row":

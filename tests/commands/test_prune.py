@@ -64,6 +64,7 @@ def test_cli_prunes_saves_and_reloads(tiny_dir, text_file, tmp_path, capsys):
     (["--device", "bogus"], r"--device 'bogus' is not a torch device"),
     (["--row-group", "0"], r"row_group must be an int >= 1"),
     (["--row-group", "2", "--union-density", "0"], r"union_density must be in \(0, 1\]"),
+    (["--union-density", "0.6"], r"give row_group > 1 with it"),
 ])
 def test_cli_bad_input_is_one_line_error(tiny_dir, text_file, tmp_path, capsys, extra, message):
     args = ["prune", "--model", str(tiny_dir), "--calib", str(text_file), "--nsamples", "2", "--seqlen", "32",

@@ -183,5 +183,7 @@ def test_row_group_options_are_validated():
         prune_tiny(row_group=0)
     with pytest.raises(ValueError, match=r"union_density must be in \(0, 1\]"):
         prune_tiny(row_group=2, union_density=1.5)
+    with pytest.raises(ValueError, match="give row_group > 1 with it"):
+        prune_tiny(union_density=0.6)
     with pytest.raises(ValueError, match="use comparison_group='block-row'"):
         prune_tiny(row_group=2, comparison_group="global", reconstruct=False)
