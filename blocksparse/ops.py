@@ -17,6 +17,7 @@ variable BLOCKSPARSE_BACKEND=triton|torch overrides "auto".
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -368,6 +369,8 @@ def block_sparse_linear(
     check_inputs(x, weight, bias, lora_a, lora_b)
     if not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+    if not math.isfinite(scaling):  # addmm_ would silently take alpha=nan as 1
+        raise ValueError(f"scaling must be a finite number, got {scaling}")
     if lora_a is None:
         lora_dropout = 0.0
     backend = resolve_backend(backend, x)

@@ -246,3 +246,11 @@ def test_pruned_weights_do_not_exist_for_a_non_finite_input(m, uniform_rows, row
     y.backward(grad)
     stored = mask[row].repeat_interleave(16)
     assert torch.isnan(x.grad[2, stored]).all() and torch.isfinite(x.grad[2, ~stored]).all()
+
+
+@pytest.mark.parametrize("scaling", [float("nan"), float("inf")])
+def test_a_non_finite_lora_scaling_is_refused(scaling):
+    # addmm_ with alpha=nan silently acted as alpha=1 on the CPU.
+    w = BlockSparseWeight.from_dense(torch.randn(32, 48), torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=f"scaling must be a finite number, got {scaling}"):
+        block_sparse_linear(torch.randn(4, 48), w, None, torch.randn(4, 48), torch.randn(32, 4), scaling=scaling)
