@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["cluster_block_rows", "group_union_sizes", "shared_column_groups", "union_density"]
+__all__ = ["cluster_block_rows", "group_of", "group_union_sizes", "shared_column_groups", "union_density"]
 
 
 def _check_mask(block_mask: torch.Tensor, group_size: int) -> None:
@@ -208,7 +208,8 @@ def cluster_block_rows(block_mask: torch.Tensor, group_size: int, max_swap_passe
 # ---------------------------------------------------------------------------------------
 # Groups that share block columns, chosen on scores (grouped masks, DESIGN.md section 6)
 # ---------------------------------------------------------------------------------------
-def _group_of(perm: torch.Tensor, group_size: int) -> torch.Tensor:
+def group_of(perm: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The row group of each block row, for groups perm[g*G:(g+1)*G]."""
     group = torch.empty_like(perm)
     group[perm] = torch.arange(perm.numel(), device=perm.device) // group_size
     return group
@@ -275,7 +276,7 @@ def shared_column_groups(scores: torch.Tensor, group_size: int, keep_per_row: in
     n_groups = -(-rows // group_size)
 
     def evaluate(perm):
-        group = _group_of(perm, group_size)
+        group = group_of(perm, group_size)
         sets = _column_sets(s, group, n_groups, union_blocks, keep_per_row)
         kept = _affinity(s, sets, keep_per_row).gather(1, group[:, None]).sum()
         return float(kept), group, sets

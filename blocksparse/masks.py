@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from .format import DEFAULT_BLOCK_SIZE, check_divisible
-from .grouping import shared_column_groups
+from .grouping import group_of, shared_column_groups
 
 
 @dataclass(frozen=True)
@@ -112,8 +112,7 @@ def grouped_block_mask(scores: torch.Tensor, keep_per_row: int, row_group: int,
     if not 1 <= keep_per_row <= cols:
         raise ValueError(f"keep_per_row must be in [1, {cols}], got {keep_per_row}")
     perm, sets = shared_column_groups(scores, row_group, keep_per_row, union_blocks)
-    group = torch.empty_like(perm)
-    group[perm] = torch.arange(perm.numel()) // row_group
+    group = group_of(perm, row_group)
     inside = scores.detach().double().cpu().masked_fill(~sets[group], -float("inf"))
     mask = torch.zeros_like(inside, dtype=torch.bool).scatter_(1, inside.topk(keep_per_row, dim=1).indices, True)
     return mask.to(scores.device), perm

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..families import decoder_layers
 from ..format import DEFAULT_BLOCK_SIZE, check_block_size
-from ..grouping import cluster_block_rows, group_union_sizes, shared_column_groups
+from ..grouping import cluster_block_rows, group_of, group_union_sizes, shared_column_groups
 from ..masks import (COMPARISON_GROUPS, SCORES, block_scores, element_mask, grouped_block_mask, select_block_mask,
                      union_blocks_for)
 from ..sparsify import FilterFn, check_block_divisible, sparsify_model, target_linears
@@ -320,8 +320,7 @@ def _prune_linear(lin: nn.Linear, stats: InputStats | None, keep_per_row: int, o
         row_groups = None
         if g > 1:  # groups chosen on the diagonal OBS saliency; OBC then drops whole group-columns
             perm, _ = shared_column_groups(block_scores(target, sq_norms, b, "obs"), g, keep_per_row, union_blocks)
-            row_groups = torch.empty_like(perm)
-            row_groups[perm] = torch.arange(perm.numel()) // g
+            row_groups = group_of(perm, g)
         mask = greedy_obs_mask(target, stats.gram, keep_per_row, b, options.damp, options.obc_rounds,
                                row_groups=row_groups, union_blocks=union_blocks)
     else:
