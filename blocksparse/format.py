@@ -28,9 +28,10 @@ Derived metadata (not saved, rebuilt from crow/col/row_perm):
                             a permutation, the weights are never copied
 
 Each backend keeps its own layouts of the structure (the torch backend's
-padded rows, the Triton schedules' look-up tables) through `layout(key,
-build)`: built once per weight, held as non-persistent buffers, so `.to()`
-moves them and checkpoints never contain them.
+padded rows and row groups, the Triton schedules' look-up tables) through
+`layout(key, build)`: built once per weight and device, held in a plain dict
+that `.to()` empties (they are rebuilt where the weight now lives) and that
+checkpoints never see.
 
 Why transposed tiles: the forward product X W^T multiplies X by W^T tiles,
 so each tile is stored the way the forward pass reads it: one block row's
@@ -135,6 +136,11 @@ def _validate_grouping(row_perm: torch.Tensor, row_group: int, n_block_rows: int
         raise ValueError(f"row_group must be an int >= 1, got {row_group!r}")
 
 
+@torch.compiler.disable
+def _build_layout(weight: "BlockSparseWeight", build: Callable[["BlockSparseWeight"], dict]) -> dict:
+    return build(weight)  # index arithmetic with data-dependent shapes: never traced
+
+
 class BlockSparseWeight(nn.Module):
     """A frozen W [N, K] stored as b x b blocks (BSR). Build with `from_dense`."""
 
@@ -181,23 +187,21 @@ class BlockSparseWeight(nn.Module):
         }
         for name, tensor in derived.items():
             self.register_buffer(name, tensor.to(torch.int32), persistent=False)
-        self._layouts: dict[str, tuple[tuple[str, ...], dict]] = {}
+        self._layouts: dict[str, dict] = {}
 
-    @torch.compiler.disable
     def layout(self, key: str, build: Callable[["BlockSparseWeight"], dict]) -> dict:
-        """A backend's derived layout of this weight: `build(self)` runs once per key.
+        """A backend's derived layout of this weight: `build(self)` runs once per key
+        and device; the hot path is one dict look-up (it runs on every op call)."""
+        found = self._layouts.get(key)
+        if found is None:
+            found = self._layouts[key] = _build_layout(self, build)
+        return found
 
-        Tensor entries are kept as non-persistent buffers (moved by `.to()`, never
-        saved); other entries (plain Python values) are kept as they are.
-        """
-        if key not in self._layouts:
-            built = build(self)
-            tensors = tuple(name for name, value in built.items() if isinstance(value, torch.Tensor))
-            for name in tensors:
-                self.register_buffer(f"_{key}_{name}", built[name], persistent=False)
-            self._layouts[key] = (tensors, {k: v for k, v in built.items() if k not in tensors})
-        tensors, plain = self._layouts[key]
-        return {**{name: getattr(self, f"_{key}_{name}") for name in tensors}, **plain}
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half() move the buffers: the layouts derived from them
+        # are rebuilt on first use instead of being moved one by one.
+        self._layouts = {}
+        return super()._apply(fn, recurse)
 
     # ------------------------------------------------------------------ builders
     @classmethod

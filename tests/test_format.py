@@ -144,3 +144,18 @@ def test_a_malformed_row_grouping_is_refused(perm, row_group, message):
     with pytest.raises(ValueError, match=message):
         BlockSparseWeight.from_bsr(w.crow, w.col, w.values, w.shape, row_perm=torch.tensor(perm),
                                    row_group=row_group)
+
+
+def test_a_layout_is_built_once_and_rebuilt_where_the_weight_moves():
+    _, _, w = grouped_weight()
+    builds = []
+
+    def build(weight):
+        builds.append(weight.values.dtype)
+        return {"rows": weight.crow.clone(), "dtype": weight.values.dtype}
+
+    first = w.layout("test", build)
+    assert w.layout("test", build) is first and builds == [torch.float32]
+    w.to(torch.float64)  # .to() empties the layouts: they are derived from the moved buffers
+    assert w.layout("test", build)["dtype"] == torch.float64 and builds == [torch.float32, torch.float64]
+    assert not any(key.startswith("_test") for key in w.state_dict())
