@@ -37,6 +37,9 @@ _CHUNK_BYTES = 1 << 20
 # Gathered X slab of one step of the row-group GEMMs: 4 MiB was the best compromise of
 # 1-8 MiB measured at 4096x4096, M = 256 and 2048 (docs/DESIGN.md, "The torch backend").
 _GROUP_SLAB_BYTES = 4 << 20
+# Packed tiles of one step of the row-group GEMMs: they stay in cache while every token
+# chunk multiplies them.
+_GROUP_TILE_BYTES = 4 << 20
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
@@ -111,26 +114,44 @@ def _padded_rows(weight: BlockSparseWeight) -> dict:
             "to_storage": None if identity else perm, "to_true": None if identity else torch.argsort(perm)}
 
 
-def _row_chunks(weight: BlockSparseWeight, m: int, element_size: int):
-    """Yield (r0, r1, slab, cols, valid) per chunk of block rows of the padded row layout.
+def _row_chunks(weight: BlockSparseWeight, m: int) -> list[tuple]:
+    """(r0, r1, cols, index, valid) per chunk of block rows of the padded row layout, for
+    M tokens (the chunks of every M <= SMALL_M_MAX are those of SMALL_M_MAX: one plan).
 
-    slab [ch, P*b, b]: the chunk's transposed tiles, row r's stacked into the
-    [P*b, b] slab of W^T it needs (a free view when every row has P blocks);
-    cols [ch*P]: their block columns; valid: the padding mask, None if uniform.
-    A chunk's gathered activations ([M, ch*P*b]) stay in cache.
+    cols [ch*P]: the chunk's block columns; index: where its tiles lie in `values`
+    (None when every row has P blocks: the tiles are then one contiguous stretch);
+    valid: the padding mask, None if uniform. A chunk's gathered activations
+    ([M, ch*P*b]) and its tiles stay in cache.
     """
+    if m > SMALL_M_MAX:  # the non-finite fallback at large M: rare, not cached per M
+        return _build_row_chunks(weight, m)["chunks"]
+    return weight.layout("row_chunks", lambda w: _build_row_chunks(w, SMALL_M_MAX))["chunks"]
+
+
+def _build_row_chunks(weight: BlockSparseWeight, m: int) -> dict:
     rows = weight.layout("padded_rows", _padded_rows)
     b, width = weight.block_size, rows["index"].shape[1]
     n_rows = weight.block_grid[0]
-    chunk = max(1, _CHUNK_BYTES // (width * b * max(m, 1) * element_size))
+    chunk = max(1, _CHUNK_BYTES // max(width * b * m * weight.values.element_size(), 1))
+    chunks = []
     for r0 in range(0, n_rows, chunk):
         r1 = min(r0 + chunk, n_rows)
-        cols = rows["col"][r0:r1].reshape(-1)
-        if rows["uniform"]:
-            slab, valid = weight.values[r0 * width:r1 * width], None
-        else:  # short rows are padded with block 0, masked out by `valid`
-            slab, valid = weight.values[rows["index"][r0:r1]], rows["valid"][r0:r1]
-        yield r0, r1, slab.view(r1 - r0, width * b, b), cols, valid
+        uniform = rows["uniform"]
+        chunks.append((r0, r1, rows["col"][r0:r1].reshape(-1).long(),
+                       None if uniform else rows["index"][r0:r1].long(),
+                       None if uniform else rows["valid"][r0:r1]))
+    return {"chunks": chunks}
+
+
+def _chunk_slab(weight: BlockSparseWeight, r0: int, r1: int, index: torch.Tensor | None) -> torch.Tensor:
+    """[ch, P*b, b]: the chunk's transposed tiles, row r's stacked into the [P*b, b] slab
+    of W^T it needs (a free view when every row has P blocks; short rows are padded
+    with block 0, which `valid` masks out)."""
+    b = weight.block_size
+    if index is None:
+        width = weight.nnz_blocks // weight.block_grid[0]
+        return weight.values[r0 * width:r1 * width].view(r1 - r0, width * b, b)
+    return weight.values[index].view(r1 - r0, -1, b)
 
 
 def _sparse_matmul_small_m(x: torch.Tensor, weight: BlockSparseWeight) -> torch.Tensor:
@@ -144,15 +165,14 @@ def _sparse_matmul_small_m(x: torch.Tensor, weight: BlockSparseWeight) -> torch.
     if weight.nnz_blocks == 0 or m == 0:
         return x.new_zeros(m, n)
     x_blocks = x.reshape(m, weight.block_grid[1], b)
-    parts = []
-    for r0, r1, slab, cols, valid in _row_chunks(weight, m, x.element_size()):
+    out = x.new_empty(weight.block_grid[0], m, b)  # storage order
+    for r0, r1, cols, index, valid in _row_chunks(weight, m):
         gathered = x_blocks.index_select(1, cols)  # [M, ch*P, b]
         if valid is not None:
             gathered = torch.where(valid.reshape(1, -1, 1), gathered, 0.0)  # not * (0 * NaN)
         # [ch, M, P*b] as a strided view: bmm reads it in place.
-        gathered = gathered.view(m, r1 - r0, slab.shape[1]).transpose(0, 1)
-        parts.append(torch.bmm(gathered, slab))  # [ch, M, b]
-    out = parts[0] if len(parts) == 1 else torch.cat(parts)  # [R, M, b], storage order
+        gathered = gathered.view(m, r1 - r0, -1).transpose(0, 1)
+        torch.bmm(gathered, _chunk_slab(weight, r0, r1, index), out=out[r0:r1])
     to_true = weight.layout("padded_rows", _padded_rows)["to_true"]
     if to_true is not None:
         out = out.index_select(0, to_true)
@@ -170,7 +190,8 @@ def _sparse_matmul_t_small_m(grad_y: torch.Tensor, weight: BlockSparseWeight) ->
     to_storage = weight.layout("padded_rows", _padded_rows)["to_storage"]
     if to_storage is not None:
         grad_y_blocks = grad_y_blocks.index_select(1, to_storage)
-    for r0, r1, slab, cols, valid in _row_chunks(weight, m, grad_y.element_size()):
+    for r0, r1, cols, index, valid in _row_chunks(weight, m):
+        slab = _chunk_slab(weight, r0, r1, index)
         partial = torch.bmm(grad_y_blocks[:, r0:r1].transpose(0, 1), slab.transpose(1, 2))  # [ch, M, P*b]
         partial = partial.view(r1 - r0, m, -1, b)
         if valid is not None:
@@ -208,56 +229,73 @@ def _packed(weight: BlockSparseWeight, per_row: int, first: int, size: int, grou
     return tiles.permute(0, 2, 3, 1, 4).reshape(groups, per_row * b, size * b)
 
 
-def _blocks_of_work(m: int, groups: int, slab_row_bytes: int):
-    """(token rows, groups) per step of the grouped product, so that one step's gathered
-    slab ([groups, rows, U*b]) stays in cache instead of streaming through memory."""
-    rows = max(1, min(m, _GROUP_SLAB_BYTES // max(slab_row_bytes, 1)))
-    return rows, max(1, min(groups, _GROUP_SLAB_BYTES // max(rows * slab_row_bytes, 1)))
+def _blocks_of_work(m: int, groups: int, tile_bytes: int, slab_row_bytes: int) -> tuple[int, int]:
+    """(groups, token rows) per step of the grouped product: a step's packed tiles
+    ([groups, U*b, G*b], `tile_bytes` per group) stay in cache while every token chunk
+    multiplies them, and its gathered slab ([groups, rows, U*b], `slab_row_bytes` per
+    group and row) stays in cache instead of streaming through memory."""
+    group_step = max(1, min(groups, _GROUP_TILE_BYTES // max(tile_bytes, 1)))
+    return group_step, max(1, min(m, _GROUP_SLAB_BYTES // max(group_step * slab_row_bytes, 1)))
+
+
+def _block_rows(t: torch.Tensor, width: int, m0: int, m1: int, index: torch.Tensor) -> torch.Tensor:
+    """[m1 - m0, len(index), b]: the b-wide column blocks `index` of token rows m0..m1 of
+    t [M, width * b], gathered as rows of a [M * width, b] view: one index_select over
+    many rows, which runs at copy speed (a dim-1 select of few blocks does not)."""
+    b = t.shape[1] // width
+    rows = torch.arange(m0 * width, m1 * width, width, device=t.device)
+    return t.view(-1, b).index_select(0, (rows[:, None] + index[None, :]).reshape(-1)).view(m1 - m0, -1, b)
 
 
 def _grouped_matmul(x: torch.Tensor, weight: BlockSparseWeight, layout: dict) -> torch.Tensor:
     """Y = X W^T for fully shared row groups: per group one GEMM of the group's gathered
     X columns [M, U*b] with its packed tile [U*b, G*b]: union = density, no zero tiles.
-    Token rows and groups are blocked so each step's gathered slab stays in cache."""
+    Groups and token rows are blocked (`_blocks_of_work`); the tiles are packed one
+    group chunk at a time, never all at once."""
     m, (n, _), b = x.shape[0], weight.shape, weight.block_size
-    x_blocks = x.view(m, weight.block_grid[1], b)
-    out = x.new_empty(m, n)                                                          # storage rows
+    x, es = x.contiguous(), x.element_size()
+    out = x.new_empty(m, n)  # block rows in storage order
     for first, size, groups, cols in layout["parts"]:
-        packed = _packed(weight, layout["per_row"], first, size, groups)              # [groups, U*b, size*b]
-        span, width = packed.shape[1], packed.shape[2]
-        rows, group_step = _blocks_of_work(m, groups, span * x.element_size())
-        for m0 in range(0, m, rows):
-            part = x_blocks[m0:m0 + rows]
-            for g0 in range(0, groups, group_step):
-                g1 = min(g0 + group_step, groups)
-                gathered = part.index_select(1, cols[g0:g1].reshape(-1)).view(part.shape[0], g1 - g0, span)
-                result = torch.bmm(gathered.transpose(0, 1), packed[g0:g1])            # [g1-g0, rows, width]
-                start = first * b + g0 * width
-                out[m0:m0 + rows, start:start + (g1 - g0) * width] = result.transpose(0, 1).reshape(part.shape[0], -1)
+        span, width = layout["per_row"] * b, size * b
+        group_step, rows = _blocks_of_work(m, groups, span * width * es, span * es)
+        for g0 in range(0, groups, group_step):
+            g1 = min(g0 + group_step, groups)
+            packed = _packed(weight, layout["per_row"], first + g0 * size, size, g1 - g0)  # [gs, U*b, G*b]
+            start, stop = first * b + g0 * width, first * b + g1 * width
+            for m0 in range(0, m, rows):
+                m1 = min(m0 + rows, m)
+                gathered = _block_rows(x, weight.block_grid[1], m0, m1, cols[g0:g1].reshape(-1))
+                result = torch.bmm(gathered.view(m1 - m0, g1 - g0, span).transpose(0, 1), packed)
+                out[m0:m1, start:stop].view(m1 - m0, g1 - g0, width).copy_(result.transpose(0, 1))
     to_true = weight.layout("padded_rows", _padded_rows)["to_true"]
-    return out if to_true is None else out.view(m, -1, b).index_select(1, to_true).reshape(m, n)
+    return out if to_true is None else _block_rows(out, weight.block_grid[0], 0, m, to_true).view(m, n)
 
 
 def _grouped_matmul_t(grad_y: torch.Tensor, weight: BlockSparseWeight, layout: dict) -> torch.Tensor:
     """dX = dY W for fully shared row groups: per group dY's rows [M, G*b] times the packed
-    tile transposed, scatter-added into the group's columns; blocked like the forward."""
-    m, (_, k), b = grad_y.shape[0], weight.shape, weight.block_size
-    rows_of = grad_y.view(m, weight.block_grid[0], b)
+    tile transposed, added into the group's columns; blocked like the forward."""
+    m, (n, k), b = grad_y.shape[0], weight.shape, weight.block_size
+    grad_y, es = grad_y.contiguous(), grad_y.element_size()
     to_storage = weight.layout("padded_rows", _padded_rows)["to_storage"]
     if to_storage is not None:
-        rows_of = rows_of.index_select(1, to_storage)
-    grad_x = grad_y.new_zeros(m, weight.block_grid[1], b)
+        grad_y = _block_rows(grad_y, weight.block_grid[0], 0, m, to_storage).view(m, n)
+    n_cols = weight.block_grid[1]
+    grad_x = grad_y.new_zeros(m * n_cols, b)
     for first, size, groups, cols in layout["parts"]:
-        packed = _packed(weight, layout["per_row"], first, size, groups)
-        part_rows = rows_of[:, first:first + groups * size].reshape(m, groups, size * b)   # [M, groups, size*b]
-        rows, group_step = _blocks_of_work(m, groups, packed.shape[1] * grad_y.element_size())
-        for m0 in range(0, m, rows):
-            for g0 in range(0, groups, group_step):
-                g1 = min(g0 + group_step, groups)
-                partial = torch.bmm(part_rows[m0:m0 + rows, g0:g1].transpose(0, 1), packed[g0:g1].transpose(1, 2))
-                grad_x[m0:m0 + rows].index_add_(1, cols[g0:g1].reshape(-1),
-                                                partial.transpose(0, 1).reshape(partial.shape[1], -1, b))
-    return grad_x.reshape(m, k)
+        span, width = layout["per_row"] * b, size * b
+        group_step, rows = _blocks_of_work(m, groups, span * width * es, span * es)
+        for g0 in range(0, groups, group_step):
+            g1 = min(g0 + group_step, groups)
+            packed_t = _packed(weight, layout["per_row"], first + g0 * size, size, g1 - g0).transpose(1, 2)
+            start, stop = first * b + g0 * width, first * b + g1 * width
+            for m0 in range(0, m, rows):
+                m1 = min(m0 + rows, m)
+                part = grad_y[m0:m1, start:stop].view(m1 - m0, g1 - g0, width).transpose(0, 1)
+                partial = torch.bmm(part, packed_t)  # [gs, rows, U*b]
+                targets = (torch.arange(m0 * n_cols, m1 * n_cols, n_cols, device=grad_y.device)[:, None]
+                           + cols[g0:g1].reshape(1, -1)).reshape(-1)
+                grad_x.index_add_(0, targets, partial.transpose(0, 1).reshape(-1, b))
+    return grad_x.view(m, k)
 
 
 def torch_schedule(weight: BlockSparseWeight, m: int) -> str:
@@ -297,17 +335,23 @@ def sparse_matmul_t_torch(grad_y: torch.Tensor, weight: BlockSparseWeight) -> to
     return grad_y @ weight.to_dense()
 
 
+def _linear_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, keep_mask):
+    """(Y, the LoRA input, its shrink T = drop(X) A^T): the forward of the torch backend."""
+    y = sparse_matmul_torch(x, weight)
+    if bias is not None:
+        y = y + bias
+    lora_in = shrink = None
+    if lora_a is not None:
+        lora_in = x if keep_mask is None else x * keep_mask / (1.0 - dropout_p)
+        shrink = lora_in @ lora_a.t()  # [M, r]
+        y = y.addmm_(shrink, lora_b.t(), alpha=scaling)
+    return y, lora_in, shrink
+
+
 class _LinearTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, keep_mask):
-        y = sparse_matmul_torch(x, weight)
-        if bias is not None:
-            y = y + bias
-        lora_in = shrink = None
-        if lora_a is not None:
-            lora_in = x if keep_mask is None else x * keep_mask / (1.0 - dropout_p)
-            shrink = lora_in @ lora_a.t()  # [M, r]
-            y = y.addmm_(shrink, lora_b.t(), alpha=scaling)
+        y, lora_in, shrink = _linear_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, keep_mask)
         ctx.weight, ctx.scaling, ctx.dropout_p = weight, scaling, dropout_p
         ctx.has_bias = bias is not None
         ctx.save_for_backward(lora_in, shrink, lora_a, lora_b, keep_mask)
@@ -343,6 +387,9 @@ def linear_torch(x2d: torch.Tensor, weight: BlockSparseWeight, bias: torch.Tenso
     """The torch backend on x2d [M, K] with an explicit LoRA dropout keep-mask [M, K]
     (1/0 in x's dtype, or None for no dropout): how tests replay the Triton kernels'
     Philox mask (`blocksparse.kernels.philox_keep_mask`) element for element."""
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2d, bias, lora_a, lora_b))):
+        # Inference: no graph to record (autograd.Function costs ~10 us a call, a decode step has 210)
+        return _linear_forward(x2d, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p), keep_mask)[0]
     return _LinearTorch.apply(x2d, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p), keep_mask)
 
 

@@ -102,8 +102,10 @@ def test_fully_shared_row_groups_run_one_gemm_per_group(dtype, m, row_group, sch
 def test_blocked_row_group_steps_cover_every_row_and_group(monkeypatch):
     import blocksparse.ops as ops
 
-    monkeypatch.setattr(ops, "_GROUP_SLAB_BYTES", 1000)  # a few token rows and one group per step
-    assert ops._blocks_of_work(130, 16, 320) == (3, 1)
+    monkeypatch.setattr(ops, "_GROUP_SLAB_BYTES", 1000)  # a few token rows (7 here: 130 = 18 x 7 + 4)
+    monkeypatch.setattr(ops, "_GROUP_TILE_BYTES", 1000)  # and one group per step
+    assert ops._blocks_of_work(130, 16, 400, 320) == (2, 1)
+    assert ops._blocks_of_work(130, 16, 4096, 128) == (1, 7)
     run_and_compare(130, 96, 80, 0.4, torch.float32, bias=True, lora_rank=4, row_group=2, shared=True,
                     schedule="row-groups")
 
