@@ -17,18 +17,9 @@ from pathlib import Path
 
 import torch
 
-from ..families import Family
 from ..format import SUPPORTED_BLOCK_SIZES
+from ..integration.recipes import latency, lora_step, prune_recipe
 from .args import CLIError, add_dataset_flag, add_flag, check_finite
-
-
-def prune_recipe(family: Family) -> dict:
-    """The demo's pruning recipe (PruneOptions fields), the fast one-shot recipe measured
-    best on the embedded model (README, "Pruning", says what each part buys): the first
-    layer's MLP and every value projection stay dense, the other linears pay for them, and
-    each layer is refined for 50 steps."""
-    return dict(method="wanda", comparison_group="block-row", reconstruct=True, reconstruct_target="dense",
-                allocation={family.mlp_path(0): 1.0, family.value_path("*"): 1.0}, refine_steps=50)
 
 
 def add_parser(subparsers):
@@ -62,33 +53,6 @@ def add_parser(subparsers):
     return parser
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
-@torch.inference_mode()
-def latency(model, prompt: torch.Tensor, decode_tokens: int, repeats: int = 3) -> dict:
-    """Prefill seconds for `prompt` [1, T] and greedy decode tokens/s with the KV cache."""
-    model.eval()
-    prefill = _median_seconds(lambda: model(input_ids=prompt, use_cache=False), repeats)
-    short = prompt[:, :16]
-
-    def generate():
-        model.generate(input_ids=short, attention_mask=torch.ones_like(short), do_sample=False,
-                       max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, use_cache=True,
-                       pad_token_id=0)
-
-    decode = _median_seconds(generate, repeats)
-    return {"prefill_s": prefill, "prefill_tokens": prompt.shape[1],
-            "decode_tokens_per_s": decode_tokens / decode}
-
-
 def _plot(stages: list[tuple[str, float]], timing: dict, path: Path) -> None:
     import matplotlib
 
@@ -103,11 +67,12 @@ def _plot(stages: list[tuple[str, float]], timing: dict, path: Path) -> None:
     ax_ppl.set_title("perplexity per stage")
     ax_ppl.bar_label(bars, fmt="%.1f")
     kinds = ["prefill (ms)", "decode (ms/token)"]
-    dense = [timing["dense"]["prefill_s"] * 1e3, 1e3 / timing["dense"]["decode_tokens_per_s"]]
-    sparse = [timing["sparse"]["prefill_s"] * 1e3, 1e3 / timing["sparse"]["decode_tokens_per_s"]]
+    variants = (("dense", "dense"), ("sparse", "block-sparse"), ("dense_lora", "dense + LoRA"),
+                ("sparse_lora", "block-sparse + LoRA"))
     xs = range(len(kinds))
-    ax_lat.bar([x - 0.2 for x in xs], dense, 0.4, label="dense")
-    ax_lat.bar([x + 0.2 for x in xs], sparse, 0.4, label="block-sparse + LoRA")
+    for i, (key, label) in enumerate(variants):
+        values = [timing[key]["prefill_s"] * 1e3, 1e3 / timing[key]["decode_tokens_per_s"]]
+        ax_lat.bar([x + (i - 1.5) * 0.2 for x in xs], values, 0.2, label=label)
     ax_lat.set_xticks(list(xs), kinds)
     ax_lat.set_title(f"latency on {timing['device']}")
     ax_lat.legend()
@@ -126,11 +91,10 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
     target_modules: what LoRA adapts (default: every projection of the model's family).
     """
     from ..families import family_of
-    from ..integration.data import calibration_samples, eval_tokens, train_token_blocks
+    from ..integration.data import calibration_samples, eval_tokens
     from ..integration.evaluate import perplexity
     from ..integration.model import load_model
-    from ..integration.peft import lora_config
-    from ..integration.train import train_lora, training_arguments
+    from ..integration.peft import load_adapter
     from ..prune import prune_model
 
     started = time.perf_counter()
@@ -164,24 +128,19 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
     results["pruned"] = ppl(model, "block-sparse model")
 
     print(f"\n== LoRA fine-tuning: {steps} steps x {batch_size} x {train_seqlen} tokens, fused block-sparse op")
-    blocks = train_token_blocks(tokenizer, dataset, train_seqlen, max_samples=steps * batch_size)
-    args = training_arguments(str(out / "lora"), max_steps=steps, per_device_train_batch_size=batch_size,
-                              learning_rate=learning_rate, warmup_steps=max(1, steps // 20),
-                              logging_steps=max(1, steps // 10), save_strategy="no", seed=0)
-    config = lora_config(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.05, target_modules=target_modules)
-    t0 = time.perf_counter()
-    peft_model, _, train_output = train_lora(model, blocks, args, config)
-    results["finetune"] = {"seconds": time.perf_counter() - t0, "train_tokens": blocks.numel(),
-                           "train_loss": train_output.training_loss}
+    peft_model, results["finetune"] = lora_step(model, tokenizer, dataset, out / "lora", target_modules, steps,
+                                                batch_size, train_seqlen, learning_rate, lora_r)
     peft_model.save_pretrained(out / "adapter")
     results["lora"] = ppl(peft_model, "block-sparse model + LoRA (adapter unmerged)")
 
-    print("\n== latency, dense vs block-sparse + LoRA (torch backend on CPU, Triton on GPU)")
+    print("\n== latency: dense vs block-sparse, each alone and with the same LoRA adapter (unmerged), interleaved")
     prompt = held_out[:, :seqlen]
     device = (torch.cuda.get_device_name() if torch.cuda.is_available()
               else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
-    results["latency"] = {"device": device, "dense": latency(dense_model, prompt, decode_tokens),
-                          "sparse": latency(peft_model, prompt, decode_tokens)}
+    dense_lora = load_adapter(copy.deepcopy(dense_model), out / "adapter")
+    models = {"dense": dense_model, "sparse": peft_model, "dense_lora": dense_lora, "sparse_lora": peft_model}
+    results["latency"] = {"device": device, **latency(models, prompt, decode_tokens,
+                                                       contexts={"sparse": peft_model.disable_adapter})}
     results["seconds"] = time.perf_counter() - started
     results["versions"] = {"torch": torch.__version__, "python": platform.python_version()}
 
@@ -210,13 +169,14 @@ def _table(results: dict) -> str:
     ]
     lines = ["| stage | perplexity | x dense | notes |", "| --- | ---: | ---: | --- |"]
     lines += [f"| {name} | {p:.2f} | {p / dense_ppl:.2f} | {note} |" for name, p, note in rows]
-    d, s = lat["dense"], lat["sparse"]
-    lines += ["", f"Latency on {lat['device']}:", "",
-              "| | dense | block-sparse + LoRA | speedup |", "| --- | ---: | ---: | ---: |",
-              f"| prefill {d['prefill_tokens']} tokens (ms) | {d['prefill_s'] * 1e3:.1f} | "
-              f"{s['prefill_s'] * 1e3:.1f} | {d['prefill_s'] / s['prefill_s']:.2f}x |",
-              f"| decode (tokens/s) | {d['decode_tokens_per_s']:.1f} | {s['decode_tokens_per_s']:.1f} | "
-              f"{s['decode_tokens_per_s'] / d['decode_tokens_per_s']:.2f}x |"]
+    lines += ["", f"Latency on {lat['device']}, measured in one interleaved run (medians):", "",
+              "| | dense | block-sparse | speedup |", "| --- | ---: | ---: | ---: |"]
+    for suffix, label in (("", ""), ("_lora", ", both + LoRA")):
+        d, s = lat["dense" + suffix], lat["sparse" + suffix]
+        lines += [f"| prefill {d['prefill_tokens']} tokens (ms){label} | {d['prefill_s'] * 1e3:.1f} | "
+                  f"{s['prefill_s'] * 1e3:.1f} | {d['prefill_s'] / s['prefill_s']:.2f}x |",
+                  f"| decode (tokens/s){label} | {d['decode_tokens_per_s']:.1f} | {s['decode_tokens_per_s']:.1f} | "
+                  f"{s['decode_tokens_per_s'] / d['decode_tokens_per_s']:.2f}x |"]
     return "\n".join(lines)
 
 

@@ -26,10 +26,11 @@ def test_demo_runs_every_stage_and_writes_the_report(tiny_dir, corpus_file, tmp_
     for stage in ("dense", "pruned", "lora"):
         assert math.isfinite(saved[stage]["ppl"]) and saved[stage]["windows"] == 3
     assert saved["finetune"]["train_tokens"] == 3 * 2 * 32
-    for kind in ("dense", "sparse"):
+    for kind in ("dense", "sparse", "dense_lora", "sparse_lora"):
         assert saved["latency"][kind]["prefill_s"] > 0 and saved["latency"][kind]["decode_tokens_per_s"] > 0
     report = (out / "report.md").read_text()
     assert "| block-sparse + LoRA (unmerged) |" in report and "demo.png" in report
+    assert "| decode (tokens/s), both + LoRA |" in report
 
 
 def test_demo_cli_rejects_bad_input(capsys):

@@ -1,0 +1,77 @@
+"""The measured recipes the demo runs and the trade-off benchmark compares: one pruning
+recipe, one LoRA recovery step (README, "Pruning" and "The demo", says what each buys)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Callable, ContextManager
+
+import torch
+from torch import nn
+
+from ..families import Family
+
+
+def prune_recipe(family: Family) -> dict:
+    """The demo's pruning recipe (PruneOptions fields), the fast one-shot recipe measured
+    best on the embedded model: the first layer's MLP and every value projection stay
+    dense, the other linears pay for them, and each layer is refined for 50 steps."""
+    return dict(method="wanda", comparison_group="block-row", reconstruct=True, reconstruct_target="dense",
+                allocation={family.mlp_path(0): 1.0, family.value_path("*"): 1.0}, refine_steps=50)
+
+
+def lora_step(model: nn.Module, tokenizer, dataset: str, out: str | Path, target_modules: tuple[str, ...],
+              steps: int = 40, batch_size: int = 1, train_seqlen: int = 256, learning_rate: float = 1e-3,
+              lora_r: int = 16) -> tuple[nn.Module, dict]:
+    """The demo's LoRA recovery: r = lora_r, alpha = 2r, dropout 0.05 on `target_modules`,
+    `steps` x `batch_size` x `train_seqlen` tokens of the train split, no checkpoints.
+    Returns the PEFT model (adapter unmerged) and {"seconds", "train_tokens", "train_loss"}."""
+    from .data import train_token_blocks
+    from .peft import lora_config
+    from .train import train_lora, training_arguments
+
+    blocks = train_token_blocks(tokenizer, dataset, train_seqlen, max_samples=steps * batch_size)
+    args = training_arguments(str(out), max_steps=steps, per_device_train_batch_size=batch_size,
+                              learning_rate=learning_rate, warmup_steps=max(1, steps // 20),
+                              logging_steps=max(1, steps // 10), save_strategy="no", seed=0)
+    config = lora_config(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.05, target_modules=target_modules)
+    start = time.perf_counter()
+    peft_model, _, train_output = train_lora(model, blocks, args, config)
+    return peft_model, {"seconds": time.perf_counter() - start, "train_tokens": int(blocks.numel()),
+                        "train_loss": train_output.training_loss}
+
+
+def latency(models: dict[str, nn.Module], prompt: torch.Tensor, decode_tokens: int, repeats: int = 3,
+            contexts: dict[str, Callable[[], ContextManager]] | None = None) -> dict[str, dict]:
+    """Prefill seconds for `prompt` [1, T] and greedy decode tokens/s with the KV cache, per
+    model: medians of `repeats` rounds that visit every model in turn (interleaved, so a
+    slow moment of the machine hits them all), after one warm-up round. contexts: a
+    context to enter around a model's runs (e.g. a PeftModel's `disable_adapter`)."""
+    contexts = contexts or {}
+    short = prompt[:, :16]
+    times = {name: {"prefill": [], "decode": []} for name in models}
+
+    def once(name, model, record):
+        with contexts.get(name, contextlib.nullcontext)(), torch.inference_mode():
+            start = time.perf_counter()
+            model(input_ids=prompt, use_cache=False)
+            record["prefill"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            model.generate(input_ids=short, attention_mask=torch.ones_like(short), do_sample=False,
+                           max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, use_cache=True,
+                           pad_token_id=0)
+            record["decode"].append(time.perf_counter() - start)
+
+    for model in models.values():
+        model.eval()
+    for round_ in range(repeats + 1):  # round 0 warms up: layouts built, allocator settled
+        for name, model in models.items():
+            once(name, model, times[name] if round_ else {"prefill": [], "decode": []})
+    return {name: {"prefill_s": _median(t["prefill"]), "prefill_tokens": prompt.shape[1],
+                   "decode_tokens_per_s": decode_tokens / _median(t["decode"])} for name, t in times.items()}
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
