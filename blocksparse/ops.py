@@ -39,7 +39,7 @@ _CHUNK_BYTES = 1 << 20
 _GROUP_SLAB_BYTES = 4 << 20
 # Packed tiles of one step of the row-group GEMMs: they stay in cache while every token
 # chunk multiplies them.
-_GROUP_TILE_BYTES = 4 << 20
+_GROUP_TILE_BYTES = 1 << 20
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
@@ -116,7 +116,7 @@ def _padded_rows(weight: BlockSparseWeight) -> dict:
 
 def _row_chunks(weight: BlockSparseWeight, m: int) -> list[tuple]:
     """(r0, r1, cols, index, valid) per chunk of block rows of the padded row layout, for
-    M tokens (the chunks of every M <= SMALL_M_MAX are those of SMALL_M_MAX: one plan).
+    M tokens (built once per weight and M <= SMALL_M_MAX).
 
     cols [ch*P]: the chunk's block columns; index: where its tiles lie in `values`
     (None when every row has P blocks: the tiles are then one contiguous stretch);
@@ -125,7 +125,7 @@ def _row_chunks(weight: BlockSparseWeight, m: int) -> list[tuple]:
     """
     if m > SMALL_M_MAX:  # the non-finite fallback at large M: rare, not cached per M
         return _build_row_chunks(weight, m)["chunks"]
-    return weight.layout("row_chunks", lambda w: _build_row_chunks(w, SMALL_M_MAX))["chunks"]
+    return weight.layout(f"row_chunks_{m}", lambda w: _build_row_chunks(w, m))["chunks"]
 
 
 def _build_row_chunks(weight: BlockSparseWeight, m: int) -> dict:
