@@ -33,6 +33,12 @@ def add_parser(subparsers):
     add_flag(parser, "--sparsity", type=float, default=0.5, help="block sparsity (default: %(default)s)")
     add_flag(parser, "--sparse_block_size", type=int, default=16, choices=SUPPORTED_BLOCK_SIZES,
              help="sparse block edge (default: %(default)s)")
+    add_flag(parser, "--row_group", type=int, default=1, metavar="G",
+             help="grouped masks: every G block rows share their block columns (1 = free masks; "
+                  "default: %(default)s)")
+    add_flag(parser, "--union_density", type=float, default=None, metavar="U",
+             help="with --row_group G > 1: the share of block columns a group may use (default: "
+                  "1 - sparsity, fully shared)")
     add_flag(parser, "--seqlen", type=int, default=512,
              help="tokens per calibration and evaluation window (default: %(default)s)")
     add_flag(parser, "--nsamples", type=int, default=16,
@@ -82,7 +88,8 @@ def _plot(stages: list[tuple[str, float]], timing: dict, path: Path) -> None:
 
 
 def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str = "default",
-             sparsity: float = 0.5, block_size: int = 16, seqlen: int = 512, nsamples: int = 16,
+             sparsity: float = 0.5, block_size: int = 16, row_group: int = 1,
+             union_density: float | None = None, seqlen: int = 512, nsamples: int = 16,
              eval_windows: int | None = 12, steps: int = 40, batch_size: int = 1,
              train_seqlen: int = 256, learning_rate: float = 1e-3, lora_r: int = 16,
              target_modules: tuple[str, ...] | None = None, decode_tokens: int = 32) -> dict:
@@ -113,7 +120,8 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
         return result
 
     results: dict = {"settings": dict(model=model_name, dataset=dataset, sparsity=sparsity,
-                                      block_size=block_size, seqlen=seqlen, nsamples=nsamples,
+                                      block_size=block_size, row_group=row_group,
+                                      union_density=union_density, seqlen=seqlen, nsamples=nsamples,
                                       eval_windows=eval_windows, steps=steps, batch_size=batch_size,
                                       train_seqlen=train_seqlen, learning_rate=learning_rate, lora_r=lora_r,
                                       target_modules=list(target_modules), prune_recipe=recipe)}
@@ -123,7 +131,8 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
     print(f"\n== pruning {block_size}x{block_size} blocks to {sparsity:.0%} sparsity ({nsamples} calibration windows)")
     calib = calibration_samples(tokenizer, dataset, nsamples, seqlen)
     t0 = time.perf_counter()
-    report = prune_model(model, calib, sparsity=sparsity, block_size=block_size, **recipe)
+    report = prune_model(model, calib, sparsity=sparsity, block_size=block_size, row_group=row_group,
+                         union_density=union_density, **recipe)
     results["prune"] = {"total_density": report["total_density"], "seconds": time.perf_counter() - t0}
     results["pruned"] = ppl(model, "block-sparse model")
 
@@ -163,7 +172,8 @@ def _table(results: dict) -> str:
     rows = [
         ("dense", results["dense"]["ppl"], ""),
         (f"block-sparse {results['settings']['sparsity']:.0%} (one-shot)", results["pruned"]["ppl"],
-         f"pruned in {results['prune']['seconds']:.0f} s, density {results['prune']['total_density']:.3f}"),
+         f"pruned in {results['prune']['seconds']:.0f} s, density {results['prune']['total_density']:.3f}"
+         + _grouping_note(results["settings"])),
         ("block-sparse + LoRA (unmerged)", results["lora"]["ppl"],
          f"{results['finetune']['train_tokens']} tokens in {results['finetune']['seconds'] / 60:.1f} min"),
     ]
@@ -180,6 +190,14 @@ def _table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _grouping_note(settings: dict) -> str:
+    group, union = settings.get("row_group", 1), settings.get("union_density")
+    if group == 1:
+        return ", free masks"
+    return f", {group} block rows per group " + ("sharing their columns" if union is None else
+                                                   f"within {union:g} of the columns")
+
+
 def run(args) -> int:
     check_finite(args, "_")
     if not 0.0 <= args.sparsity < 1.0:
@@ -187,9 +205,15 @@ def run(args) -> int:
     for name in ("steps", "seqlen", "train_seqlen", "nsamples", "batch_size", "lora_r", "decode_tokens"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.row_group < 1:
+        raise CLIError(f"--row_group must be >= 1 (1 = free masks), got {args.row_group}")
+    if args.union_density is not None and (args.row_group == 1 or not 1 - args.sparsity <= args.union_density <= 1):
+        raise CLIError(f"--union_density needs --row_group > 1 and a value in [1 - sparsity, 1] = "
+                       f"[{1 - args.sparsity:g}, 1], got {args.union_density} with --row_group {args.row_group}")
     targets = tuple(t.strip() for t in (args.target_modules or "").split(",") if t.strip()) or None
     try:
-        run_demo(args.out, args.model, args.dataset, args.sparsity, args.sparse_block_size, args.seqlen,
+        run_demo(args.out, args.model, args.dataset, args.sparsity, args.sparse_block_size, args.row_group,
+                 args.union_density, args.seqlen,
                  args.nsamples, args.eval_windows or None, args.steps, args.batch_size,
                  args.train_seqlen, args.learning_rate, args.lora_r, targets, args.decode_tokens)
     except (OSError, ValueError) as err:

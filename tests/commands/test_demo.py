@@ -9,11 +9,12 @@ from blocksparse.commands import main
 from blocksparse.commands.demo import run_demo
 
 
-def test_demo_runs_every_stage_and_writes_the_report(tiny_dir, corpus_file, tmp_path):
+@pytest.mark.parametrize("row_group", [1, 2])
+def test_demo_runs_every_stage_and_writes_the_report(tiny_dir, corpus_file, tmp_path, row_group):
     model_dir, text = tiny_dir, corpus_file
     out = tmp_path / "demo"
-    results = run_demo(out, model_name=str(model_dir), dataset=str(text), sparsity=0.3, seqlen=32,
-                       nsamples=4, eval_windows=3, steps=3, batch_size=2, train_seqlen=32, lora_r=4,
+    results = run_demo(out, model_name=str(model_dir), dataset=str(text), sparsity=0.3, row_group=row_group,
+                       seqlen=32, nsamples=4, eval_windows=3, steps=3, batch_size=2, train_seqlen=32, lora_r=4,
                        decode_tokens=2)
     for name in ("report.md", "results.json", "demo.png", "adapter/adapter_config.json",
                  "adapter/adapter_model.safetensors"):
@@ -31,6 +32,7 @@ def test_demo_runs_every_stage_and_writes_the_report(tiny_dir, corpus_file, tmp_
     report = (out / "report.md").read_text()
     assert "| block-sparse + LoRA (unmerged) |" in report and "demo.png" in report
     assert "| decode (tokens/s), both + LoRA |" in report
+    assert ("free masks" if row_group == 1 else "2 block rows per group sharing their columns") in report
 
 
 def test_demo_cli_rejects_bad_input(capsys):
@@ -40,6 +42,12 @@ def test_demo_cli_rejects_bad_input(capsys):
     assert "--steps must be >= 1" in capsys.readouterr().err
     assert main(["demo", "--learning_rate", "nan"]) == 2
     assert "--learning_rate must be a finite number, got nan" in capsys.readouterr().err
+    assert main(["demo", "--row_group", "0"]) == 2
+    assert "--row_group must be >= 1" in capsys.readouterr().err
+    assert main(["demo", "--union_density", "0.7"]) == 2
+    assert "--union_density needs --row_group > 1" in capsys.readouterr().err
+    assert main(["demo", "--row_group", "8", "--union_density", "0.3"]) == 2
+    assert "in [1 - sparsity, 1] = [0.5, 1], got 0.3" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--sparse_block_size", "0"])
     assert exit_info.value.code == 2 and "invalid choice: 0" in capsys.readouterr().err
