@@ -34,11 +34,10 @@ SMALL_M_MAX = 16
 # Working-set size of one chunk of block rows in the small-M path: the gathered
 # X slab and the transposed weight tiles of a chunk should stay in cache.
 _CHUNK_BYTES = 1 << 20
-# Gathered X slab of one step of the row-group GEMMs: 4 MiB was the best compromise of
-# 1-8 MiB measured at 4096x4096, M = 256 and 2048 (docs/DESIGN.md, "The torch backend").
+# One step of the row-group GEMMs: its gathered X slab and its packed tiles stay in
+# cache. 4 MiB of slab with one group's tiles (1 MiB) per step was the best of 1/4/16 MiB
+# x 1/4/16 groups measured at 4096x4096, M = 2048 (docs/DESIGN.md, "The torch backend").
 _GROUP_SLAB_BYTES = 4 << 20
-# Packed tiles of one step of the row-group GEMMs: they stay in cache while every token
-# chunk multiplies them.
 _GROUP_TILE_BYTES = 1 << 20
 
 
