@@ -1,4 +1,4 @@
-"""`blocksparse` command line: prune | finetune | eval | bench | demo.
+"""`blocksparse` command line: prune | finetune | eval | bench | demo | generate.
 
 Each subcommand lives in its own module here, imported only when it runs, so
 `blocksparse --help` stays fast and a missing optional dependency only breaks
@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "eval": "blocksparse.commands.eval",
     "bench": "blocksparse.commands.bench",
     "demo": "blocksparse.commands.demo",
+    "generate": "blocksparse.commands.generate",
 }
 
 

@@ -223,18 +223,9 @@ def _resolve_resume(args) -> str | None:
     return None
 
 
-def _pruned_from(model_dir: str) -> str | None:
-    """The dense model a `blocksparse prune` checkpoint came from (its prune_report.json)."""
-    report = os.path.join(model_dir, "prune_report.json")
-    if not os.path.isfile(report):
-        return None
-    with open(report) as f:
-        source = json.load(f).get("model")
-    return source if isinstance(source, str) else None
-
-
 def _load(args):
     """(model, tokenizer, teacher): the model to adapt, sparsified if asked, and the distillation teacher."""
+    from ..integration.checkpoint import pruned_from
     from ..integration.model import ModelNotFoundError, load_model
     from ..nn import BlockSparseLinear
     from ..sparsify import sparsify_model
@@ -258,7 +249,7 @@ def _load(args):
         print(f"note: {args.model_name_or_path!r} has no block-sparse layers; training plain LoRA "
               "(pass a sparse checkpoint, or --sparsity S to sparsify on the fly)")
     if args.distill and teacher is None:
-        source = args.teacher_model or _pruned_from(args.model_name_or_path)
+        source = args.teacher_model or pruned_from(args.model_name_or_path)
         if source is None:
             raise CLIError("--distill needs --teacher_model (the dense model the checkpoint was pruned from)")
         try:

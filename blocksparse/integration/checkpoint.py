@@ -119,6 +119,18 @@ def save_sparse_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLi
     return out
 
 
+def pruned_from(path: str | os.PathLike) -> str | None:
+    """The dense model a `blocksparse prune` checkpoint was made from (its prune_report.json), or None."""
+    report = Path(path) / REPORT_NAME
+    if not report.is_file():
+        return None
+    try:
+        source = json.loads(report.read_text()).get("model")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return source if isinstance(source, str) else None
+
+
 def is_sparse_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / SPARSE_CHECKPOINT_MARKER).is_file()
 
