@@ -2,8 +2,8 @@
 
 dense perplexity -> 16x16 block pruning (the best one-shot recipe) -> perplexity
 -> LoRA fine-tune through the fused op -> perplexity with the adapter unmerged
--> latency dense vs block-sparse -> a table, `report.md`, `results.json` and
-`demo.png` in the output folder.
+-> latency dense vs block-sparse -> a table, greedy text samples of each stage,
+`report.md`, `results.json` and `demo.png` in the output folder.
 """
 
 from __future__ import annotations
@@ -53,10 +53,39 @@ def add_parser(subparsers):
     add_flag(parser, "--lora_r", type=int, default=16, help="LoRA rank (default: %(default)s)")
     add_flag(parser, "--target_modules", default=None,
              help="modules LoRA adapts, comma-separated (default: all seven projections of the family)")
+    add_flag(parser, "--sample_tokens", type=int, default=32,
+             help="new tokens per greedy text sample of each model (default: %(default)s)")
     add_flag(parser, "--decode_tokens", type=int, default=32,
              help="tokens generated in the latency check (default: %(default)s)")
     parser.set_defaults(func=run)
     return parser
+
+
+# Held-out style prompts (none is in the calibration or training text): what the models write.
+SAMPLE_PROMPTS = ("Write one sentence about the history of a river city.",
+                  "What is a library for?",
+                  "Describe a winter morning in the mountains.")
+
+
+def samples(model, tokenizer, new_tokens: int) -> list[str]:
+    """Greedy continuations of SAMPLE_PROMPTS (chat template where the tokenizer has one)."""
+    from ..integration.generation import Sampling, generate
+
+    texts = []
+    for prompt in SAMPLE_PROMPTS:
+        texts.append(generate(model, tokenizer, prompt, Sampling(max_new_tokens=new_tokens))["text"])
+        print(f"   {prompt!r} -> {texts[-1]!r}")
+    return texts
+
+
+def _samples_table(found: dict) -> str:
+    def cell(text: str) -> str:
+        return " ".join(text.split()).replace("|", "\\|") or "(nothing)"
+
+    lines = ["| prompt | dense | block-sparse (one-shot) | + LoRA |", "| --- | --- | --- | --- |"]
+    for i, prompt in enumerate(found["prompts"]):
+        lines.append(f"| {cell(prompt)} | " + " | ".join(cell(found[k][i]) for k in ("dense", "pruned", "lora")) + " |")
+    return "\n".join(lines)
 
 
 def _plot(stages: list[tuple[str, float]], timing: dict, path: Path) -> None:
@@ -92,7 +121,8 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
              union_density: float | None = None, seqlen: int = 512, nsamples: int = 16,
              eval_windows: int | None = 12, steps: int = 40, batch_size: int = 1,
              train_seqlen: int = 256, learning_rate: float = 1e-3, lora_r: int = 16,
-             target_modules: tuple[str, ...] | None = None, decode_tokens: int = 32) -> dict:
+             target_modules: tuple[str, ...] | None = None, decode_tokens: int = 32,
+             sample_tokens: int = 32) -> dict:
     """Run every stage and write the report folder; returns the results dict.
 
     target_modules: what LoRA adapts (default: every projection of the model's family).
@@ -126,6 +156,7 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
                                       train_seqlen=train_seqlen, learning_rate=learning_rate, lora_r=lora_r,
                                       target_modules=list(target_modules), prune_recipe=recipe)}
     results["dense"] = ppl(model, "dense model")
+    results["samples"] = {"prompts": list(SAMPLE_PROMPTS), "dense": samples(model, tokenizer, sample_tokens)}
     dense_model = copy.deepcopy(model)
 
     print(f"\n== pruning {block_size}x{block_size} blocks to {sparsity:.0%} sparsity ({nsamples} calibration windows)")
@@ -135,12 +166,14 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
                          union_density=union_density, **recipe)
     results["prune"] = {"total_density": report["total_density"], "seconds": time.perf_counter() - t0}
     results["pruned"] = ppl(model, "block-sparse model")
+    results["samples"]["pruned"] = samples(model, tokenizer, sample_tokens)
 
     print(f"\n== LoRA fine-tuning: {steps} steps x {batch_size} x {train_seqlen} tokens, fused block-sparse op")
     peft_model, results["finetune"] = lora_step(model, tokenizer, dataset, out / "lora", target_modules, steps,
                                                 batch_size, train_seqlen, learning_rate, lora_r)
     peft_model.save_pretrained(out / "adapter")
     results["lora"] = ppl(peft_model, "block-sparse model + LoRA (adapter unmerged)")
+    results["samples"]["lora"] = samples(peft_model, tokenizer, sample_tokens)
 
     print("\n== latency: dense vs block-sparse, each alone and with the same LoRA adapter (unmerged), interleaved")
     prompt = held_out[:, :seqlen]
@@ -154,13 +187,14 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
     results["versions"] = {"torch": torch.__version__, "python": platform.python_version()}
 
     table = _table(results)
-    print("\n" + table)
+    print("\n" + table + "\n\n" + _samples_table(results["samples"]))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     stages = [("dense", results["dense"]["ppl"]), (f"pruned {sparsity:.0%}", results["pruned"]["ppl"]),
               ("+ LoRA", results["lora"]["ppl"])]
     _plot(stages, results["latency"], out / "demo.png")
     (out / "report.md").write_text(
         f"# blocksparse demo\n\n{table}\n\n![perplexity and latency](demo.png)\n\n"
+        f"Greedy samples ({sample_tokens} new tokens):\n\n{_samples_table(results['samples'])}\n\n"
         f"Settings: `{json.dumps(results['settings'])}`\n\nTotal time {results['seconds'] / 60:.1f} min.\n")
     print(f"\nreport: {out / 'report.md'}")
     return results
@@ -202,7 +236,8 @@ def run(args) -> int:
     check_finite(args, "_")
     if not 0.0 <= args.sparsity < 1.0:
         raise CLIError(f"--sparsity must be in [0, 1), got {args.sparsity}")
-    for name in ("steps", "seqlen", "train_seqlen", "nsamples", "batch_size", "lora_r", "decode_tokens"):
+    for name in ("steps", "seqlen", "train_seqlen", "nsamples", "batch_size", "lora_r", "decode_tokens",
+                 "sample_tokens"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.row_group < 1:
@@ -215,7 +250,8 @@ def run(args) -> int:
         run_demo(args.out, args.model, args.dataset, args.sparsity, args.sparse_block_size, args.row_group,
                  args.union_density, args.seqlen,
                  args.nsamples, args.eval_windows or None, args.steps, args.batch_size,
-                 args.train_seqlen, args.learning_rate, args.lora_r, targets, args.decode_tokens)
+                 args.train_seqlen, args.learning_rate, args.lora_r, targets, args.decode_tokens,
+                 args.sample_tokens)
     except (OSError, ValueError) as err:
         raise CLIError(str(err)) from err
     return 0

@@ -33,6 +33,11 @@ def test_demo_runs_every_stage_and_writes_the_report(tiny_dir, corpus_file, tmp_
     assert "| block-sparse + LoRA (unmerged) |" in report and "demo.png" in report
     assert "| decode (tokens/s), both + LoRA |" in report
     assert ("free masks" if row_group == 1 else "2 block rows per group sharing their columns") in report
+    # Each stage's greedy samples, in the report as in results.json.
+    found = saved["samples"]
+    assert len(found["prompts"]) == 3 and all(len(found[k]) == 3 for k in ("dense", "pruned", "lora"))
+    assert "| prompt | dense | block-sparse (one-shot) | + LoRA |" in report
+    assert " ".join(found["prompts"][0].split()) in report
 
 
 def test_demo_cli_rejects_bad_input(capsys):
