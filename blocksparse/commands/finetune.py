@@ -272,6 +272,7 @@ def run(args) -> int:
     from ..integration.checkpoint import is_sparse_checkpoint, save_sparse_pretrained
     from ..integration.data import DatasetError, eval_tokens, train_token_blocks
     from ..integration.evaluate import count_windows, perplexity
+    from ..integration.model_card import adapter_card, write_card
     from ..integration.peft import lora_config
     from ..integration.train import NonFiniteTrainingError, train_lora, training_arguments
 
@@ -355,5 +356,11 @@ def run(args) -> int:
         base = f" (without adapter {results['base']['ppl']:.3f})" if args.eval_base else ""
         print(f"held-out perplexity with adapter: {results['perplexity']:.3f}{base} | "
               f"{results['lora']['windows']} windows x {eval_seqlen} tokens")
+    lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout, "targets": targets}
+    training = {"tokens": round(blocks.numel() * (trainer.state.epoch or 0)),  # epochs as the Trainer counts them
+                "steps": trainer.state.global_step, "learning_rate": args.learning_rate,
+                "dataset": args.dataset_name, "seconds": time.perf_counter() - started}
+    write_card(args.output_dir, adapter_card(base_name, lora, training, results if held_out is not None else None,
+                                             args.output_dir))
     print(f"adapter saved to {args.output_dir} in {(time.perf_counter() - started) / 60:.1f} min")
     return 0

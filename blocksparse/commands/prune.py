@@ -155,6 +155,7 @@ def run(args) -> int:
     from ..integration.data import DatasetError, calibration_samples, load_text, tokenize_text
     from ..integration.evaluate import count_windows, perplexity
     from ..integration.model import ModelNotFoundError, load_model
+    from ..integration.model_card import sparse_checkpoint_card, write_card
     from ..prune import prune_model
     from ..sparsify import check_block_divisible, target_linears
 
@@ -206,6 +207,7 @@ def run(args) -> int:
                                 "windows": after["windows"], "dense": before["ppl"], "pruned": after["ppl"],
                                 "ratio": after["ppl"] / before["ppl"]}
         (Path(args.out) / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+        write_card(args.out, sparse_checkpoint_card(report, args.out))  # now with the perplexities
         print(f"ppl dense {before['ppl']:.4f} -> pruned {after['ppl']:.4f} "
               f"({after['ppl'] / before['ppl']:.2f}x) on {after['windows']} windows of {args.eval_dataset}")
     return 0

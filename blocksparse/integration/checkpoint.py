@@ -32,6 +32,7 @@ from ..dtypes import DTYPES, long_name
 from ..format import SUPPORTED_BLOCK_SIZES
 from ..nn import BlockSparseLinear
 from ..sparsify import replace_module
+from .model_card import sparse_checkpoint_card, write_card
 
 # The marker file: its presence makes a directory a sparse checkpoint.
 SPARSE_CHECKPOINT_MARKER = "blocksparse_config.json"
@@ -116,6 +117,10 @@ def save_sparse_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLi
     (out / SPARSE_CHECKPOINT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     if report is not None:
         (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    b = marker["block_size"]
+    measured = {"block_size": b, "total_density": sum(m.sparse_weight.nnz_blocks for m in sparse.values()) * b * b
+                / sum(m.in_features * m.out_features for m in sparse.values())}
+    write_card(out, sparse_checkpoint_card({**measured, **(report or {})}, out))
     return out
 
 

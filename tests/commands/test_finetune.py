@@ -44,6 +44,11 @@ def test_cli_trains_saves_evaluates_and_resumes(tiny_model_and_text, tmp_path, c
     assert 1.0 < results["perplexity"] < 1000 and 1.0 < results["base"]["ppl"] < 1000
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(out / "sparse_base")
     assert (out / "sparse_base" / "blocksparse_config.json").is_file()
+    card = (out / "README.md").read_text()  # the adapter's card: this run's recipe and numbers
+    assert f"LoRA adapter for `{out / 'sparse_base'}`" in card and "LoRA r=4," in card
+    assert f"| base + this adapter | {results['lora']['ppl']:.2f} |" in card
+    assert f"| base alone | {results['base']['ppl']:.2f} |" in card and "4 steps" in card
+    assert "total density **0.5000**" in (out / "sparse_base" / "README.md").read_text()
 
     capsys.readouterr()
     assert cli_main(["finetune", *cli_flags(model_dir, text, out, **{"--max_steps": 6})]) == 2

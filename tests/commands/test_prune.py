@@ -42,6 +42,13 @@ def test_cli_prunes_saves_and_reloads(tiny_dir, text_file, tmp_path, capsys):
     model, _ = load_model(str(out))
     assert isinstance(model.model.layers[1].mlp.down_proj, BlockSparseLinear)
     assert "-> pruned" in capsys.readouterr().out
+    # The model card holds this run's own numbers.
+    card = (out / "README.md").read_text()
+    assert f"block-sparse pruned from `{tiny_dir}`" in card and "total density **0.5000**" in card
+    assert f"| this checkpoint | {report['perplexity']['pruned']:.2f} (" in card
+    assert f"| dense | {report['perplexity']['dense']:.2f} |" in card and "2 windows of 64 tokens" in card
+    assert "`model.layers.0.mlp` = 1" in card and "4 steps per decoder layer" in card
+    assert "4 windows x 64 tokens" in card and f"blocksparse generate --model {out}" in card
 
 
 @pytest.mark.parametrize("extra, message", [
