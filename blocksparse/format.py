@@ -190,18 +190,23 @@ class BlockSparseWeight(nn.Module):
         self._layouts: dict[str, dict] = {}
 
     def layout(self, key: str, build: Callable[["BlockSparseWeight"], dict]) -> dict:
-        """A backend's derived layout of this weight: `build(self)` runs once per key
-        and device; the hot path is one dict look-up (it runs on every op call)."""
+        """A backend's derived layout of this weight: `build(self)` runs once per key,
+        device and dtype; the hot path is one dict look-up (it runs on every op call).
+        The structure buffers change only through `load_state_dict` (which rebuilds
+        the weight and empties the layouts) and `.to()`."""
         found = self._layouts.get(key)
         if found is None:
             found = self._layouts[key] = _build_layout(self, build)
         return found
 
     def _apply(self, fn, recurse=True):
-        # .to() / .cuda() / .half() move the buffers: the layouts derived from them
-        # are rebuilt on first use instead of being moved one by one.
-        self._layouts = {}
-        return super()._apply(fn, recurse)
+        # .to() / .cuda() / .half() move the buffers: the layouts derived from them are
+        # rebuilt on first use where the weight now lives (a no-op move keeps them).
+        before = (self.values.device, self.values.dtype)
+        result = super()._apply(fn, recurse)
+        if (self.values.device, self.values.dtype) != before:
+            self._layouts = {}
+        return result
 
     # ------------------------------------------------------------------ builders
     @classmethod

@@ -108,7 +108,8 @@ def _padded_rows(weight: BlockSparseWeight) -> dict:
     index = torch.where(valid, crow[:-1, None] + slot[None, :], 0)
     perm = weight.row_perm.long()
     identity = bool((perm == torch.arange(perm.numel(), device=perm.device)).all())
-    return {"index": index.to(torch.int32), "col": torch.where(valid, weight.col.long()[index], 0).to(torch.int32),
+    # int64: the index tensors of index_select; the chunk plans hold views of these.
+    return {"index": index, "col": torch.where(valid, weight.col.long()[index], 0),
             "valid": valid, "uniform": bool(valid.all()),
             "to_storage": None if identity else perm, "to_true": None if identity else torch.argsort(perm)}
 
@@ -132,12 +133,11 @@ def _build_row_chunks(weight: BlockSparseWeight, m: int) -> dict:
     b, width = weight.block_size, rows["index"].shape[1]
     n_rows = weight.block_grid[0]
     chunk = max(1, _CHUNK_BYTES // max(width * b * m * weight.values.element_size(), 1))
-    chunks = []
+    uniform, chunks = rows["uniform"], []
     for r0 in range(0, n_rows, chunk):
         r1 = min(r0 + chunk, n_rows)
-        uniform = rows["uniform"]
-        chunks.append((r0, r1, rows["col"][r0:r1].reshape(-1).long(),
-                       None if uniform else rows["index"][r0:r1].long(),
+        chunks.append((r0, r1, rows["col"][r0:r1].reshape(-1),  # views: no copy per plan
+                       None if uniform else rows["index"][r0:r1],
                        None if uniform else rows["valid"][r0:r1]))
     return {"chunks": chunks}
 

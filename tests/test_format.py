@@ -156,6 +156,11 @@ def test_a_layout_is_built_once_and_rebuilt_where_the_weight_moves():
 
     first = w.layout("test", build)
     assert w.layout("test", build) is first and builds == [torch.float32]
-    w.to(torch.float64)  # .to() empties the layouts: they are derived from the moved buffers
+    w.to(torch.float32)  # a no-op move keeps them
+    assert w.layout("test", build) is first
+    w.to(torch.float64)  # a real move empties them: they are rebuilt where the weight now lives
     assert w.layout("test", build)["dtype"] == torch.float64 and builds == [torch.float32, torch.float64]
-    assert not any(key.startswith("_test") for key in w.state_dict())
+    # A loaded structure is a new weight: nothing derived from the old one survives.
+    _, _, other = grouped_weight(perm=(0, 1, 2, 3), row_group=1)
+    w.load_state_dict(other.to(torch.float64).state_dict())
+    assert torch.equal(w.layout("test", build)["rows"], other.crow) and len(builds) == 3

@@ -110,6 +110,30 @@ def test_blocked_row_group_steps_cover_every_row_and_group(monkeypatch):
                     schedule="row-groups")
 
 
+@pytest.mark.parametrize("m", [1, 7, SMALL_M_MAX + 1, 130])
+@pytest.mark.parametrize("shared", [False, True])
+def test_inference_and_a_frozen_input_match_the_reference(m, shared):
+    """No graph at all (inference: the op skips autograd), and LoRA training with x frozen
+    (the graph holds A and B only): both paths against the fp64 reference."""
+    w, x64, b64, a64, bb64 = make_case(m, 96, 80, 0.4, torch.float32, bias=True, lora_rank=4, row_group=2,
+                                       shared=shared)
+    ref = lambda *t: linear_lora(*t[:1], w.to_dense().double(), *t[1:], 0.5)  # noqa: E731
+    x, b, a, bb = (t.float() for t in (x64, b64, a64, bb64))
+    with torch.no_grad():
+        y = block_sparse_linear(x, w, b, a, bb, scaling=0.5, backend="torch")
+    assert not y.requires_grad
+    torch.testing.assert_close(y.double(), ref(x64, b64, a64, bb64), rtol=1e-4, atol=1e-4)
+    a_t, bb_t = a.clone().requires_grad_(True), bb.clone().requires_grad_(True)
+    y = block_sparse_linear(x, w, b, a_t, bb_t, scaling=0.5, backend="torch")
+    a_r, bb_r = a64.clone().requires_grad_(True), bb64.clone().requires_grad_(True)
+    y_ref = ref(x64, b64, a_r, bb_r)
+    torch.testing.assert_close(y.double(), y_ref.detach(), rtol=1e-4, atol=1e-4)
+    y.sum().backward()
+    y_ref.sum().backward()
+    torch.testing.assert_close(a_t.grad.double(), a_r.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bb_t.grad.double(), bb_r.grad, rtol=1e-4, atol=1e-4)
+
+
 def test_row_groups_that_do_not_share_fall_back_to_dense_blas():
     w, *_ = make_case(130, 96, 80, 0.5, torch.float32, row_group=2)
     assert torch_schedule(w, 130) == "dense"

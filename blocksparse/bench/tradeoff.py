@@ -54,6 +54,25 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def quality_settings(args) -> dict:
+    """What a configuration's numbers depend on besides (G, u): a rerun reuses a result
+    only when these match."""
+    return {name: getattr(args, name) for name in ("model", "dataset", "sparsity", "seqlen", "nsamples",
+                                                   "eval_windows", "steps", "train_seqlen")}
+
+
+def _read(path: Path, required: bool = True, settings: dict | None = None) -> dict | None:
+    """A JSON file of this benchmark; None when absent (or written with other settings) and
+    not required; a missing required file is one error line naming the phase to run."""
+    if path.is_file():
+        found = json.loads(path.read_text())
+        if settings is None or found.get("settings") == settings:
+            return found
+    if required:
+        raise SystemExit(f"{path} is missing: run --phase quality first (with the same --configs)")
+    return None
+
+
 def config_name(group: int, union: float | None) -> str:
     return "free" if group == 1 else f"G{group}" + ("" if union is None else f"_u{union:g}")
 
@@ -71,16 +90,17 @@ def run_quality(args, configs) -> None:
 
     dense_model, tokenizer = load_model(args.model)
     held_out = eval_tokens(tokenizer, args.dataset)
+    settings = quality_settings(args)
     dense_file = args.out / "dense.json"
-    if not dense_file.exists():
+    if _read(dense_file, required=False, settings=settings) is None:
         result = perplexity(dense_model, held_out, args.seqlen, max_windows=args.eval_windows)
-        write_json(dense_file, {"ppl": result["ppl"], "windows": result["windows"]})
+        write_json(dense_file, {"ppl": result["ppl"], "windows": result["windows"], "settings": settings})
     calib = calibration_samples(tokenizer, args.dataset, args.nsamples, args.seqlen)
     family = family_of(dense_model)
     for group, union in configs:
         folder = args.out / config_name(group, union)
-        if (folder / "result.json").exists():
-            print(f"{folder.name}: done earlier, skipped")
+        if _read(folder / "result.json", required=False, settings=settings) is not None:
+            print(f"{folder.name}: done earlier with the same settings, skipped")
             continue
         folder.mkdir(parents=True, exist_ok=True)
         print(f"\n== {folder.name}: pruning")
@@ -99,7 +119,7 @@ def run_quality(args, configs) -> None:
             "config": folder.name, "row_group": group, "union_density_budget": union,
             "total_density": report["total_density"], "prune_s": prune_s,
             "ppl_one_shot": one_shot["ppl"], "ppl_lora": after["ppl"], "windows": after["windows"],
-            "union_forward": forward, "union_transposed": transposed, "finetune": finetune})
+            "union_forward": forward, "union_transposed": transposed, "finetune": finetune, "settings": settings})
         print(f"{folder.name}: one-shot {one_shot['ppl']:.2f}, LoRA {after['ppl']:.2f}, "
               f"union forward {forward:.3f} / transposed {transposed:.3f}")
 
@@ -172,7 +192,10 @@ def run_speed(args, configs) -> None:
     variants = {"dense": dense_model}
     for group, union in configs:
         name = config_name(group, union)
-        masks, perms, saved_group = load_structure(args.out / name / "structure.safetensors")
+        structure = args.out / name / "structure.safetensors"
+        if not structure.is_file():
+            raise SystemExit(f"{structure} is missing: run --phase quality first (with the same --configs)")
+        masks, perms, saved_group = load_structure(structure)
         model = copy.deepcopy(dense_model)
         sparsify_model(model, block_masks=masks, row_perms=perms if saved_group > 1 else None,
                        row_group=saved_group)
@@ -194,22 +217,22 @@ def run_speed(args, configs) -> None:
 # report
 # --------------------------------------------------------------------------
 def run_plot(args, configs) -> None:
-    dense_ppl = json.loads((args.out / "dense.json").read_text())["ppl"]
-    speed_file = args.out / "speed.json"
-    speed = json.loads(speed_file.read_text()) if speed_file.exists() else None
-    results = [json.loads((args.out / config_name(g, u) / "result.json").read_text()) for g, u in configs]
+    dense = _read(args.out / "dense.json")
+    dense_ppl = dense["ppl"]
+    speed = _read(args.out / "speed.json", required=False)
+    results = [_read(args.out / config_name(g, u) / "result.json") for g, u in configs]
     free = next((r for r in results if r["row_group"] == 1), None)
     header = ["masks", "density", "one-shot ppl", "LoRA ppl", "vs free (LoRA)", "union fwd", "union W^T",
               "prefill speedup", "decode speedup"]
     rows = []
     for r in results:
         s = speed["variants"].get(r["config"]) if speed else None
-        rows.append([r["config"], common.fmt(r["total_density"]), f"{r['ppl_one_shot']:.2f}", f"{r['ppl_lora']:.2f}",
+        rows.append([r["config"], f"{r['total_density']:.3f}", f"{r['ppl_one_shot']:.2f}", f"{r['ppl_lora']:.2f}",
                      f"{r['ppl_lora'] / free['ppl_lora'] - 1:+.1%}" if free else "",
-                     common.fmt(r["union_forward"]), common.fmt(r["union_transposed"]),
+                     f"{r['union_forward']:.3f}", f"{r['union_transposed']:.3f}",
                      common.fmt_speedup(s["prefill_speedup"]) if s else "",
                      common.fmt_speedup(s["decode_speedup"]) if s else ""])
-    lines = [f"Dense perplexity {dense_ppl:.2f} ({results[0]['windows']} windows).", "",
+    lines = [f"Dense perplexity {dense_ppl:.2f} ({dense['windows']} windows of {args.seqlen} tokens).", "",
              common.markdown_table(header, rows)]
     if speed:
         env = speed["environment"]
@@ -225,7 +248,7 @@ def run_plot(args, configs) -> None:
 def _pareto(path: Path, results: list[dict], speed: dict, dense_ppl: float) -> None:
     def draw(fig, axes):
         for ax, kind in zip(axes[0], ("decode_speedup", "prefill_speedup")):
-            for r in results:
+            for r in (r for r in results if r["config"] in speed):
                 x, y = speed[r["config"]][kind], r["ppl_lora"]
                 ax.scatter(x, y, color="#c44e52" if r["row_group"] == 1 else "#4c72b0")
                 ax.annotate(r["config"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -262,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_defaults(args) -> None:
     if not 0.0 <= args.sparsity < 1.0:
         raise SystemExit(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    for name in ("seqlen", "nsamples", "eval_windows", "steps", "train_seqlen", "prompt_len", "decode_tokens", "reps"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     try:
         args.config_list = parse_configs(args.configs, args.sparsity)
     except ValueError as err:

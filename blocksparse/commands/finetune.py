@@ -359,7 +359,7 @@ def run(args) -> int:
     lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout, "targets": targets}
     training = {"tokens": round(blocks.numel() * (trainer.state.epoch or 0)),  # epochs as the Trainer counts them
                 "steps": trainer.state.global_step, "learning_rate": args.learning_rate,
-                "dataset": args.dataset_name, "seconds": time.perf_counter() - started}
+                "dataset": args.dataset_name, "seconds": output.metrics.get("train_runtime")}
     write_card(args.output_dir, adapter_card(base_name, lora, training, results if held_out is not None else None,
                                              args.output_dir))
     print(f"adapter saved to {args.output_dir} in {(time.perf_counter() - started) / 60:.1f} min")

@@ -30,7 +30,7 @@ def add_parser(subparsers):
     add_flag(parser, "--max-new-tokens", type=int, default=64, help="(default: %(default)s)")
     add_flag(parser, "--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
     add_flag(parser, "--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature > 0")
-    add_flag(parser, "--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    add_flag(parser, "--seed", type=int, default=None, help="sampling seed (default: 0)")
     add_flag(parser, "--compare", action="store_true",
              help="also run the prompts on the dense model the checkpoint was pruned from (or --dense)")
     add_flag(parser, "--dense", default=None, metavar="MODEL", help="the dense model for --compare")
@@ -58,7 +58,8 @@ def _dense_source(args) -> str:
 
     source = args.dense or pruned_from(args.model)
     if source is None:
-        raise CLIError(f"--compare: {args.model!r} records no dense source (no prune_report.json); give --dense")
+        raise CLIError(f"--compare: {args.model!r} records no dense model it was pruned from (prune_report.json); "
+                       "give --dense")
     return source
 
 
@@ -70,8 +71,12 @@ def run(args) -> int:
 
     check_finite(args, "-")
     prompts = _prompts(args)
+    if args.dense is not None and not args.compare:
+        raise CLIError("--dense names the model for --compare: give --compare with it")
+    if args.temperature == 0 and (args.top_p != 1.0 or args.seed is not None):
+        raise CLIError("--top-p and --seed shape sampling: give --temperature > 0 with them (0 = greedy)")
     try:
-        sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+        sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed or 0)
     except ValueError as err:
         raise CLIError(str(err).replace("max_new_tokens", "--max-new-tokens").replace("top_p", "--top-p")
                        .replace("temperature must", "--temperature must")) from err
@@ -83,13 +88,13 @@ def run(args) -> int:
     try:
         for role, name in names:
             models[role] = load_model(name, dtype=DTYPES[args.dtype], device=device)
-    except (ModelNotFoundError, ValueError) as err:
-        raise CLIError(str(err)) from err
-    if args.adapter is not None:
-        from ..integration.peft import load_adapter
+        if args.adapter is not None:
+            from ..integration.peft import load_adapter
 
-        model, tokenizer = models["model"]
-        models["model"] = (load_adapter(model, args.adapter).eval(), tokenizer)
+            model, tokenizer = models["model"]
+            models["model"] = (load_adapter(model, args.adapter).eval(), tokenizer)
+    except (ModelNotFoundError, ValueError, OSError) as err:  # OSError: an adapter that does not fit
+        raise CLIError(str(err)) from err
     label = {"model": args.model + (f" + {args.adapter}" if args.adapter else ""), "dense": names[-1][1]}
     totals = {role: [0, 0.0] for role in models}
     for i, prompt in enumerate(prompts):

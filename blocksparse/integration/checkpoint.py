@@ -125,14 +125,14 @@ def save_sparse_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLi
 
 
 def pruned_from(path: str | os.PathLike) -> str | None:
-    """The dense model a `blocksparse prune` checkpoint was made from (its prune_report.json), or None."""
+    """The dense model a sparse checkpoint was made from, as its prune_report.json records it
+    (`model` from `blocksparse prune`, `source` from `finetune --sparsity`), or None."""
     report = Path(path) / REPORT_NAME
-    if not report.is_file():
-        return None
     try:
-        source = json.loads(report.read_text()).get("model")
-    except (json.JSONDecodeError, AttributeError):
+        found = json.loads(report.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable or not JSON: nothing recorded
         return None
+    source = (found.get("model") or found.get("source")) if isinstance(found, dict) else None
     return source if isinstance(source, str) else None
 
 

@@ -13,7 +13,7 @@ from torch import nn
 @dataclass(frozen=True)
 class Sampling:
     """Generation settings: greedy when temperature is 0 (the default), else sampled with
-    top-p from a generator seeded by `seed`, so a run is reproducible."""
+    top-p after `torch.manual_seed(seed)` (torch's global RNG), so a run is reproducible."""
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0

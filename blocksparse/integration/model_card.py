@@ -1,9 +1,11 @@
 """Model cards (README.md, as the Hugging Face hub shows them) for what the project saves:
 sparse checkpoints (from the prune report) and LoRA adapters (from the training run).
-Every number in a card is one the run that wrote it measured or chose; nothing is filled in."""
+Every number in a card is one the run that wrote it measured or chose; what a run did not
+record is left out, never guessed."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 CARD_NAME = "README.md"
@@ -11,7 +13,7 @@ CARD_NAME = "README.md"
 
 def _front_matter(base_model: str | None, tags: list[str]) -> str:
     lines = ["---", "library_name: blocksparse" if "adapter" not in tags else "library_name: peft"]
-    if base_model and not base_model.startswith(("/", ".")) and base_model != "default":
+    if base_model and base_model != "default" and not os.path.exists(base_model):
         lines.append(f"base_model: {base_model}")  # hub ids only: a local path means nothing on the hub
     lines += ["tags:"] + [f"- {tag}" for tag in tags] + ["---", ""]
     return "\n".join(lines)
@@ -24,7 +26,11 @@ def _version() -> str:
 
 
 def _recipe(report: dict) -> list[str]:
-    lines = [f"- method: `{report.get('method', '?')}`, comparison group `{report.get('comparison_group', '?')}`"]
+    """The recipe lines of the keys the report holds (a `finetune --sparsity` base has few)."""
+    lines = []
+    if "method" in report:
+        lines.append(f"- method: `{report['method']}`" + (f", comparison group `{report['comparison_group']}`"
+                                                          if "comparison_group" in report else ""))
     if report.get("reconstruct"):
         lines.append(f"- reconstruction: least squares toward the {report.get('reconstruct_target', 'dense')} "
                      "layer outputs")
@@ -38,9 +44,10 @@ def _recipe(report: dict) -> list[str]:
     if refine:
         lines.append(f"- layer refinement: {refine['steps']} steps per decoder layer (lr {refine['lr']:g})")
     calibration = report.get("calibration") or {}
-    if calibration:
-        lines.append(f"- calibration: {calibration.get('nsamples', '?')} windows x {calibration.get('seqlen', '?')} "
-                     f"tokens of `{calibration.get('dataset', '?')}` (seed {calibration.get('seed', '?')})")
+    if {"nsamples", "seqlen"} <= set(calibration):
+        lines.append(f"- calibration: {calibration['nsamples']} windows x {calibration['seqlen']} tokens"
+                     + (f" of `{calibration['dataset']}` (seed {calibration.get('seed', 0)})"
+                        if "dataset" in calibration else ""))
     if "prune_seconds" in report:
         lines.append(f"- pruning took {report['prune_seconds']:.0f} s")
     return lines
@@ -50,18 +57,18 @@ def sparse_checkpoint_card(report: dict, path: str | Path) -> str:
     """The card of a sparse checkpoint, from its prune report (what `prune_model` returned,
     plus what `blocksparse prune` adds: model, times, perplexity)."""
     base = report.get("model") or report.get("source")
-    group, union = report.get("row_group", 1), report.get("union_density")
-    grouping = ("free 16x16 masks" if group == 1 else
+    b, group, union = report["block_size"], report.get("row_group", 1), report.get("union_density")
+    grouping = (f"free {b}x{b} masks" if group == 1 else
                 f"{group} block rows per group share " + ("their block columns (the union is the density)"
                                                           if union is None else f"at most {union:g} of the block columns"))
+    target = report.get("target_sparsity", report.get("sparsity"))
     lines = [_front_matter(base, ["block-sparse", "pruned", "blocksparse"]),
              f"# {Path(path).name}: block-sparse pruned from `{base}`" if base else f"# {Path(path).name}",
              "",
-             f"Every decoder projection listed in `blocksparse_config.json` is stored as "
-             f"{report.get('block_size', '?')}x{report.get('block_size', '?')} blocks (BSR, only the kept "
-             f"blocks); total density **{report.get('total_density', float('nan')):.4f}** of the pruned "
-             f"linears (target sparsity {report.get('target_sparsity', report.get('sparsity', '?'))}); {grouping}.",
-             "", "## How it was pruned", ""] + _recipe(report)
+             f"Every decoder projection listed in `blocksparse_config.json` is stored as {b}x{b} blocks (BSR, "
+             f"only the kept blocks); total density **{report['total_density']:.4f}** of the block-sparse "
+             f"linears" + (f" (target sparsity {target:g})" if target is not None else "") + f"; {grouping}.",
+             "", "## How it was pruned", ""] + (_recipe(report) or ["- not recorded (no prune report)"])
     ppl = report.get("perplexity")
     lines += ["", "## Perplexity", ""]
     if ppl:
@@ -70,8 +77,8 @@ def sparse_checkpoint_card(report: dict, path: str | Path) -> str:
                   f"`{ppl['dataset']}` eval split, {ppl['windows']} windows of {ppl['seqlen']} tokens "
                   "(non-overlapping, Wanda's convention)."]
     else:
-        lines.append("Not measured when this checkpoint was written (`blocksparse eval --model THIS_DIR`).")
-    lines += _how_to_load(str(path), adapter=None)
+        lines.append(f"Not measured when this checkpoint was written (`blocksparse eval --model {path}`).")
+    lines += _how_to_load(str(path), None, ppl["dataset"] if ppl else "default", ppl["seqlen"] if ppl else 512)
     return "\n".join(lines) + "\n"
 
 
@@ -79,15 +86,20 @@ def adapter_card(base_model: str, lora: dict, training: dict, evaluation: dict |
     """The card of a LoRA adapter trained on `base_model` (a sparse checkpoint or a dense model):
     lora = r, alpha, dropout, targets; training = tokens, steps, learning rate, dataset, seconds;
     evaluation = eval_results.json's dict, if it was measured."""
-    lines = [_front_matter(base_model, ["adapter", "lora", "block-sparse", "blocksparse"]),
+    from .checkpoint import is_sparse_checkpoint
+
+    on_sparse = is_sparse_checkpoint(base_model)
+    how = ("trained through blocksparse's fused block-sparse op; keep it unmerged (a masked merge into the "
+           "block-sparse weights drops the part of the update outside the kept blocks)" if on_sparse
+           else "trained as plain LoRA on a dense model")
+    lines = [_front_matter(base_model, ["adapter", "lora"] + (["block-sparse"] if on_sparse else []) + ["blocksparse"]),
              f"# {Path(path).name}: LoRA adapter for `{base_model}`", "",
              f"LoRA r={lora['r']}, alpha={lora['alpha']:g}, dropout {lora['dropout']:g} on "
-             f"`{', '.join(lora['targets'])}`, trained through blocksparse's fused block-sparse op and kept "
-             "unmerged (merging into a block-sparse weight would densify it).", "", "## Training", "",
+             f"`{', '.join(lora['targets'])}`, {how}.", "", "## Training", "",
              f"- {training['tokens']} tokens of `{training['dataset']}` ({training['steps']} steps, learning rate "
              f"{training['learning_rate']:g})"]
     if training.get("seconds") is not None:
-        lines.append(f"- took {training['seconds'] / 60:.1f} min")
+        lines.append(f"- training took {training['seconds'] / 60:.1f} min (this run's Trainer runtime)")
     lines += ["", "## Perplexity", ""]
     if evaluation:
         lines += ["| model | perplexity |", "| --- | ---: |"]
@@ -97,18 +109,19 @@ def adapter_card(base_model: str, lora: dict, training: dict, evaluation: dict |
                   f"`{evaluation['dataset']}` eval split, {evaluation['lora']['windows']} windows of "
                   f"{evaluation['seqlen']} tokens."]
     else:
-        lines.append("Not measured by the training run (`blocksparse eval --model BASE --adapter THIS_DIR`).")
-    lines += _how_to_load(base_model, adapter=str(path))
+        lines.append(f"Not measured by the training run (`blocksparse eval --model {base_model} --adapter {path}`).")
+    lines += _how_to_load(base_model, str(path), evaluation["dataset"] if evaluation else training["dataset"],
+                          evaluation["seqlen"] if evaluation else 512)
     return "\n".join(lines) + "\n"
 
 
-def _how_to_load(model: str, adapter: str | None) -> list[str]:
+def _how_to_load(model: str, adapter: str | None, dataset: str, seqlen: int) -> list[str]:
     extra = f" --adapter {adapter}" if adapter else ""
     python = [f'model, tokenizer = load_model("{model}")']
     if adapter:
         python = ["from blocksparse.integration.peft import load_adapter", *python,
                   f'model = load_adapter(model, "{adapter}")']
-    return ["", "## Use it", "", "```bash", f"blocksparse eval --model {model}{extra} --dataset default",
+    return ["", "## Use it", "", "```bash", f"blocksparse eval --model {model}{extra} --dataset {dataset} --seqlen {seqlen}",
             f'blocksparse generate --model {model}{extra} --prompt "The history of the city"', "```", "",
             "```python", "from blocksparse.integration.model import load_model", *python, "```", "",
             f"Written by blocksparse {_version()}."]

@@ -38,14 +38,17 @@ def lora_step(model: nn.Module, tokenizer, dataset: str, out: str | Path, target
                               logging_steps=max(1, steps // 10), save_strategy="no", seed=0)
     config = lora_config(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.05, target_modules=target_modules)
     start = time.perf_counter()
-    peft_model, _, train_output = train_lora(model, blocks, args, config)
-    return peft_model, {"seconds": time.perf_counter() - start, "train_tokens": int(blocks.numel()),
+    peft_model, trainer, train_output = train_lora(model, blocks, args, config)
+    # Tokens the steps consumed (a corpus with fewer blocks than steps x batch is repeated).
+    return peft_model, {"seconds": time.perf_counter() - start,
+                        "train_tokens": round(blocks.numel() * (trainer.state.epoch or 0)),
                         "train_loss": train_output.training_loss}
 
 
 def latency(models: dict[str, nn.Module], prompt: torch.Tensor, decode_tokens: int, repeats: int = 3,
             contexts: dict[str, Callable[[], ContextManager]] | None = None) -> dict[str, dict]:
-    """Prefill seconds for `prompt` [1, T] and greedy decode tokens/s with the KV cache, per
+    """Prefill seconds for `prompt` [1, T] and greedy decode tokens/s with the KV cache (a
+    `generate` of `decode_tokens` after a 16-token prompt, its prefill included), per
     model: medians of `repeats` rounds that visit every model in turn (interleaved, so a
     slow moment of the machine hits them all), after one warm-up round. contexts: a
     context to enter around a model's runs (e.g. a PeftModel's `disable_adapter`)."""

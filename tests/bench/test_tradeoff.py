@@ -16,7 +16,7 @@ def test_configs_are_parsed_and_bad_ones_named():
             tradeoff.parse_configs(bad, 0.5)
 
 
-def test_all_phases_write_a_row_per_configuration(tiny_dir, corpus_file, tmp_path):
+def test_all_phases_write_a_row_per_configuration(tiny_dir, corpus_file, tmp_path, capsys):
     out = tmp_path / "tradeoff"
     argv = ["--out", str(out), "--model", str(tiny_dir), "--dataset", str(corpus_file), "--configs", "1,2,2:0.85",
             "--sparsity", "0.3", "--seqlen", "32", "--nsamples", "4", "--eval-windows", "3", "--steps", "2",
@@ -33,12 +33,24 @@ def test_all_phases_write_a_row_per_configuration(tiny_dir, corpus_file, tmp_pat
     assert all(int(group_union_sizes(m, 2, perms[n]).max()) == int(m.sum(1).max())
                for n, m in masks.items() if not m.all())
     assert density <= results["G2_u0.85"]["union_forward"] <= 0.85 + 1e-9
-    assert results["free"]["union_forward"] >= density
     for result in results.values():
         assert result["ppl_lora"] > 1 and result["ppl_one_shot"] > 1 and result["windows"] == 3
     speed = json.loads((out / "speed.json").read_text())["variants"]
-    assert set(speed) == {"dense", "free", "G2", "G2_u0.85"} and speed["dense"]["decode_speedup"] == 1.0
+    assert set(speed) == {"dense", "free", "G2", "G2_u0.85"}
+    assert all(v["prefill_ms"] > 0 and v["decode_tokens_per_s"] > 0 for v in speed.values())
     table = (out / "tradeoff.md").read_text()
-    assert "| G2_u0.85 |" in table and (out / "tradeoff.png").is_file()
-    # A rerun of the quality phase skips what is done.
-    assert tradeoff.main(argv[:-14] + ["--phase", "quality", "--seqlen", "32", "--nsamples", "4"]) == 0
+    assert f"| G2_u0.85 | {results['G2_u0.85']['total_density']:.3f} |" in table and (out / "tradeoff.png").is_file()
+    # A rerun of the quality phase reuses what was done with the same settings, and only that.
+    capsys.readouterr()
+    assert tradeoff.main(argv + ["--phase", "quality"]) == 0
+    assert capsys.readouterr().out.count("done earlier with the same settings, skipped") == 3
+    assert tradeoff.main(argv + ["--phase", "quality", "--configs", "2", "--steps", "1"]) == 0
+    assert "skipped" not in capsys.readouterr().out
+    assert json.loads((out / "G2" / "result.json").read_text())["settings"]["steps"] == 1
+
+
+def test_bad_arguments_and_missing_phases_are_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="--reps must be >= 1, got 0"):
+        tradeoff.main(["--out", str(tmp_path), "--reps", "0"])
+    with pytest.raises(SystemExit, match="dense.json is missing: run --phase quality first"):
+        tradeoff.main(["--out", str(tmp_path), "--phase", "plot"])

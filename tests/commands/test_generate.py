@@ -7,7 +7,7 @@ from blocksparse.integration.generation import Sampling, generate
 from helpers import byte_tokenizer, make_tiny_llama
 
 
-def test_greedy_generation_is_deterministic_and_matches_the_model(tiny_dir, tiny_llama):
+def test_greedy_generation_is_deterministic_and_matches_the_model(tiny_llama):
     tokenizer = byte_tokenizer()
     first = generate(tiny_llama, tokenizer, "the river", Sampling(max_new_tokens=8))
     again = generate(make_tiny_llama(), tokenizer, "the river", Sampling(max_new_tokens=8))
@@ -65,10 +65,12 @@ def test_cli_streams_sparse_with_adapter_and_compares_with_dense(tiny_dir, tmp_p
     (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
     (["--prompt", "x", "--temperature", "-1"], "--temperature must be a finite number >= 0"),
     (["--prompt", "x", "--temperature", "nan"], "--temperature must be a finite number, got nan"),
-    (["--prompt", "x", "--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["--prompt", "x", "--temperature", "1", "--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["--prompt", "x", "--top-p", "0.9"], "give --temperature > 0 with them"),
+    (["--prompt", "x", "--dense", "/x"], "--dense names the model for --compare"),
     (["--prompts", "/no/file"], "--prompts '/no/file' is not a file"),
     (["--prompt", "x", "--adapter", "/no/adapter"], "is not a PEFT adapter directory"),
-    (["--prompt", "x", "--compare"], "records no dense source (no prune_report.json); give --dense"),
+    (["--prompt", "x", "--compare"], "records no dense model it was pruned from (prune_report.json); give --dense"),
 ])
 def test_cli_errors_are_one_line(tiny_dir, argv, message, capsys):
     assert main(["generate", "--model", str(tiny_dir)] + argv) == 2
