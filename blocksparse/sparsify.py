@@ -64,7 +64,8 @@ def sparsify_model(model: nn.Module, block_masks: Mapping[str, torch.Tensor] | N
                    sparsity: float | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
                    target_modules: Sequence[str] | None = None,
                    filter_fn: FilterFn | None = None, *,
-                   row_perms: Mapping[str, torch.Tensor] | None = None, row_group: int = 1) -> nn.Module:
+                   row_perms: Mapping[str, torch.Tensor] | None = None, row_group: int = 1,
+                   whole_stays_dense: bool = False) -> nn.Module:
     """Replace target nn.Linear layers of `model` in place with BlockSparseLinear.
 
     block_masks: {qualified linear name: bool [out/b, in/b]}; exactly those layers
@@ -72,6 +73,8 @@ def sparsify_model(model: nn.Module, block_masks: Mapping[str, torch.Tensor] | N
     filter_fn)` are converted with a per-block-row magnitude mask at `sparsity`
     (all blocks kept when None). row_perms ({name: row permutation}) with row_group:
     the masks' row groupings (`prune_model(row_group=G)` converts with its own).
+    whole_stays_dense: a linear whose mask keeps every block stays nn.Linear (dense
+    BLAS / cuBLAS beats a block-sparse op at density 1; `prune_model` asks for it).
     Returns the model; undo with `densify_model`.
     """
     if block_masks is not None:
@@ -94,6 +97,8 @@ def sparsify_model(model: nn.Module, block_masks: Mapping[str, torch.Tensor] | N
             )
     for name, linear in chosen.items():
         mask = block_masks[name] if block_masks is not None else None
+        if whole_stays_dense and mask is not None and bool(mask.all()):
+            continue
         perm = row_perms.get(name) if row_perms is not None else None
         try:
             new = BlockSparseLinear.from_linear(

@@ -198,7 +198,7 @@ def run_speed(args, configs) -> None:
         masks, perms, saved_group = load_structure(structure)
         model = copy.deepcopy(dense_model)
         sparsify_model(model, block_masks=masks, row_perms=perms if saved_group > 1 else None,
-                       row_group=saved_group)
+                       row_group=saved_group, whole_stays_dense=True)  # as prune_model converts
         variants[name] = model.eval()
     prompt = eval_tokens(tokenizer, args.dataset)[:, :args.prompt_len]
     measured = latency(variants, prompt, args.decode_tokens, repeats=args.reps)

@@ -196,8 +196,9 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, options: PruneOpti
     are its fields for short calls (`prune_model(model, calib, sparsity=0.5, method="obc")`)
     and override `options`. Targets: `blocksparse.sparsify.target_linears` (the family's
     projections by default), all inside the decoder layers. convert: finish by
-    swapping the pruned linears for BlockSparseLinear; otherwise they stay nn.Linear
-    with zeros outside the blocks.
+    swapping the pruned linears for BlockSparseLinear (the ones kept whole stay
+    nn.Linear, unless nothing was pruned at all); otherwise they stay nn.Linear with
+    zeros outside the blocks.
     """
     options = dataclasses.replace(options or PruneOptions(), **choices)
     layers = decoder_layers(model)
@@ -225,7 +226,8 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, options: PruneOpti
             model, layers, linears_by_layer, batches, n_calib, keep, stats_sink_weight, options, progress)
     if convert:
         sparsify_model(model, block_masks=masks, block_size=options.block_size,
-                       row_perms=row_perms if options.row_group > 1 else None, row_group=options.row_group)
+                       row_perms=row_perms if options.row_group > 1 else None, row_group=options.row_group,
+                       whole_stays_dense=any(not bool(m.all()) for m in masks.values()))
 
     kept = sum(int(m.sum()) for m in masks.values()) * options.block_size ** 2
     total = sum(n * k for n, k in shapes.values())
