@@ -12,7 +12,9 @@ Run as a script it prints the headline speedups of finished runs:
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import json
 import math
 import os
 import platform
@@ -350,6 +352,20 @@ def _cell(value):
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.6g}"
     return value
+
+
+def write_json(path: str | os.PathLike, data) -> None:
+    """Write `data` as JSON to a temporary file beside `path`, then rename it over `path`:
+    an interrupted write leaves the earlier file (or none), never half of one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def read_csv(path: Path) -> list[dict]:

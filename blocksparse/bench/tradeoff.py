@@ -50,10 +50,6 @@ def parse_configs(text: str, sparsity: float) -> list[tuple[int, float | None]]:
     return configs
 
 
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
-
-
 def quality_settings(args) -> dict:
     """What a configuration's numbers depend on besides (G, u): a rerun reuses a result
     only when these match."""
@@ -94,7 +90,7 @@ def run_quality(args, configs) -> None:
     dense_file = args.out / "dense.json"
     if _read(dense_file, required=False, settings=settings) is None:
         result = perplexity(dense_model, held_out, args.seqlen, max_windows=args.eval_windows)
-        write_json(dense_file, {"ppl": result["ppl"], "windows": result["windows"], "settings": settings})
+        common.write_json(dense_file, {"ppl": result["ppl"], "windows": result["windows"], "settings": settings})
     calib = calibration_samples(tokenizer, args.dataset, args.nsamples, args.seqlen)
     family = family_of(dense_model)
     for group, union in configs:
@@ -115,7 +111,7 @@ def run_quality(args, configs) -> None:
                                         steps=args.steps, train_seqlen=args.train_seqlen)
         after = perplexity(peft_model, held_out, args.seqlen, max_windows=args.eval_windows)
         forward, transposed = union_means(model, group)
-        write_json(folder / "result.json", {
+        common.write_json(folder / "result.json", {
             "config": folder.name, "row_group": group, "union_density_budget": union,
             "total_density": report["total_density"], "prune_s": prune_s,
             "ppl_one_shot": one_shot["ppl"], "ppl_lora": after["ppl"], "windows": after["windows"],
@@ -207,7 +203,7 @@ def run_speed(args, configs) -> None:
                    "prefill_speedup": dense["prefill_s"] / m["prefill_s"],
                    "decode_speedup": m["decode_tokens_per_s"] / dense["decode_tokens_per_s"]}
             for name, m in measured.items()}
-    write_json(args.out / "speed.json", {
+    common.write_json(args.out / "speed.json", {
         "environment": common.environment(torch.device("cpu")), "prompt_len": prompt.shape[1],
         "decode_tokens": args.decode_tokens, "reps": args.reps, "threads": torch.get_num_threads(),
         "variants": rows})

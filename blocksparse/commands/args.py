@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import math
 import os
 
 import torch
 
+from ..bench.common import write_json  # noqa: F401  (the commands' JSON writer)
 from ..dtypes import DTYPES
 
 
@@ -76,17 +75,3 @@ def check_output_file(flag: str, path: str) -> None:
         raise CLIError(f"{flag} {path!r}: directory {parent!r} does not exist")
     if not os.access(parent, os.W_OK):
         raise CLIError(f"{flag} {path!r}: directory {parent!r} is not writable")
-
-
-def write_json(path: str | os.PathLike, data) -> None:
-    """Write `data` as JSON to a temporary file beside `path`, then rename it over `path`:
-    an interrupted write leaves the earlier file (or none), never half of one."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
