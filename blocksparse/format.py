@@ -1,7 +1,9 @@
 """Block-sparse weight format: W [N, K] (out x in) in BSR with b x b blocks.
 
-`BlockSparseWeight` keeps the BSR arrays as module buffers so that `.to()`,
-`state_dict()` and safetensors round trips work like any other layer:
+`BlockSparseWeight` keeps the index arrays as module buffers and the block
+values as a Parameter that is frozen (requires_grad False) unless the kept
+blocks are trained (`train_sparse_values`), so that `.to()`, `state_dict()`,
+safetensors round trips, optimizers and FSDP see it like any other layer:
 
 - `crow`   int32 [N/b + 1]  block-row pointers into `col` / `values`
 - `col`    int32 [nnz]      block-column of each block, sorted within a row
@@ -142,7 +144,8 @@ def _build_layout(weight: "BlockSparseWeight", build: Callable[["BlockSparseWeig
 
 
 class BlockSparseWeight(nn.Module):
-    """A frozen W [N, K] stored as b x b blocks (BSR). Build with `from_dense`."""
+    """W [N, K] stored as b x b blocks (BSR): a fixed structure, values frozen unless trained.
+    Build with `from_dense`."""
 
     def __init__(self, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
                  shape: tuple[int, int], *, row_perm: torch.Tensor | None = None, row_group: int = 1,
@@ -164,10 +167,11 @@ class BlockSparseWeight(nn.Module):
         device = values.device
         crow = crow.to(device=device, dtype=torch.int32)
         col = col.to(device=device, dtype=torch.int32)
-        # Frozen by construction: values is a buffer, never a Parameter.
         self.register_buffer("crow", crow)
         self.register_buffer("col", col)
-        self.register_buffer("values", values.detach().contiguous())
+        # A Parameter (frozen by default) so optimizers can train the kept blocks and FSDP
+        # can shard them; the structure never changes in training.
+        self.values = nn.Parameter(values.detach().contiguous(), requires_grad=False)
         row_perm = row_perm.to(device=device, dtype=torch.int32)
         self.register_buffer("row_perm", row_perm)
         self.row_group = int(row_group)  # saved as a tensor by _save_to_state_dict
@@ -343,7 +347,9 @@ class BlockSparseWeight(nn.Module):
         # Copies: the loaded weight never shares memory with the state dict it came from.
         self.register_buffer("crow", crow.to(device=device, dtype=torch.int32, copy=True))
         self.register_buffer("col", col.to(device=device, dtype=torch.int32, copy=True))
-        self.register_buffer("values", values.detach().to(device=device, dtype=dtype, copy=True).contiguous())
+        # The same Parameter, new storage (its number of blocks may differ): an optimizer
+        # holding it, and its requires_grad, stay valid.
+        self.values.data = values.detach().to(device=device, dtype=dtype, copy=True).contiguous()
         self.register_buffer("row_perm", row_perm.to(device=device, dtype=torch.int32, copy=True))
         self.row_group = row_group
         self._register_derived(self.crow.long(), self.col.long(), self.row_perm.long(), self.block_grid[1])

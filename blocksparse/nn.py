@@ -1,4 +1,4 @@
-"""`BlockSparseLinear`: a drop-in for `nn.Linear` whose weight is block-sparse and frozen."""
+"""`BlockSparseLinear`: a drop-in for `nn.Linear` whose weight is block-sparse."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from .ops import block_sparse_linear
 
 
 class BlockSparseLinear(nn.Module):
-    """y = x W^T + bias with W stored as b x b blocks (BSR), frozen.
+    """y = x W^T + bias with W stored as b x b blocks (BSR) of a fixed structure.
 
-    The bias (if any) is an ordinary Parameter; the block values are a buffer,
-    so optimizers and PEFT never touch them.
+    The bias (if any) is an ordinary Parameter; the block values are a Parameter
+    frozen by default (`weight.requires_grad_()` trains the kept blocks, never the
+    structure), so PEFT and optimizers leave them alone unless asked.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
@@ -63,7 +64,7 @@ class BlockSparseLinear(nn.Module):
     # Introspection that users and PEFT look for.
     @property
     def weight(self) -> torch.Tensor:
-        """The stored block values [nnz, b, b] (frozen). Use `to_dense()` for W [N, K]."""
+        """The stored block values [nnz, b, b] (a Parameter). Use `to_dense()` for W [N, K]."""
         return self.sparse_weight.values
 
     @property

@@ -1,4 +1,4 @@
-"""`block_sparse_linear`: Y = X W^T (+ bias) (+ s * drop(X) A^T B^T), W block-sparse and frozen.
+"""`block_sparse_linear`: Y = X W^T (+ bias) (+ s * drop(X) A^T B^T), W block-sparse.
 
 Two backends behind one function:
 
@@ -142,15 +142,16 @@ def _build_row_chunks(weight: BlockSparseWeight, m: int) -> dict:
     return {"chunks": chunks}
 
 
-def _chunk_slab(weight: BlockSparseWeight, r0: int, r1: int, index: torch.Tensor | None) -> torch.Tensor:
-    """[ch, P*b, b]: the chunk's transposed tiles, row r's stacked into the [P*b, b] slab
-    of W^T it needs (a free view when every row has P blocks; short rows are padded
-    with block 0, which `valid` masks out)."""
+def _chunk_slab(values: torch.Tensor, weight: BlockSparseWeight, r0: int, r1: int,
+                index: torch.Tensor | None) -> torch.Tensor:
+    """[ch, P*b, b]: the chunk's transposed tiles of `values` (laid out like the weight's),
+    row r's stacked into the [P*b, b] slab of W^T it needs (a free view when every row
+    has P blocks; short rows are padded with block 0, which `valid` masks out)."""
     b = weight.block_size
     if index is None:
         width = weight.nnz_blocks // weight.block_grid[0]
-        return weight.values[r0 * width:r1 * width].view(r1 - r0, width * b, b)
-    return weight.values[index].view(r1 - r0, -1, b)
+        return values[r0 * width:r1 * width].view(r1 - r0, width * b, b)
+    return values[index].view(r1 - r0, -1, b)
 
 
 def _sparse_matmul_small_m(x: torch.Tensor, weight: BlockSparseWeight) -> torch.Tensor:
@@ -171,7 +172,7 @@ def _sparse_matmul_small_m(x: torch.Tensor, weight: BlockSparseWeight) -> torch.
             gathered = torch.where(valid.reshape(1, -1, 1), gathered, 0.0)  # not * (0 * NaN)
         # [ch, M, P*b] as a strided view: bmm reads it in place.
         gathered = gathered.view(m, r1 - r0, -1).transpose(0, 1)
-        torch.bmm(gathered, _chunk_slab(weight, r0, r1, index), out=out[r0:r1])
+        torch.bmm(gathered, _chunk_slab(weight.values, weight, r0, r1, index), out=out[r0:r1])
     to_true = weight.layout("padded_rows", _padded_rows)["to_true"]
     if to_true is not None:
         out = out.index_select(0, to_true)
@@ -190,7 +191,7 @@ def _sparse_matmul_t_small_m(grad_y: torch.Tensor, weight: BlockSparseWeight) ->
     if to_storage is not None:
         grad_y_blocks = grad_y_blocks.index_select(1, to_storage)
     for r0, r1, cols, index, valid in _row_chunks(weight, m):
-        slab = _chunk_slab(weight, r0, r1, index)
+        slab = _chunk_slab(weight.values, weight, r0, r1, index)
         partial = torch.bmm(grad_y_blocks[:, r0:r1].transpose(0, 1), slab.transpose(1, 2))  # [ch, M, P*b]
         partial = partial.view(r1 - r0, m, -1, b)
         if valid is not None:
@@ -297,6 +298,59 @@ def _grouped_matmul_t(grad_y: torch.Tensor, weight: BlockSparseWeight, layout: d
     return grad_x.view(m, k)
 
 
+def _grad_values_small_m(x: torch.Tensor, grad_y: torch.Tensor, weight: BlockSparseWeight) -> torch.Tensor:
+    """dW at the stored blocks, in `values`' layout ([nnz, b, b]): per chunk of block rows
+    the forward's gathered X columns, transposed, times the rows' dY ([ch, P*b, M] x
+    [ch, M, b] = the rows' [P*b, b] slabs, written where their tiles lie)."""
+    m, b = x.shape[0], weight.block_size
+    grad = torch.zeros_like(weight.values)
+    if weight.nnz_blocks == 0 or m == 0:
+        return grad
+    x_blocks = x.reshape(m, weight.block_grid[1], b)
+    grad_y_blocks = grad_y.reshape(m, weight.block_grid[0], b)
+    to_storage = weight.layout("padded_rows", _padded_rows)["to_storage"]
+    if to_storage is not None:
+        grad_y_blocks = grad_y_blocks.index_select(1, to_storage)
+    for r0, r1, cols, index, valid in _row_chunks(weight, m):
+        gathered = x_blocks.index_select(1, cols).view(m, r1 - r0, -1).permute(1, 2, 0)  # [ch, P*b, M]
+        rows_grad_y = grad_y_blocks[:, r0:r1].transpose(0, 1)  # [ch, M, b]
+        if index is None:
+            torch.bmm(gathered, rows_grad_y, out=_chunk_slab(grad, weight, r0, r1, None))
+        else:  # padding slots (valid False) read block 0's columns: dropped
+            grad[index[valid]] = torch.bmm(gathered, rows_grad_y).view(r1 - r0, -1, b, b)[valid]
+    return grad
+
+
+def _grad_values_grouped(x: torch.Tensor, grad_y: torch.Tensor, weight: BlockSparseWeight,
+                         layout: dict) -> torch.Tensor:
+    """dW at the stored blocks for fully shared row groups: per group the gathered X
+    columns transposed times the group's dY rows ([U*b, M] x [M, G*b], one GEMM per
+    group, accumulated over the forward's token chunks), unpacked into `values`' layout."""
+    m, (n, _), b = x.shape[0], weight.shape, weight.block_size
+    x, grad_y, es = x.contiguous(), grad_y.contiguous(), x.element_size()
+    to_storage = weight.layout("padded_rows", _padded_rows)["to_storage"]
+    if to_storage is not None:
+        grad_y = _block_rows(grad_y, weight.block_grid[0], 0, m, to_storage).view(m, n)
+    grad = torch.empty_like(weight.values)
+    per_row = layout["per_row"]
+    for first, size, groups, cols in layout["parts"]:
+        span, width = per_row * b, size * b
+        group_step, rows = _blocks_of_work(m, groups, span * width * es, span * es)
+        for g0 in range(0, groups, group_step):
+            g1 = min(g0 + group_step, groups)
+            start, stop = first * b + g0 * width, first * b + g1 * width
+            packed = x.new_zeros(g1 - g0, span, width)  # [gs, U*b, G*b]: the packed tiles' gradient
+            for m0 in range(0, m, rows):
+                m1 = min(m0 + rows, m)
+                gathered = _block_rows(x, weight.block_grid[1], m0, m1, cols[g0:g1].reshape(-1))
+                part = grad_y[m0:m1, start:stop].view(m1 - m0, g1 - g0, width).transpose(0, 1)
+                packed.baddbmm_(gathered.view(m1 - m0, g1 - g0, span).permute(1, 2, 0), part)
+            blocks = grad[(first + g0 * size) * per_row:(first + g1 * size) * per_row]
+            blocks.view(g1 - g0, size, per_row, b, b).copy_(
+                packed.view(g1 - g0, per_row, b, size, b).permute(0, 3, 1, 2, 4))
+    return grad
+
+
 def torch_schedule(weight: BlockSparseWeight, m: int) -> str:
     """How the torch backend multiplies M tokens by `weight`: "blocks" (only the stored
     blocks, small M), "row-groups" (one GEMM per fully shared row group) or "dense"
@@ -334,6 +388,18 @@ def sparse_matmul_t_torch(grad_y: torch.Tensor, weight: BlockSparseWeight) -> to
     return grad_y @ weight.to_dense()
 
 
+def sparse_grad_values_torch(x: torch.Tensor, grad_y: torch.Tensor, weight: BlockSparseWeight) -> torch.Tensor:
+    """dW = dY^T X [N, K] at the stored blocks only, in `values`' layout [nnz, b, b]
+    (an SDD product: the structure never changes). Dense BLAS computes every entry of dW
+    and keeps the stored ones, which read no pruned weight: exact for any input."""
+    schedule = torch_schedule(weight, x.shape[0])
+    if schedule == "blocks":
+        return _grad_values_small_m(x, grad_y, weight)
+    if schedule == "row-groups":
+        return _grad_values_grouped(x, grad_y, weight, weight.layout("shared_groups", _shared_groups))
+    return weight.blocks_of(grad_y.t() @ x)
+
+
 def _linear_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, keep_mask):
     """(Y, the LoRA input, its shrink T = drop(X) A^T): the forward of the torch backend."""
     y = sparse_matmul_torch(x, weight)
@@ -348,35 +414,39 @@ def _linear_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, keep_ma
 
 
 class _LinearTorch(torch.autograd.Function):
+    # `values` is weight.values, an input of its own so that autograd can hand it a
+    # gradient when the kept blocks are trained; the forward reads it through `weight`.
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, keep_mask):
+    def forward(ctx, x, values, weight, bias, lora_a, lora_b, scaling, dropout_p, keep_mask):
         y, lora_in, shrink = _linear_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, keep_mask)
         ctx.weight, ctx.scaling, ctx.dropout_p = weight, scaling, dropout_p
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(lora_in, shrink, lora_a, lora_b, keep_mask)
+        ctx.save_for_backward(x if values.requires_grad else None, lora_in, shrink, lora_a, lora_b, keep_mask)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        lora_in, shrink, lora_a, lora_b, keep_mask = ctx.saved_tensors
+        x, lora_in, shrink, lora_a, lora_b, keep_mask = ctx.saved_tensors
         weight, s = ctx.weight, ctx.scaling
-        grad_x = grad_bias = grad_a = grad_b = None
+        grad_x = grad_values = grad_bias = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = sparse_matmul_t_torch(grad_y, weight)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[1]:
+            grad_values = sparse_grad_values_torch(x, grad_y, weight)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = grad_y.sum(0)
         if lora_a is not None:
             grad_shrink = (grad_y @ lora_b) * s  # [M, r]
-            if ctx.needs_input_grad[3]:
-                grad_a = grad_shrink.t() @ lora_in
             if ctx.needs_input_grad[4]:
+                grad_a = grad_shrink.t() @ lora_in
+            if ctx.needs_input_grad[5]:
                 grad_b = (grad_y.t() @ shrink) * s
             if ctx.needs_input_grad[0]:
                 grad_lora_in = grad_shrink @ lora_a
                 if keep_mask is not None:
                     grad_lora_in = grad_lora_in * keep_mask / (1.0 - ctx.dropout_p)
                 grad_x = grad_x + grad_lora_in
-        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
+        return grad_x, grad_values, None, grad_bias, grad_a, grad_b, None, None, None
 
 
 def linear_torch(x2d: torch.Tensor, weight: BlockSparseWeight, bias: torch.Tensor | None = None,
@@ -386,10 +456,12 @@ def linear_torch(x2d: torch.Tensor, weight: BlockSparseWeight, bias: torch.Tenso
     """The torch backend on x2d [M, K] with an explicit LoRA dropout keep-mask [M, K]
     (1/0 in x's dtype, or None for no dropout): how tests replay the Triton kernels'
     Philox mask (`blocksparse.kernels.philox_keep_mask`) element for element."""
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2d, bias, lora_a, lora_b))):
+    inputs = (x2d, weight.values, bias, lora_a, lora_b)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
         # Inference: no graph to record (autograd.Function costs ~10 us a call, a decode step has 210)
         return _linear_forward(x2d, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p), keep_mask)[0]
-    return _LinearTorch.apply(x2d, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p), keep_mask)
+    return _LinearTorch.apply(x2d, weight.values, weight, bias, lora_a, lora_b, float(scaling),
+                              float(dropout_p), keep_mask)
 
 
 # --------------------------------------------------------------------------
@@ -410,7 +482,8 @@ def block_sparse_linear(
     x: [..., K]; weight: BlockSparseWeight of shape [N, K]; bias: [N];
     lora_a: [r, K]; lora_b: [N, r] (PEFT's lora_A.weight / lora_B.weight).
     `lora_dropout` is applied (whenever > 0) to the LoRA path's input only, as
-    in PEFT; pass 0 in eval mode. W never receives a gradient.
+    in PEFT; pass 0 in eval mode. W receives a gradient at its stored blocks
+    only, and only when `weight.values.requires_grad` (frozen by default).
     """
     check_inputs(x, weight, bias, lora_a, lora_b)
     if not 0.0 <= lora_dropout < 1.0:

@@ -22,12 +22,27 @@ def test_from_linear_with_mask_equals_masked_dense(bias):
 
 def test_values_are_frozen_and_only_bias_trains():
     module = BlockSparseLinear.from_linear(nn.Linear(32, 32), sparsity=0.5)
-    assert [name for name, _ in module.named_parameters()] == ["bias"]
+    assert [name for name, p in module.named_parameters() if p.requires_grad] == ["bias"]
     before = module.sparse_weight.values.clone()
     opt = torch.optim.SGD(module.parameters(), lr=1.0)
     module(torch.randn(5, 32)).square().sum().backward()
     opt.step()
-    assert torch.equal(module.sparse_weight.values, before)
+    assert torch.equal(module.sparse_weight.values, before) and module.sparse_weight.values.grad is None
+
+
+def test_trained_values_keep_the_structure_and_load_in_place():
+    # The values are a (frozen) Parameter: trained, they move; the structure never does, and
+    # loading a state dict keeps the same Parameter object (an optimizer holding it stays valid).
+    module = BlockSparseLinear.from_linear(nn.Linear(64, 48), sparsity=0.5)
+    values = module.sparse_weight.values.requires_grad_(True)
+    mask, state = module.block_mask.clone(), {k: v.clone() for k, v in module.state_dict().items()}
+    opt = torch.optim.SGD([values], lr=0.1)
+    module(torch.randn(5, 64)).square().sum().backward()
+    opt.step()
+    assert not torch.equal(values, state["sparse_weight.values"]) and torch.equal(module.block_mask, mask)
+    module.load_state_dict(state)
+    assert module.sparse_weight.values is values and values.requires_grad
+    assert torch.equal(values, state["sparse_weight.values"])
 
 
 def test_introspection_and_repr():

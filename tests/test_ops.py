@@ -37,12 +37,17 @@ def make_case(m, n, k, density, dtype, bias=True, lora_rank=0, uniform_rows=Fals
 
 
 def run_and_compare(m, n, k, density, dtype, bias=True, lora_rank=0, scaling=2.0,
-                    uniform_rows=False, lead=(), transpose_x=False, row_group=1, shared=False, schedule=None):
+                    uniform_rows=False, lead=(), transpose_x=False, row_group=1, shared=False, schedule=None,
+                    train_values=False):
+    """Output and every gradient against the fp64 dense-masked reference; with
+    train_values, also dW at the stored blocks (the reference's dW at those blocks)."""
     w, x64, b64, a64, bb64 = make_case(m, n, k, density, dtype, bias, lora_rank, uniform_rows, lead, row_group,
                                        shared)
     if schedule is not None:
         assert torch_schedule(w, m) == schedule
-    w_ref64 = w.to_dense().double()
+    w.values.requires_grad_(train_values)
+    w_ref64 = w.to_dense().detach().double().requires_grad_(train_values)
+    w_torch = w.to_dense().detach().requires_grad_(train_values)
 
     def leaves(dt):
         out = []
@@ -61,7 +66,7 @@ def run_and_compare(m, n, k, density, dtype, bias=True, lora_rank=0, scaling=2.0
     x_r, b_r, a_r, bb_r = leaves(torch.float64)
     y_ref = linear_lora(x_r, w_ref64, b_r, a_r, bb_r, scaling)
     x_t, b_t, a_t, bb_t = leaves(dtype)
-    y_torch = linear_lora(x_t, w.to_dense(), b_t, a_t, bb_t, scaling)
+    y_torch = linear_lora(x_t, w_torch, b_t, a_t, bb_t, scaling)
     assert_matches_reference(y.detach(), y_ref.detach(), y_torch.detach(), "y")
 
     grad = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
@@ -72,7 +77,11 @@ def run_and_compare(m, n, k, density, dtype, bias=True, lora_rank=0, scaling=2.0
                                        (x_r, b_r, a_r, bb_r), (x_t, b_t, a_t, bb_t)):
         if ours is not None:
             assert_matches_reference(ours.grad, ref.grad, theirs.grad, f"grad {name}")
-    assert not w.values.requires_grad and w.values.grad is None
+    if train_values:
+        assert w.values.grad.shape == w.values.shape and w.values.grad.dtype == dtype
+        assert_matches_reference(w.values.grad, w.blocks_of(w_ref64.grad), w.blocks_of(w_torch.grad), "grad values")
+    else:
+        assert w.values.grad is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -97,6 +106,20 @@ def test_row_grouped_weights_match_the_reference(m, row_group, uniform_rows):
 def test_fully_shared_row_groups_run_one_gemm_per_group(dtype, m, row_group, schedule):
     run_and_compare(m, 96, 80, 0.4, dtype, bias=True, lora_rank=4, row_group=row_group, shared=True,
                     schedule=schedule)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m, density, uniform_rows, row_group, shared, schedule", [
+    (0, 0.5, False, 1, False, "blocks"), (1, 0.5, False, 1, False, "blocks"),
+    (7, 0.25, True, 1, False, "blocks"), (7, 0.5, False, 3, False, "blocks"),
+    (SMALL_M_MAX + 1, 0.5, False, 1, False, "dense"), (130, 1.0, True, 1, False, "dense"),
+    (130, 0.0, False, 1, False, "dense"), (SMALL_M_MAX + 1, 0.4, True, 2, True, "row-groups"),
+    (70, 0.4, True, 6, True, "row-groups"), (40, 0.4, True, 4, True, "row-groups")])
+def test_trained_block_values_get_the_reference_gradient(dtype, m, density, uniform_rows, row_group, shared,
+                                                         schedule):
+    # dW at the stored blocks on every schedule, with bias and LoRA beside it.
+    run_and_compare(m, 96, 80, density, dtype, bias=True, lora_rank=4, uniform_rows=uniform_rows,
+                    row_group=row_group, shared=shared, schedule=schedule, train_values=True)
 
 
 def test_blocked_row_group_steps_cover_every_row_and_group(monkeypatch):
@@ -238,14 +261,20 @@ def test_property_matches_dense_reference(m, n_blocks, k_blocks, block_size, den
     n, k = n_blocks * block_size, k_blocks * block_size
     mask = random_block_mask(n_blocks, k_blocks, density, generator=gen)
     w = BlockSparseWeight.from_dense(torch.randn(n, k, generator=gen).to(dtype), mask)
+    w.values.requires_grad_(True)
     x64 = torch.randn(m, k, generator=gen, dtype=torch.float64)
     a64 = torch.randn(lora_rank, k, generator=gen, dtype=torch.float64) if lora_rank else None
     b64 = torch.randn(n, lora_rank, generator=gen, dtype=torch.float64) if lora_rank else None
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    w_ref, w_torch = (w.to_dense().detach().to(dt).requires_grad_() for dt in (torch.float64, dtype))
     y = block_sparse_linear(x64.to(dtype), w, None, cast(a64), cast(b64), scaling=0.5, backend="torch")
-    y_ref = linear_lora(x64, w.to_dense().double(), None, a64, b64, 0.5)
-    y_torch = linear_lora(x64.to(dtype), w.to_dense(), None, cast(a64), cast(b64), 0.5)
-    assert_matches_reference(y, y_ref, y_torch)
+    y_ref = linear_lora(x64, w_ref, None, a64, b64, 0.5)
+    y_torch = linear_lora(x64.to(dtype), w_torch, None, cast(a64), cast(b64), 0.5)
+    assert_matches_reference(y.detach(), y_ref.detach(), y_torch.detach())
+    grad = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    for out, g in ((y, grad.to(dtype)), (y_ref, grad), (y_torch, grad.to(dtype))):
+        out.backward(g)
+    assert_matches_reference(w.values.grad, w.blocks_of(w_ref.grad), w.blocks_of(w_torch.grad), "grad values")
 
 
 @pytest.mark.parametrize("m, uniform_rows, row_group, schedule", [
@@ -262,6 +291,7 @@ def test_pruned_weights_do_not_exist_for_a_non_finite_input(m, uniform_rows, row
     x = x64.float().requires_grad_(True)
     with torch.no_grad():
         x[1, col * 16 + 3] = float("nan")
+    w.values.requires_grad_(True)
     y = block_sparse_linear(x, w, backend="torch")
     reads = mask[:, col].repeat_interleave(16)
     assert torch.isnan(y[1, reads]).all() and torch.isfinite(y[1, ~reads]).all()
@@ -272,6 +302,12 @@ def test_pruned_weights_do_not_exist_for_a_non_finite_input(m, uniform_rows, row
     y.backward(grad)
     stored = mask[row].repeat_interleave(16)
     assert torch.isnan(x.grad[2, stored]).all() and torch.isfinite(x.grad[2, ~stored]).all()
+    # dW[i][c, j] = sum_m X[m, c] dY[m, j] of block i: NaN where its own input column
+    # (c = 3 of column `col`: 0 * NaN there) or output row (j = 5 of row `row`) is.
+    expected = torch.zeros(w.values.shape, dtype=torch.bool)
+    expected[w.col.long() == col, 3, :] = True
+    expected[w.row.long() == row, :, 5] = True
+    assert torch.equal(torch.isnan(w.values.grad), expected)
 
 
 @pytest.mark.parametrize("scaling", [float("nan"), float("inf")])

@@ -77,12 +77,13 @@ def _init_option(kwargs: dict) -> Any:
 
 
 class LoraBlockSparseLinear(_PeftLoraLinear):
-    """PEFT LoRA layer around a frozen `BlockSparseLinear`.
+    """PEFT LoRA layer around a `BlockSparseLinear`.
 
     y = x W^T + bias + s * dropout(x) A^T B^T, computed by `block_sparse_linear`
     in one call for the first active adapter (one fused kernel on the Triton
-    backend); further active adapters are added unfused. W never changes during
-    training: it is a buffer of the base layer and receives no gradient.
+    backend); further active adapters are added unfused. W is frozen (PEFT freezes
+    the base) unless its kept blocks are trained beside the adapter
+    (`train_lora(train_sparse_values=True)`); its structure never changes.
     """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:

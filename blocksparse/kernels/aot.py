@@ -42,7 +42,7 @@ import torch
 
 from ..dtypes import SHORT_NAMES, short_name, to_dtype
 from .configs import (DEFAULT_NUM_SMS, GROUP_SIZES, SMEM_BYTES, dot_precision, grad_a_config, matmul_config,
-                      shrink_config)
+                      sdd_config, shrink_config)
 
 ARCHS = (80, 90)
 # Compute-bound regimes: on Hopper their configs with BM >= 64 token rows (one
@@ -87,7 +87,8 @@ def compile_specs(dtype: torch.dtype = torch.bfloat16, arch: int = 90) -> list[d
     options={"num_warps": ..., "num_stages": ...})`.
     """
     # Imported here: the caller must have cleared TRITON_INTERPRET first (see `main`).
-    from .block_sparse_linear import _bsl_matmul_kernel, _dropout_keep_kernel, _lora_grad_a_kernel, _lora_shrink_kernel
+    from .block_sparse_linear import (_bsl_matmul_kernel, _dropout_keep_kernel, _lora_grad_a_kernel,
+                                      _lora_shrink_kernel, _sdd_kernel)
 
     dt = short_name(dtype)
     elt = torch.empty((), dtype=dtype).element_size()
@@ -136,6 +137,16 @@ def compile_specs(dtype: torch.dtype = torch.bfloat16, arch: int = 90) -> list[d
                   "signature": _lora_signature(_lora_grad_a_kernel, dt),
                   "constexprs": dict(cfg.constexprs, DOT_PRECISION=precision),
                   "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    # dW at the stored blocks (training the kept values): prefill and decode-sized M, b = 16 and 32.
+    for m, bs in ((2048, 16), (16, 16), (2048, 32)):
+        cfg = sdd_config(m, bs)
+        specs.append({"kernel": "_sdd_kernel", "regime": "sdd", "fn": _sdd_kernel,
+                      "signature": {name: "constexpr" if name in ("BS", "KB", "BM", "DOT_PRECISION") else
+                                    f"*{dt}" if name in ("X", "GRAD_Y", "GRAD_V") else
+                                    "*i32" if name in ("CROW", "COL", "ROW_PERM") else "i32"
+                                    for name in _sdd_kernel.arg_names},
+                      "constexprs": dict(cfg.constexprs, BS=bs, DOT_PRECISION=precision),
+                      "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     specs.append({"kernel": "_dropout_keep_kernel", "regime": "dropout_mask", "fn": _dropout_keep_kernel,
                   "signature": {"SEED": "*i64", "KEEP": f"*{dt}", "numel": "i32", "dropout_p": "fp32",
                                 "BLOCK": "constexpr"},

@@ -1,6 +1,6 @@
 """Fused block-sparse linear in Triton: Y = X W^T (+ bias) (+ s * drop(X) A^T B^T).
 
-W [N, K] is a frozen `BlockSparseWeight` (b x b blocks, b in 16/32/64); A [r, K]
+W [N, K] is a `BlockSparseWeight` (b x b blocks, b in 16/32/64); A [r, K]
 and B [N, r] are the LoRA factors (PEFT's lora_A.weight / lora_B.weight).
 
 Reading order: kernels -> launchers -> torch.library ops (with autograd) ->
@@ -27,12 +27,14 @@ block row at its true place, so the numerics do not depend on the order.
   Philox seed, `tl.rand`, keyed by the element's linear index m*K + k); the
   expand s * T B^T is one extra MMA in the main kernel's epilogue, before the
   single store of Y.
-- Backward (W frozen): dX = dY W + s * drop'((dY B) A) is the same kernel over
+- Backward: dX = dY W + s * drop'((dY B) A) is the same kernel over
   the transposed block structure (it reads the same `values` tiles
   transposed) with the LoRA term and the regenerated dropout mask in its
   epilogue; dA is a skinny Triton GEMM when dropout is on (it regenerates the
   mask instead of storing it) and torch otherwise; dB = s * dY^T T and
-  dbias = dY.sum(0) are torch (cuBLAS handles those skinny GEMMs well).
+  dbias = dY.sum(0) are torch (cuBLAS handles those skinny GEMMs well). When
+  the kept blocks are trained, dW at the stored blocks (X^T dY restricted to
+  them: an SDD product) is `_sdd_kernel`, one program per KB blocks of a row.
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ import triton.language as tl
 
 from ..format import BlockSparseWeight
 from .configs import (DECODE_MAX_M, DEFAULT_NUM_SMS, SMEM_BYTES, TRITON_BLOCK_SIZES, KernelConfig,
-                      dot_precision, grad_a_config, matmul_candidates, matmul_config, shrink_config,
-                      split_k_for)
+                      dot_precision, grad_a_config, matmul_candidates, matmul_config, sdd_config,
+                      shrink_config, split_k_for)
 from .schedule import Schedule, choose_group_size, get_schedule
 
 
@@ -268,6 +270,41 @@ def _lora_grad_a_kernel(GS, X, PARTIAL, SEED, M, K, lora_rank, stride_gm, stride
 
 
 @triton.jit
+def _sdd_kernel(X, GRAD_Y, GRAD_V, CROW, COL, ROW_PERM, M, stride_xm, stride_gm,
+                BS: tl.constexpr, KB: tl.constexpr, BM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dW at the stored blocks: GRAD_V[i] = X[:, col_i block]^T dY[:, row_i block] [b, b].
+
+    Program (r, j) owns storage row r's blocks j*KB .. j*KB + KB - 1: a contiguous
+    [KB*b, b] stretch of `values`' layout, accumulated over the tokens as
+    gathered X^T [KB*b, BM] x dY [BM, b]. Each tile reads only its own X columns
+    and dY rows, so a non-finite input reaches only the blocks that read it.
+    """
+    r = tl.program_id(0)
+    start = tl.load(CROW + r)
+    count = tl.load(CROW + r + 1) - start
+    first = tl.program_id(1) * KB
+    if first < count:
+        kk = tl.arange(0, KB * BS)
+        slot = first + kk // BS
+        k_mask = slot < count
+        col = tl.load(COL + start + slot, mask=k_mask, other=0)
+        x_cols = tl.max_contiguous(tl.multiple_of(col * BS + kk % BS, BS), BS)
+        jj = tl.arange(0, BS)
+        y_cols = tl.load(ROW_PERM + r) * BS + jj
+        acc = tl.zeros((KB * BS, BS), dtype=tl.float32)
+        for m0 in range(0, M, BM):
+            rm = m0 + tl.arange(0, BM)
+            m_mask = rm < M
+            x = tl.load(X + rm.to(tl.int64)[:, None] * stride_xm + x_cols[None, :],
+                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            g = tl.load(GRAD_Y + rm.to(tl.int64)[:, None] * stride_gm + y_cols[None, :],
+                        mask=m_mask[:, None], other=0.0)
+            acc = _mma(tl.trans(x), g, acc, DOT_PRECISION)
+        out = GRAD_V + (start + first).to(tl.int64) * BS * BS + kk[:, None] * BS + jj[None, :]
+        tl.store(out, acc.to(GRAD_V.dtype.element_ty), mask=k_mask[:, None])
+
+
+@triton.jit
 def _dropout_keep_kernel(SEED, KEEP, numel, dropout_p, BLOCK: tl.constexpr):
     """KEEP[i] = 1 if rand(seed, i) >= p else 0: the mask every kernel above uses."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -398,6 +435,25 @@ def _lora_grad_a_dropout(gs: torch.Tensor, x: torch.Tensor, seed: torch.Tensor,
     return partial.sum(0)[:rank].to(x.dtype)
 
 
+def _sparse_grad_values(x: torch.Tensor, grad_y: torch.Tensor, values: torch.Tensor,
+                        w_luts: list[torch.Tensor]) -> torch.Tensor:
+    """dW at the stored blocks, in `values`' layout [nnz, b, b]: one `_sdd_kernel` launch.
+    w_luts: the weight's (crow, col, row_perm)."""
+    crow, col, row_perm = w_luts
+    grad = torch.zeros_like(values)
+    m, bs = x.shape[0], values.shape[1]
+    if m == 0 or values.shape[0] == 0:
+        return grad
+    cfg = sdd_config(m, bs)
+    # Enough programs for a row holding every block column (no host sync for the widest
+    # row); the ones past a row's blocks return at once.
+    grid = (crow.numel() - 1, triton.cdiv(x.shape[1] // bs, cfg.constexprs["KB"]))
+    _sdd_kernel[grid](x, grad_y, grad, crow, col, row_perm, m, x.stride(0), grad_y.stride(0),
+                      BS=bs, DOT_PRECISION=dot_precision(x.dtype), num_warps=cfg.num_warps,
+                      num_stages=cfg.num_stages, **cfg.constexprs)
+    return grad
+
+
 def philox_keep_mask(seed: torch.Tensor, m: int, k: int, p: float,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The exact [m, k] keep-mask (1/0 in `dtype`) the kernels derive from `seed` for dropout p.
@@ -421,10 +477,12 @@ def new_dropout_seed(device: torch.device) -> torch.Tensor:
 # --------------------------------------------------------------------------
 @torch.library.custom_op("blocksparse::linear", mutates_args=())
 def _linear_op(x: torch.Tensor, values: torch.Tensor, luts: list[torch.Tensor],
-               t_luts: list[torch.Tensor], bias: torch.Tensor | None, lora_a: torch.Tensor | None,
+               t_luts: list[torch.Tensor], w_luts: list[torch.Tensor], bias: torch.Tensor | None,
+               lora_a: torch.Tensor | None,
                lora_b: torch.Tensor | None, seed: torch.Tensor | None, n_out: int, scaling: float,
                dropout_p: float, split_k: int, save_shrink: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Y, T) with T = drop(x) A^T [M, r] kept for the backward (empty unless save_shrink)."""
+    """(Y, T) with T = drop(x) A^T [M, r] kept for the backward (empty unless save_shrink).
+    w_luts: the weight's (crow, col, row_perm) when its values are trained, else empty."""
     if lora_a is not None and dropout_p > 0 and seed is None:
         raise ValueError(f"LoRA dropout p={dropout_p} needs a seed tensor (int64 [1]), got None")
     lora_t = lora_e = None
@@ -447,7 +505,7 @@ def _linear_op(x: torch.Tensor, values: torch.Tensor, luts: list[torch.Tensor],
 
 
 @_linear_op.register_fake
-def _linear_fake(x, values, luts, t_luts, bias, lora_a, lora_b, seed, n_out, scaling, dropout_p,
+def _linear_fake(x, values, luts, t_luts, w_luts, bias, lora_a, lora_b, seed, n_out, scaling, dropout_p,
                  split_k, save_shrink):
     shrink_shape = (x.shape[0], lora_a.shape[0]) if lora_a is not None and save_shrink else (0, 0)
     return x.new_empty((x.shape[0], n_out)), x.new_empty(shrink_shape)
@@ -455,19 +513,21 @@ def _linear_fake(x, values, luts, t_luts, bias, lora_a, lora_b, seed, n_out, sca
 
 @torch.library.custom_op("blocksparse::linear_backward", mutates_args=())
 def _linear_backward_op(grad_y: torch.Tensor, x: torch.Tensor, values: torch.Tensor,
-                        t_luts: list[torch.Tensor], lora_a: torch.Tensor | None,
+                        t_luts: list[torch.Tensor], w_luts: list[torch.Tensor], lora_a: torch.Tensor | None,
                         lora_b: torch.Tensor | None, shrink: torch.Tensor | None,
                         seed: torch.Tensor | None, scaling: float, dropout_p: float, split_k: int,
-                        need_x: bool, need_a: bool, need_b: bool
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dX, dA, dB); a gradient that is not needed comes back empty."""
+                        need_x: bool, need_w: bool, need_a: bool, need_b: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dX, dW at the stored blocks, dA, dB); a gradient that is not needed comes back empty."""
     k = x.shape[1]
-    grad_x, grad_a, grad_b = (x.new_empty((0,)) for _ in range(3))
+    grad_x, grad_w, grad_a, grad_b = (x.new_empty((0,)) for _ in range(4))
     lora_u = None
     rank = lora_a.shape[0] if lora_a is not None else 0
+    if need_w:
+        grad_w = _sparse_grad_values(x, grad_y, values, w_luts)
     if x.shape[0] == 0:  # no tokens: zero gradients of the right shapes
-        return (x.new_zeros(x.shape) if need_x else grad_x, torch.zeros_like(lora_a) if need_a else grad_a,
-                torch.zeros_like(lora_b) if need_b else grad_b)
+        return (x.new_zeros(x.shape) if need_x else grad_x, grad_w,
+                torch.zeros_like(lora_a) if need_a else grad_a, torch.zeros_like(lora_b) if need_b else grad_b)
     if lora_a is not None and (need_x or need_a):
         # U = dY B: the shrink kernel over dY with B^T as its [r, N] factor.
         lora_u = _lora_shrink(grad_y, lora_b, lora_b.stride(1), lora_b.stride(0), rank, None, 0.0)
@@ -484,46 +544,50 @@ def _linear_backward_op(grad_y: torch.Tensor, x: torch.Tensor, values: torch.Ten
             grad_a = gs.t() @ x
     if need_b:
         grad_b = (grad_y.t() @ shrink) * scaling
-    return grad_x, grad_a, grad_b
+    return grad_x, grad_w, grad_a, grad_b
 
 
 @_linear_backward_op.register_fake
-def _linear_backward_fake(grad_y, x, values, t_luts, lora_a, lora_b, shrink, seed, scaling,
-                          dropout_p, split_k, need_x, need_a, need_b):
+def _linear_backward_fake(grad_y, x, values, t_luts, w_luts, lora_a, lora_b, shrink, seed, scaling,
+                          dropout_p, split_k, need_x, need_w, need_a, need_b):
     empty = x.new_empty((0,))
-    return (x.new_empty(x.shape) if need_x else empty,
+    return (x.new_empty(x.shape) if need_x else empty, values.new_empty(values.shape) if need_w else empty,
             lora_a.new_empty(lora_a.shape) if need_a else empty,
             lora_b.new_empty(lora_b.shape) if need_b else empty)
 
 
 def _setup_context(ctx, inputs, output):
-    (x, values, luts, t_luts, bias, lora_a, lora_b, seed, n_out, scaling, dropout_p,
+    (x, values, luts, t_luts, w_luts, bias, lora_a, lora_b, seed, n_out, scaling, dropout_p,
      split_k, save_shrink) = inputs
-    ctx.num_luts, ctx.num_t_luts = len(luts), len(t_luts)
+    ctx.num_luts, ctx.num_t_luts, ctx.num_w_luts = len(luts), len(t_luts), len(w_luts)
     ctx.scaling, ctx.dropout_p, ctx.split_k = scaling, dropout_p, split_k
     ctx.has_bias, ctx.has_lora = bias is not None, lora_a is not None
-    ctx.save_for_backward(x, values, lora_a, lora_b, output[1], seed, *t_luts)
+    ctx.save_for_backward(x, values, lora_a, lora_b, output[1], seed, *t_luts, *w_luts)
 
 
 def _backward(ctx, grad_y, _grad_shrink):
-    x, values, lora_a, lora_b, shrink, seed, *t_luts = ctx.saved_tensors
+    x, values, lora_a, lora_b, shrink, seed, *luts = ctx.saved_tensors
+    t_luts, w_luts = luts[:ctx.num_t_luts], luts[ctx.num_t_luts:]
     need = ctx.needs_input_grad
-    need_x, need_bias = need[0], ctx.has_bias and need[4]
-    need_a, need_b = ctx.has_lora and need[5], ctx.has_lora and need[6]
+    need_x, need_w, need_bias = need[0], need[1], ctx.has_bias and need[5]
+    need_a, need_b = ctx.has_lora and need[6], ctx.has_lora and need[7]
     grad_y = grad_y.contiguous()
-    grad_x = grad_a = grad_b = grad_bias = None
-    if need_x or need_a or need_b:
+    grad_x = grad_w = grad_a = grad_b = grad_bias = None
+    if need_x or need_w or need_a or need_b:
         if need_x and not t_luts:
             raise RuntimeError("blocksparse: x needs a gradient but the forward ran without "
                                "the transposed schedule (x did not require grad then)")
-        grad_x, grad_a, grad_b = torch.ops.blocksparse.linear_backward(
-            grad_y, x, values, t_luts, lora_a, lora_b, shrink, seed, ctx.scaling,
-            ctx.dropout_p, ctx.split_k, need_x, need_a, need_b)
+        if need_w and not w_luts:
+            raise RuntimeError("blocksparse: the block values need a gradient but the forward ran "
+                               "without the structure (they did not require grad then)")
+        grad_x, grad_w, grad_a, grad_b = torch.ops.blocksparse.linear_backward(
+            grad_y, x, values, t_luts, w_luts, lora_a, lora_b, shrink, seed, ctx.scaling,
+            ctx.dropout_p, ctx.split_k, need_x, need_w, need_a, need_b)
     if need_bias:
         grad_bias = grad_y.sum(0)
-    return (grad_x if need_x else None, None, [None] * ctx.num_luts, [None] * ctx.num_t_luts,
-            grad_bias, grad_a if need_a else None, grad_b if need_b else None,
-            None, None, None, None, None, None)
+    return (grad_x if need_x else None, grad_w if need_w else None, [None] * ctx.num_luts,
+            [None] * ctx.num_t_luts, [None] * ctx.num_w_luts, grad_bias, grad_a if need_a else None,
+            grad_b if need_b else None, None, None, None, None, None, None)
 
 
 _linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -586,13 +650,14 @@ def block_sparse_linear_triton(x2d: torch.Tensor, weight: BlockSparseWeight,
     needs_dx = grad_on and x2d.requires_grad
     luts = schedule(False).tensors
     t_luts = schedule(True).tensors if needs_dx else []
+    w_luts = [weight.crow, weight.col, weight.row_perm] if grad_on and weight.values.requires_grad else []
     if not has_lora:
         dropout_p = 0.0
     if dropout_p > 0 and seed is None:
         seed = new_dropout_seed(x2d.device)
     save_shrink = bool(has_lora and grad_on and lora_b.requires_grad)
     y, _ = torch.ops.blocksparse.linear(
-        x2d, weight.values, luts, t_luts, bias, lora_a, lora_b, seed if dropout_p > 0 else None,
+        x2d, weight.values, luts, t_luts, w_luts, bias, lora_a, lora_b, seed if dropout_p > 0 else None,
         weight.shape[0], float(scaling), float(dropout_p), int(split_k), save_shrink)
     return y
 

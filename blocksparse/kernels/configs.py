@@ -139,6 +139,12 @@ def grad_a_config(m: int, k: int, rank_padded: int, num_sms: int, element_size: 
     return KernelConfig("lora_grad_a", {"BM": bm, "BK": bk, "RP": rank_padded, "SPLITS": splits}, 4, 3)
 
 
+def sdd_config(m: int, bs: int) -> KernelConfig:
+    """Config of the dW-at-stored-blocks kernel: KB blocks of one row (a [KB*b, b] tile,
+    128 rows of it) per program, BM tokens per step."""
+    return KernelConfig("sdd", {"KB": max(1, 128 // bs), "BM": 64 if m > 16 else 16}, 4, 3)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs must not silently drop to TF32: torch's fp32 matmul does not.
     return "ieee" if dtype == torch.float32 else "tf32"

@@ -138,7 +138,7 @@ def test_compile_specs_are_complete():
     for arch in (80, 90):
         specs = compile_specs(torch.bfloat16, arch)
         assert {s["kernel"] for s in specs} == {"_bsl_matmul_kernel", "_lora_shrink_kernel",
-                                                "_lora_grad_a_kernel", "_dropout_keep_kernel"}
+                                                "_lora_grad_a_kernel", "_dropout_keep_kernel", "_sdd_kernel"}
         assert {"decode", "prefill", "backward", "lora_shrink"} <= {s["regime"] for s in specs}
         for spec in specs:
             assert list(spec["signature"]) == list(spec["fn"].arg_names)

@@ -149,6 +149,36 @@ def test_decode_split_k_matches_torch(dtype, m, split_k, dropout):
                         group_size=1, split_k=split_k)
 
 
+@pytest.mark.parametrize("dtype,m,row_group,block_size", [
+    (torch.float32, 1, 1, 16), (torch.float32, 130, 2, 16), (torch.float16, 70, 1, 16),
+    (torch.bfloat16, 130, 1, 16), (torch.float32, 70, 1, 32)])
+def test_trained_block_values_get_the_torch_gradient(dtype, m, row_group, block_size):
+    """dW at the stored blocks (`_sdd_kernel`) with LoRA beside it, against the torch backend."""
+    weight = make_weight(96, 160, 0.5, dtype, block_size=block_size, row_group=row_group)
+    weight32 = copy.deepcopy(weight).to(torch.float32)
+    x = torch.randn(m, 160, device=DEVICE)
+    lora_a, lora_b = torch.randn(RANK, 160, device=DEVICE) / 13, torch.randn(96, RANK, device=DEVICE)
+    grad_y = torch.randn(m, 96, device=DEVICE)
+
+    def grads(w, cast, fn):
+        w.values.requires_grad_(True)
+        w.values.grad = None
+        leaves = [t.to(cast).requires_grad_() for t in (x, lora_a, lora_b)]
+        fn(w, *leaves).backward(grad_y.to(cast))
+        return {"dvalues": w.values.grad, "dx": leaves[0].grad, "dlora_a": leaves[1].grad}
+
+    def kernel(w, x, a, b):
+        return block_sparse_linear_triton(x, w, None, a, b, SCALING)
+
+    def torch_backend(w, x, a, b):
+        return linear_torch(x, w, None, a, b, SCALING)
+
+    got = grads(weight, dtype, kernel)
+    assert got["dvalues"].dtype == dtype and got["dvalues"].shape == weight.values.shape
+    assert_within_rule(got, grads(weight, dtype, torch_backend), grads(weight32, torch.float32, torch_backend),
+                       dtype)
+
+
 def test_empty_weight_gives_bias_plus_lora():
     weight, got = check_against_torch(7, 64, 48, torch.float32, 0.0, bias=True, lora=True,
                                       dropout=0.0, group_size=2)
@@ -215,12 +245,13 @@ def test_fake_tensor_path():
     real = [torch.randn(5, 48), torch.randn(64), torch.randn(RANK, 48), torch.randn(64, RANK)]
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         x, bias, a, b = (mode.from_tensor(t.to(DEVICE)) for t in real)
-        y, shrink = torch.ops.blocksparse.linear(x, weight.values, luts, t_luts, bias, a, b, None,
+        w_luts = [weight.crow, weight.col, weight.row_perm]
+        y, shrink = torch.ops.blocksparse.linear(x, weight.values, luts, t_luts, w_luts, bias, a, b, None,
                                                  64, 1.0, 0.0, 0, True)
         assert y.shape == (5, 64) and shrink.shape == (5, RANK)
-        grads = torch.ops.blocksparse.linear_backward(y, x, weight.values, t_luts, a, b, shrink,
-                                                      None, 1.0, 0.0, 0, True, True, False)
-        assert [tuple(g.shape) for g in grads] == [(5, 48), (RANK, 48), (0,)]
+        grads = torch.ops.blocksparse.linear_backward(y, x, weight.values, t_luts, w_luts, a, b, shrink,
+                                                      None, 1.0, 0.0, 0, True, True, True, False)
+        assert [tuple(g.shape) for g in grads] == [(5, 48), tuple(weight.values.shape), (RANK, 48), (0,)]
 
 
 def test_torch_compile_traces_the_op():
@@ -250,8 +281,10 @@ def test_opcheck_forward_op():
     x, bias, a, b = (t.to(DEVICE).requires_grad_() for t in (
         torch.randn(5, 48), torch.randn(64), torch.randn(RANK, 48), torch.randn(64, RANK)))
     seed = torch.tensor([7], dtype=torch.int64, device=DEVICE)
+    values = weight.values.detach().clone().requires_grad_()  # the trained-blocks path too
+    w_luts = [weight.crow, weight.col, weight.row_perm]
     torch.library.opcheck(torch.ops.blocksparse.linear.default,
-                          (x, weight.values, luts, t_luts, bias, a, b, seed, 64, 0.5, 0.1, 0, True))
+                          (x, values, luts, t_luts, w_luts, bias, a, b, seed, 64, 0.5, 0.1, 0, True))
 
 
 @pytest.mark.parametrize("m", [5, 130])
