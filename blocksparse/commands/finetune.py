@@ -10,14 +10,17 @@ The model is a sparse checkpoint (`blocksparse prune`), the embedded default or
 a dense directory; a dense model with `--sparsity S` is sparsified on the fly
 (per-block-row magnitude; for development, not a substitute for Wanda pruning).
 LoRA (r=8, alpha=16, dropout 0.05 on q_proj/v_proj by default) trains through
-`block_sparse_linear`; the block-sparse weights are buffers and never change.
+`block_sparse_linear`; the block-sparse weights stay frozen unless
+`--train_sparse_values` trains the kept blocks too (`--lora_r 0`: alone); their
+structure never changes.
 The output directory receives the adapter (`adapter_config.json` +
 `adapter_model.safetensors`, whose `base_model_name_or_path` names the base
 model), Trainer checkpoints (`checkpoint-N/`, for `--resume_from_checkpoint`),
 `train_results.json` and `eval_results.json` (held-out perplexity,
 non-overlapping windows of `--eval_seqlen` tokens). A model sparsified on the
 fly is saved as a sparse checkpoint in `sparse_base/`, since the adapter only
-fits that model.
+fits that model; so is the model whose kept blocks were trained (the adapter's
+base is then `sparse_base/`).
 
 Several devices: run the same command under `torchrun --nproc_per_node N`
 (DDP; gloo on CPU; see `blocksparse.integration.train`).
@@ -26,8 +29,10 @@ Several devices: run the same command under `torchrun --nproc_per_node N`
 edge of `--sparsity` is `--sparse_block_size`.
 
 `--distill` adds a KL term to the dense teacher's next-token distribution
-(`--teacher_model`; by default the model a pruned checkpoint was made from, or
-the dense model itself when it was sparsified on the fly).
+(`--distill_weight`) and, with `--distill_hidden_weight`, SquareHead's per-layer
+normalised hidden-state MSE (`--teacher_model`; by default the model a pruned
+checkpoint was made from, or the dense model itself when it was sparsified on
+the fly).
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ RUN_FLAGS = ("model_name_or_path", "sparsity", "sparse_block_size", "dtype", "da
              "max_train_samples", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate",
              "per_device_train_batch_size", "gradient_accumulation_steps", "warmup_steps", "lr_scheduler_type",
              "weight_decay", "seed", "bf16", "fp16", "distill", "teacher_model", "distill_weight",
-             "distill_temperature")
+             "distill_temperature", "distill_hidden_weight", "train_sparse_values", "sparse_values_learning_rate")
 
 
 def add_parser(subparsers):
@@ -89,7 +94,8 @@ def add_parser(subparsers):
              help="score at most this many eval windows (default: all)")
 
     lora = parser.add_argument_group("LoRA")
-    add_flag(lora, "--lora_r", type=int, default=8, help="rank (default: %(default)s)")
+    add_flag(lora, "--lora_r", type=int, default=8,
+             help="rank; 0 = no adapter (with --train_sparse_values) (default: %(default)s)")
     add_flag(lora, "--lora_alpha", type=float, default=16, help="alpha; scaling = alpha / r (default: %(default)s)")
     add_flag(lora, "--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input (default: %(default)s)")
     add_flag(lora, "--target_modules", default=None,
@@ -134,6 +140,15 @@ def add_parser(subparsers):
     add_flag(distill, "--distill_weight", type=float, default=0.5,
              help="weight of the KL term; CE gets 1 - weight (default: %(default)s)")
     add_flag(distill, "--distill_temperature", type=float, default=1.0, help="(default: %(default)s)")
+    add_flag(distill, "--distill_hidden_weight", type=float, default=0.0,
+             help="weight of the per-layer hidden-state term (SquareHead), added to the rest "
+                  "(default: %(default)s)")
+
+    values = parser.add_argument_group("sparse fine-tuning (optional)")
+    add_flag(values, "--train_sparse_values", action="store_true",
+             help="train the kept block values too (the block structure stays fixed); with --lora_r 0 alone")
+    add_flag(values, "--sparse_values_learning_rate", type=float, default=None,
+             help="learning rate of the block values (default: --learning_rate)")
     parser.set_defaults(func=run)
     return parser
 
@@ -149,10 +164,18 @@ def _checkpoints(output_dir: str) -> list[str]:
 
 def _check_args(args) -> None:
     check_finite(args, "_")
-    for name in ("block_size", "lora_r", "per_device_train_batch_size", "gradient_accumulation_steps",
+    for name in ("block_size", "per_device_train_batch_size", "gradient_accumulation_steps",
                  "logging_steps", "save_steps"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.lora_r < (0 if args.train_sparse_values else 1):
+        raise CLIError(f"--lora_r must be >= 1 (or 0 with --train_sparse_values: no adapter), got {args.lora_r}")
+    if args.eval_base and args.lora_r == 0:
+        raise CLIError("--eval_base compares with and without the adapter; --lora_r 0 trains none")
+    if args.sparse_values_learning_rate is not None and not args.train_sparse_values:
+        raise CLIError("--sparse_values_learning_rate needs --train_sparse_values")
+    if args.sparse_values_learning_rate is not None and args.sparse_values_learning_rate <= 0:
+        raise CLIError(f"--sparse_values_learning_rate must be > 0, got {args.sparse_values_learning_rate}")
     if args.block_size < MIN_SEQUENCE_TOKENS:
         raise CLIError(f"--block_size {args.block_size} is tokens per training sequence (run_clm's flag); "
                        f"a value below {MIN_SEQUENCE_TOKENS} looks like a sparse block edge: pass that as "
@@ -167,6 +190,10 @@ def _check_args(args) -> None:
         raise CLIError(f"--distill_weight must be in [0, 1], got {args.distill_weight}")
     if args.distill_temperature <= 0:
         raise CLIError(f"--distill_temperature must be > 0, got {args.distill_temperature}")
+    if args.distill_hidden_weight < 0:
+        raise CLIError(f"--distill_hidden_weight must be >= 0, got {args.distill_hidden_weight}")
+    if args.distill_hidden_weight > 0 and not args.distill:
+        raise CLIError("--distill_hidden_weight needs --distill")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise CLIError(f"--output_dir {args.output_dir!r} is a file; expected a directory")
     if args.bf16 and args.fp16:
@@ -274,7 +301,7 @@ def run(args) -> int:
     from ..integration.evaluate import count_windows, perplexity
     from ..integration.model_card import adapter_card, write_card
     from ..integration.peft import lora_config
-    from ..integration.train import NonFiniteTrainingError, train_lora, training_arguments
+    from ..integration.train import Distillation, NonFiniteTrainingError, train, training_arguments
 
     _check_args(args)
     started = time.perf_counter()
@@ -303,8 +330,9 @@ def run(args) -> int:
                                    report={"method": "magnitude", "sparsity": args.sparsity,
                                            "block_size": args.sparse_block_size,
                                            "source": args.model_name_or_path})
+    use_lora = args.lora_r > 0
     targets = ([t.strip() for t in args.target_modules.split(",") if t.strip()] if args.target_modules
-               else list(_lora_targets(model)))
+               else list(_lora_targets(model))) if use_lora else []
     # Only what is asked for: TrainingArguments warns about deprecated fields even when False.
     device_args = {name: True for name in ("bf16", "fp16", "gradient_checkpointing") if getattr(args, name)}
     train_args = training_arguments(
@@ -314,53 +342,96 @@ def run(args) -> int:
         lr_scheduler_type=args.lr_scheduler_type, weight_decay=args.weight_decay, seed=args.seed,
         logging_steps=args.logging_steps, save_steps=args.save_steps,
         save_total_limit=args.save_total_limit, **device_args)
+    trains = ([f"LoRA on {','.join(targets)}"] if use_lora else []) + (
+        ["the kept block values"] if args.train_sparse_values else [])
     if _is_main_process():
         print(f"train: {blocks.shape[0]} sequences x {args.block_size} tokens (--block_size: tokens per "
-              f"sequence) = {blocks.numel()} tokens from {args.dataset_name!r} | LoRA on {','.join(targets)} | "
+              f"sequence) = {blocks.numel()} tokens from {args.dataset_name!r} | {' + '.join(trains)} | "
               f"world size {train_args.world_size}")
-    config = lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, targets)
+    config = lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, targets) if use_lora else None
+    distillation = None
+    if teacher is not None:
+        distillation = Distillation(teacher, kl_weight=args.distill_weight, temperature=args.distill_temperature,
+                                    hidden_weight=args.distill_hidden_weight)
     try:
-        peft_model, trainer, output = train_lora(
-            model, blocks, train_args, config, resume_from_checkpoint=resume, teacher=teacher,
-            distill_weight=args.distill_weight, distill_temperature=args.distill_temperature,
-            run_record=_run_settings(args))
+        trained, trainer, output = train(
+            model, blocks, train_args, config, train_sparse_values=args.train_sparse_values,
+            values_learning_rate=args.sparse_values_learning_rate, distillation=distillation,
+            resume_from_checkpoint=resume, run_record=_run_settings(args))
     except ValueError as err:  # e.g. no module matches --target_modules
         raise CLIError(str(err)) from err
     except NonFiniteTrainingError as err:
-        raise CLIError(f"{err}; the adapter was not saved (NaN or inf in the model's weights? "
+        raise CLIError(f"{err}; nothing was saved (NaN or inf in the model's weights? "
                        "else lower --learning_rate)") from err
 
-    # Record where the adapter belongs; `blocksparse eval --model` needs the same base.
-    peft_model.peft_config["default"].base_model_name_or_path = base_name
+    if args.train_sparse_values:
+        base_name = os.path.join(args.output_dir, SPARSE_BASE)  # the adapter fits the trained blocks
+    if use_lora:
+        # Record where the adapter belongs; `blocksparse eval --model` needs the same base.
+        trained.peft_config["default"].base_model_name_or_path = base_name
     if not trainer.is_world_process_zero():
         return 0
-    # The adapter alone, as safetensors (trainer.save_model would add a pickled training_args.bin).
-    peft_model.save_pretrained(args.output_dir)
+    if use_lora:
+        # The adapter alone, as safetensors (trainer.save_model would add a pickled training_args.bin).
+        trained.save_pretrained(args.output_dir)
     metrics = dict(output.metrics, train_samples=blocks.shape[0], train_tokens_per_epoch=blocks.numel(),
                    model=args.model_name_or_path, sparsity=args.sparsity, dataset=args.dataset_name)
     trainer.save_metrics("train", metrics)
 
     if held_out is not None:
+        evaluated = "lora" if use_lora else "trained"
         results = dict(model=args.model_name_or_path, sparsity=args.sparsity, dataset=args.dataset_name,
-                       split="eval", seqlen=eval_seqlen, adapter=args.output_dir,
+                       split="eval", seqlen=eval_seqlen, adapter=args.output_dir if use_lora else None,
                        steps=trainer.state.global_step)
         evaluate = dict(tokens=held_out, seqlen=eval_seqlen, max_windows=args.max_eval_samples,
                         batch_size=args.per_device_eval_batch_size)
         if args.eval_base:
-            with peft_model.disable_adapter():
-                results["base"] = perplexity(peft_model, **evaluate)
-        results["lora"] = perplexity(peft_model, **evaluate)
-        results["perplexity"] = results["lora"]["ppl"]
+            with trained.disable_adapter():
+                results["base"] = perplexity(trained, **evaluate)
+        results[evaluated] = perplexity(trained, **evaluate)
+        results["perplexity"] = results[evaluated]["ppl"]
         results["seconds"] = round(time.perf_counter() - started, 1)
         write_json(os.path.join(args.output_dir, EVAL_RESULTS), results)
         base = f" (without adapter {results['base']['ppl']:.3f})" if args.eval_base else ""
-        print(f"held-out perplexity with adapter: {results['perplexity']:.3f}{base} | "
-              f"{results['lora']['windows']} windows x {eval_seqlen} tokens")
-    lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout, "targets": targets}
-    training = {"tokens": round(blocks.numel() * (trainer.state.epoch or 0)),  # epochs as the Trainer counts them
-                "steps": trainer.state.global_step, "learning_rate": args.learning_rate,
-                "dataset": args.dataset_name, "seconds": output.metrics.get("train_runtime")}
-    write_card(args.output_dir, adapter_card(base_name, lora, training, results if held_out is not None else None,
-                                             args.output_dir))
-    print(f"adapter saved to {args.output_dir} in {(time.perf_counter() - started) / 60:.1f} min")
+        print(f"held-out perplexity{' with adapter' if use_lora else ''}: {results['perplexity']:.3f}{base} | "
+              f"{results[evaluated]['windows']} windows x {eval_seqlen} tokens")
+    tokens = round(blocks.numel() * (trainer.state.epoch or 0))  # epochs as the Trainer counts them
+    if args.train_sparse_values:
+        _save_trained_base(trained.unload() if use_lora else trained, tokenizer, base_name, args, trainer, tokens,
+                           results.get("trained", results.get("base")) if held_out is not None else None,
+                           eval_seqlen)
+    if use_lora:
+        lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout, "targets": targets}
+        training = {"tokens": tokens, "steps": trainer.state.global_step, "learning_rate": args.learning_rate,
+                    "dataset": args.dataset_name, "seconds": output.metrics.get("train_runtime")}
+        write_card(args.output_dir, adapter_card(base_name, lora, training,
+                                                 results if held_out is not None else None, args.output_dir))
+    saved = " and ".join((["adapter"] if use_lora else []) + ([f"trained model ({base_name})"]
+                                                               if args.train_sparse_values else []))
+    print(f"{saved} saved to {args.output_dir} in {(time.perf_counter() - started) / 60:.1f} min")
     return 0
+
+
+def _save_trained_base(model, tokenizer, path: str, args, trainer, tokens: int, evaluation: dict | None,
+                       eval_seqlen: int) -> None:
+    """The model whose kept blocks were trained, as a sparse checkpoint: its pruning record
+    (the source checkpoint's prune report, or the on-the-fly sparsification) and the training."""
+    from ..integration.checkpoint import REPORT_NAME, save_sparse_pretrained
+
+    if args.sparsity is not None:
+        report = {"method": "magnitude", "sparsity": args.sparsity, "block_size": args.sparse_block_size,
+                  "source": args.model_name_or_path}
+    else:
+        try:
+            with open(os.path.join(args.model_name_or_path, REPORT_NAME)) as f:
+                report = json.load(f)
+        except (OSError, ValueError):
+            report = {}
+        report = {"source": args.model_name_or_path, **(report if isinstance(report, dict) else {})}
+    trained = {"tokens": tokens, "steps": trainer.state.global_step, "dataset": args.dataset_name,
+               "learning_rate": args.sparse_values_learning_rate or args.learning_rate,
+               "with_lora": args.lora_r > 0}
+    if evaluation is not None:  # this checkpoint alone (no adapter)
+        trained.update(ppl=evaluation["ppl"], windows=evaluation["windows"], seqlen=eval_seqlen,
+                       eval_dataset=args.dataset_name)
+    save_sparse_pretrained(model, tokenizer, path, report={**report, "trained_values": trained})

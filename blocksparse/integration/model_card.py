@@ -69,8 +69,17 @@ def sparse_checkpoint_card(report: dict, path: str | Path) -> str:
              f"only the kept blocks); total density **{report['total_density']:.4f}** of the block-sparse "
              f"linears" + (f" (target sparsity {target:g})" if target is not None else "") + f"; {grouping}.",
              "", "## How it was pruned", ""] + (_recipe(report) or ["- not recorded (no prune report)"])
+    trained = report.get("trained_values")
+    if trained:
+        lines += ["", "## Sparse fine-tuning", "",
+                  f"The kept block values were then trained (structure fixed): {trained['tokens']} tokens of "
+                  f"`{trained['dataset']}`, {trained['steps']} steps, learning rate {trained['learning_rate']:g}"
+                  + (" beside a LoRA adapter (saved separately)" if trained.get("with_lora") else "") + "."]
+        if "ppl" in trained:
+            lines += ["", f"Perplexity of this checkpoint after it: **{trained['ppl']:.2f}** (`{trained['eval_dataset']}` "
+                      f"eval split, {trained['windows']} windows of {trained['seqlen']} tokens)."]
     ppl = report.get("perplexity")
-    lines += ["", "## Perplexity", ""]
+    lines += ["", "## Perplexity" + (" (one-shot, before fine-tuning)" if trained and ppl else ""), ""]
     if ppl:
         lines += ["| model | perplexity |", "| --- | ---: |", f"| dense | {ppl['dense']:.2f} |",
                   f"| this checkpoint | {ppl['pruned']:.2f} ({ppl['ratio']:.2f}x dense) |", "",

@@ -30,7 +30,7 @@ def lora_step(model: nn.Module, tokenizer, dataset: str, out: str | Path, target
     Returns the PEFT model (adapter unmerged) and {"seconds", "train_tokens", "train_loss"}."""
     from .data import train_token_blocks
     from .peft import lora_config
-    from .train import train_lora, training_arguments
+    from .train import train, training_arguments
 
     blocks = train_token_blocks(tokenizer, dataset, train_seqlen, max_samples=steps * batch_size)
     args = training_arguments(str(out), max_steps=steps, per_device_train_batch_size=batch_size,
@@ -38,7 +38,7 @@ def lora_step(model: nn.Module, tokenizer, dataset: str, out: str | Path, target
                               logging_steps=max(1, steps // 10), save_strategy="no", seed=0)
     config = lora_config(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.05, target_modules=target_modules)
     start = time.perf_counter()
-    peft_model, trainer, train_output = train_lora(model, blocks, args, config)
+    peft_model, trainer, train_output = train(model, blocks, args, config)
     # Tokens the steps consumed (a corpus with fewer blocks than steps x batch is repeated).
     return peft_model, {"seconds": time.perf_counter() - start,
                         "train_tokens": round(blocks.numel() * (trainer.state.epoch or 0)),

@@ -1,15 +1,17 @@
-"""LoRA training of a block-sparse (or dense) model on the Hugging Face Trainer.
+"""Recovery training of a block-sparse (or dense) model on the Hugging Face Trainer.
 
-    peft_model, trainer, output = train_lora(model, token_blocks, training_arguments("out"), lora_config())
+    peft_model, trainer, output = train(model, token_blocks, training_arguments("out"), lora_config())
 
-The block-sparse weights are buffers and never change; LoRA trains through
-`block_sparse_linear`. `DistillTrainer` adds a KL term to a dense teacher. Under
+LoRA trains through `block_sparse_linear`; with `train_sparse_values` the kept
+block values train too (or alone), their gradient taken at the stored blocks
+only, so the structure never changes. `Distillation` adds a dense teacher's
+logits (KL) and per-layer hidden states (SquareHead) to the loss. Under
 torchrun the Trainer runs DDP (gloo on CPU): buffers are not re-broadcast each
-step (the sparse structure is identical on every rank and frozen) and every
-LoRA parameter is used, so `find_unused_parameters` is off.
+step (the sparse structure is identical on every rank) and every trained
+parameter is used, so `find_unused_parameters` is off.
 
-A NaN or infinite loss or LoRA parameter stops training at once, without saving
-that step, and `train_lora` raises NonFiniteTrainingError.
+A NaN or infinite loss or trained parameter stops training at once, without
+saving that step, and `train` raises NonFiniteTrainingError.
 """
 
 from __future__ import annotations
@@ -18,11 +20,16 @@ import json
 import math
 import os
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-# Written into every checkpoint-N after the Trainer has saved it: the run's `run_record`.
+# Written into every checkpoint-N after the Trainer has saved it: the run's `run_record`,
+# and the trained block values when there are any (a PEFT checkpoint holds only the adapter).
 RUN_RECORD = "blocksparse_run.json"
+VALUES_FILE = "blocksparse_values.safetensors"
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -73,42 +80,125 @@ def training_arguments(output_dir: str, **overrides):
     return TrainingArguments(**settings)
 
 
+@dataclass(frozen=True)
+class Distillation:
+    """Distillation from a dense teacher, added to the LM loss:
+
+    loss = (1 - kl_weight) * CE + kl_weight * T^2 * KL(softmax(t/T) || softmax(s/T))
+           + hidden_weight * mean over decoder layers of ||h_s - h_t||^2 / ||h_t||^2
+
+    (the second term is Minitron's logit KD; the third SquareHead's normalised
+    per-layer MSE over the layers' output hidden states). Per-token means over the
+    micro-batch, so the Trainer scales them for accumulation."""
+
+    teacher: nn.Module
+    kl_weight: float = 0.5
+    temperature: float = 1.0
+    hidden_weight: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.kl_weight <= 1.0:
+            raise ValueError(f"kl_weight must be in [0, 1], got {self.kl_weight}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+        if not (math.isfinite(self.hidden_weight) and self.hidden_weight >= 0):
+            raise ValueError(f"hidden_weight must be a finite number >= 0, got {self.hidden_weight}")
+
+
+def logit_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(t/T) || softmax(s/T)) per next-token position, averaged (the last
+    position predicts no label and is left out, as the LM loss leaves it)."""
+    t = temperature
+    student = F.log_softmax(student_logits[:, :-1].float() / t, dim=-1)
+    teacher = F.log_softmax(teacher_logits[:, :-1].float() / t, dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1).mean() * t * t
+
+
+def hidden_mse(student_hidden, teacher_hidden) -> torch.Tensor:
+    """SquareHead: per decoder layer ||h_s - h_t||^2 / ||h_t||^2 over the micro-batch,
+    averaged over the layers (HF's hidden_states[1:], the layers' outputs)."""
+    losses = [(s.float() - t.float()).square().sum() / t.float().square().sum().clamp_min(1e-12)
+              for s, t in zip(student_hidden[1:], teacher_hidden[1:], strict=True)]
+    return torch.stack(losses).mean()
+
+
 def _trainer_class():
     from transformers import Trainer
 
-    class DistillTrainer(Trainer):
-        """Trainer whose loss adds KL(teacher || student) over next-token distributions.
+    class RecoveryTrainer(Trainer):
+        """Trainer with optional distillation (`Distillation`) and the trained block values
+        (if any) in their own optimizer group at their own learning rate."""
 
-        loss = (1 - w) * CE + w * T^2 * KL(softmax(t/T) || softmax(s/T)), both per-token
-        means over the micro-batch (so the Trainer scales them for accumulation).
-        """
-
-        loss_is_scaled_for_ga = False
-
-        def __init__(self, *args, teacher=None, distill_weight=0.5, temperature=1.0, **kwargs):
+        def __init__(self, *args, distillation: Distillation | None = None, values=(),
+                     values_learning_rate: float | None = None, **kwargs):
             super().__init__(*args, **kwargs)
-            self.teacher = teacher.eval().requires_grad_(False).to(self.args.device)
-            self.distill_weight = distill_weight
-            self.temperature = temperature
+            self.distillation = distillation
+            if distillation is not None:
+                distillation.teacher.eval().requires_grad_(False).to(self.args.device)
+                # Its loss is a per-micro-batch mean: the Trainer scales it for accumulation.
+                self.loss_is_scaled_for_ga = False
+            self.values, self.values_learning_rate = list(values), values_learning_rate
+
+        def create_optimizer(self, model=None):
+            optimizer = super().create_optimizer(model)
+            if self.values and self.values_learning_rate is not None and not optimizer.state:
+                ids = {id(p) for p in self.values}
+                for group in optimizer.param_groups:
+                    group["params"] = [p for p in group["params"] if id(p) not in ids]
+                optimizer.add_param_group({"params": self.values, "lr": self.values_learning_rate,
+                                           "weight_decay": 0.0})
+            return optimizer
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            outputs = model(**inputs)
+            d = self.distillation
+            if d is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            hidden = d.hidden_weight > 0
+            outputs = model(**inputs, output_hidden_states=hidden)
             with torch.no_grad():
-                teacher_logits = self.teacher(input_ids=inputs["input_ids"],
-                                              attention_mask=inputs.get("attention_mask")).logits
-            t = self.temperature
-            student = F.log_softmax(outputs.logits[:, :-1].float() / t, dim=-1)
-            teacher = F.log_softmax(teacher_logits[:, :-1].float() / t, dim=-1)
-            kl = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1).mean() * t * t
-            w = self.distill_weight
-            loss = (1 - w) * outputs.loss + w * kl
+                teacher = d.teacher(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                                    output_hidden_states=hidden)
+            loss = outputs.loss
+            if d.kl_weight > 0:
+                loss = (1 - d.kl_weight) * loss + d.kl_weight * logit_kl(outputs.logits, teacher.logits,
+                                                                         d.temperature)
+            if hidden:
+                loss = loss + d.hidden_weight * hidden_mse(outputs.hidden_states, teacher.hidden_states)
             return (loss, outputs) if return_outputs else loss
 
-    return Trainer, DistillTrainer
+    return RecoveryTrainer
 
 
 def _all_finite(params) -> bool:
     return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())  # one device sync
+
+
+def trained_block_values(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The block values of `model`'s BlockSparseLinear layers that are being trained, by name."""
+    return {name: p for name, p in model.named_parameters() if name.endswith("sparse_weight.values") and p.requires_grad}
+
+
+def load_block_values(model: nn.Module, checkpoint: str) -> None:
+    """Copy the trained block values a checkpoint holds (VALUES_FILE) into `model`, in place
+    (the optimizer keeps its parameters); names, shapes and dtypes must match."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(checkpoint, VALUES_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"{checkpoint} holds no trained block values ({VALUES_FILE}): it comes from a run "
+                         "that did not train them")
+    saved, ours = load_file(path), trained_block_values(model)
+    if saved.keys() != ours.keys():
+        differ = sorted(saved.keys() ^ ours.keys())
+        raise ValueError(f"{path}: its block values are not this model's ({len(differ)} names differ, "
+                         f"e.g. {differ[0]!r})")
+    for name, p in ours.items():
+        if saved[name].shape != p.shape or saved[name].dtype != p.dtype:
+            raise ValueError(f"{path}: {name} is {saved[name].dtype} {list(saved[name].shape)}, the model's "
+                             f"{p.dtype} {list(p.shape)}")
+    with torch.no_grad():
+        for name, p in ours.items():
+            p.copy_(saved[name])
 
 
 def _callbacks():
@@ -121,9 +211,12 @@ def _callbacks():
         Both checks agree across DDP ranks: the logged loss is gathered over them, and the
         parameters take the same (all-reduced) step everywhere."""
 
-        def __init__(self, params):
-            self.params = params
+        def __init__(self, model):
+            self.model = model
             self.problem = None
+
+        def trained(self) -> list:
+            return [p for p in self.model.parameters() if p.requires_grad]
 
         def _stop(self, control, problem):
             self.problem = self.problem or problem
@@ -131,8 +224,8 @@ def _callbacks():
             control.should_save = False
 
         def on_step_end(self, args, state, control, **kwargs):
-            if not _all_finite(self.params):
-                self._stop(control, f"non-finite LoRA parameters at step {state.global_step}")
+            if not _all_finite(self.trained()):
+                self._stop(control, f"non-finite trained parameters at step {state.global_step}")
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             loss = (logs or {}).get("loss")
@@ -140,59 +233,81 @@ def _callbacks():
                 self._stop(control, f"loss {loss} at step {state.global_step}")
 
     class RecordRun(TrainerCallback):
-        """Write the run record into each checkpoint once the Trainer has saved all of it."""
+        """Write the run record and the trained block values (a PEFT checkpoint holds only the
+        adapter) into each checkpoint once the Trainer has saved all of it."""
 
-        def __init__(self, record):
-            self.record = record
+        def __init__(self, model, record):
+            self.model, self.record = model, record
 
         def on_save(self, args, state, control, **kwargs):
+            from safetensors.torch import save_file
+
             if state.is_world_process_zero:
                 folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-                with open(os.path.join(folder, RUN_RECORD), "w") as f:
-                    json.dump(self.record, f, indent=2)
+                values = trained_block_values(self.model)
+                if values:
+                    save_file({name: p.detach().contiguous().cpu() for name, p in values.items()},
+                              os.path.join(folder, VALUES_FILE))
+                if self.record is not None:  # last: it marks the checkpoint complete
+                    with open(os.path.join(folder, RUN_RECORD), "w") as f:
+                        json.dump(self.record, f, indent=2)
 
     return StopOnNonFinite, RecordRun
 
 
-def train_lora(model, train_blocks: torch.Tensor, args, config=None, resume_from_checkpoint=None,
-               teacher=None, distill_weight: float = 0.5, distill_temperature: float = 1.0,
-               callbacks=None, run_record: dict | None = None):
-    """Wrap `model` (block-sparse or dense) with LoRA and train it on `train_blocks` [N, L].
+def train(model, train_blocks: torch.Tensor, args, lora=None, *, train_sparse_values: bool = False,
+          values_learning_rate: float | None = None, distillation: Distillation | None = None,
+          resume_from_checkpoint=None, callbacks=None, run_record: dict | None = None):
+    """Train `model` (block-sparse or dense) on `train_blocks` [N, L]: a LoRA adapter
+    (`lora`, a LoraConfig, registered here for BlockSparseLinear), the kept block values
+    (`train_sparse_values`: every BlockSparseLinear's values, structure fixed, at
+    `values_learning_rate`, default args.learning_rate), or both; nothing else trains.
 
-    args: TrainingArguments (see `training_arguments`); config: a LoraConfig
-    (default: the reference recipe), registered here for BlockSparseLinear.
-    run_record (JSON-able) goes into every checkpoint as RUN_RECORD.
-    Returns (peft_model, trainer, train_output). The LoRA weights are drawn after
-    seeding with `args.seed`, so runs with equal seeds start equal. Raises
-    NonFiniteTrainingError when the loss or the LoRA parameters become NaN or inf.
+    args: TrainingArguments (see `training_arguments`); distillation: a dense teacher
+    and the loss weights (`Distillation`). run_record (JSON-able) goes into every
+    checkpoint as RUN_RECORD, the trained block values as VALUES_FILE (resumed from
+    there). Returns (model, trainer, train_output), model the PeftModel when `lora` is
+    given. LoRA weights are drawn after seeding with `args.seed`, so runs with equal
+    seeds start equal. Raises NonFiniteTrainingError when the loss or a trained
+    parameter becomes NaN or inf.
     """
     from transformers import default_data_collator, set_seed
 
-    from .peft import get_peft_model, lora_config
+    from ..nn import BlockSparseLinear
+    from .peft import get_peft_model
 
+    if lora is None and not train_sparse_values:
+        raise ValueError("nothing to train: give a LoRA config, train_sparse_values=True, or both")
     set_seed(args.seed)
     model.config.use_cache = False
-    peft_model = get_peft_model(model, config if config is not None else lora_config())
-    if getattr(args, "gradient_checkpointing", False):
-        peft_model.enable_input_require_grads()
-    trainer_cls, distill_cls = _trainer_class()
-    stop_on_non_finite, record_run = _callbacks()
-    trained = [p for p in peft_model.parameters() if p.requires_grad]
-    guard = stop_on_non_finite(trained)
-    callbacks = [guard, *(callbacks or []), *([record_run(run_record)] if run_record is not None else [])]
-    kwargs = dict(model=peft_model, args=args, train_dataset=TokenBlocks(train_blocks),
-                  data_collator=default_data_collator, callbacks=callbacks)
-    if teacher is not None:
-        trainer = distill_cls(teacher=teacher, distill_weight=distill_weight,
-                              temperature=distill_temperature, **kwargs)
+    if lora is not None:
+        model = get_peft_model(model, lora)  # freezes everything but the adapter
     else:
-        trainer = trainer_cls(**kwargs)
+        model.requires_grad_(False)
+    if train_sparse_values:
+        layers = [m for m in model.modules() if isinstance(m, BlockSparseLinear)]
+        if not layers:
+            raise ValueError("train_sparse_values: the model has no BlockSparseLinear layer")
+        for layer in layers:
+            layer.sparse_weight.values.requires_grad_(True)
+        if resume_from_checkpoint is not None:
+            load_block_values(model, resume_from_checkpoint)
+    if getattr(args, "gradient_checkpointing", False):
+        model.enable_input_require_grads()
+    trainer_cls = _trainer_class()
+    stop_on_non_finite, record_run = _callbacks()
+    guard = stop_on_non_finite(model)
+    callbacks = [guard, *(callbacks or []), record_run(model, run_record)]
+    trainer = trainer_cls(model=model, args=args, train_dataset=TokenBlocks(train_blocks),
+                          data_collator=default_data_collator, callbacks=callbacks, distillation=distillation,
+                          values=list(trained_block_values(model).values()),
+                          values_learning_rate=values_learning_rate)
     output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     problem = guard.problem
     if problem is None and not math.isfinite(output.training_loss):
         problem = f"mean training loss {output.training_loss}"
-    if problem is None and not _all_finite(trained):
-        problem = "non-finite LoRA parameters"
+    if problem is None and not _all_finite(guard.trained()):
+        problem = "non-finite trained parameters"
     if problem is not None:
         raise NonFiniteTrainingError(f"training diverged: {problem}")
-    return peft_model, trainer, output
+    return model, trainer, output

@@ -72,6 +72,9 @@ def test_cli_rejects_bad_input(tiny_model_and_text, tmp_path, capsys):
     ({"--lora_alpha": "inf"}, "--lora_alpha must be a finite number, got inf"),
     ({"--distill_temperature": "0"}, "--distill_temperature must be > 0, got 0.0"),
     ({"--output_dir": "FILE"}, "is a file; expected a directory"),
+    ({"--distill_hidden_weight": "-1"}, "--distill_hidden_weight must be >= 0, got -1.0"),
+    ({"--lora_r": "0"}, "--lora_r must be >= 1 (or 0 with --train_sparse_values: no adapter), got 0"),
+    ({"--sparse_values_learning_rate": "1e-4"}, "--sparse_values_learning_rate needs --train_sparse_values"),
 ])
 def test_cli_bad_flags_are_one_line_errors_before_any_work(tiny_model_and_text, tmp_path, capsys, flags, message):
     model_dir, text = tiny_model_and_text
@@ -80,6 +83,39 @@ def test_cli_bad_flags_are_one_line_errors_before_any_work(tiny_model_and_text, 
     assert cli_main(["finetune", *cli_flags(model_dir, text, tmp_path / "out", **flags), "--distill"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("blocksparse finetune: error: ") and message in err[0], err
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_cli_trains_the_kept_blocks_and_saves_them_as_the_sparse_base(tiny_model_and_text, tmp_path, lora_r):
+    from transformers import AutoModelForCausalLM
+
+    from blocksparse import BlockSparseLinear, sparsify_model
+    from blocksparse.integration.checkpoint import load_sparse_pretrained
+
+    model_dir, text = tiny_model_and_text
+    out = tmp_path / "out"
+    assert cli_main(["finetune", *cli_flags(model_dir, text, out, **{"--max_steps": 3, "--save_steps": 2,
+                                                                      "--lora_r": lora_r,
+                                                                      "--sparse_values_learning_rate": 1e-3}),
+                     "--train_sparse_values", "--distill", "--distill_hidden_weight", "0.5"]) == 0
+    assert (out / "checkpoint-2" / "blocksparse_values.safetensors").is_file()
+    assert (out / "adapter_model.safetensors").exists() == (lora_r > 0)
+    base, _ = load_sparse_pretrained(out / "sparse_base")
+    untrained = sparsify_model(AutoModelForCausalLM.from_pretrained(model_dir), sparsity=0.5)  # what --sparsity made
+    ours = {n: m for n, m in base.named_modules() if isinstance(m, BlockSparseLinear)}
+    theirs = {n: m for n, m in untrained.named_modules() if isinstance(m, BlockSparseLinear)}
+    assert ours.keys() == theirs.keys() and ours
+    for name, module in ours.items():  # same blocks, new values
+        assert torch.equal(module.block_mask, theirs[name].block_mask)
+        assert not torch.equal(module.sparse_weight.values, theirs[name].sparse_weight.values)
+    results = json.loads((out / "eval_results.json").read_text())
+    card = (out / "sparse_base" / "README.md").read_text()
+    assert "## Sparse fine-tuning" in card and "3 steps, learning rate 0.001" in card
+    if lora_r == 0:
+        assert f"after it: **{results['trained']['ppl']:.2f}**" in card
+    else:
+        adapter = json.loads((out / "adapter_config.json").read_text())
+        assert adapter["base_model_name_or_path"] == str(out / "sparse_base")
 
 
 def test_cli_sparse_block_size_must_be_a_supported_edge(tiny_model_and_text, tmp_path, capsys):

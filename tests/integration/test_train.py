@@ -1,4 +1,5 @@
-"""LoRA training on the HF Trainer: convergence against dense PEFT, frozen sparsity, resume, distillation."""
+"""Recovery training on the HF Trainer: LoRA against dense PEFT, frozen sparsity, resume, distillation
+(logit KL, hidden states), training the kept block values."""
 
 import peft
 import pytest
@@ -7,7 +8,8 @@ from transformers import Trainer, TrainerCallback, default_data_collator, set_se
 
 from blocksparse import BlockSparseLinear, sparsify_model
 from blocksparse.integration.peft import lora_config
-from blocksparse.integration.train import NonFiniteTrainingError, TokenBlocks, train_lora, training_arguments
+from blocksparse.integration.train import (VALUES_FILE, Distillation, NonFiniteTrainingError, TokenBlocks, hidden_mse,
+                                           logit_kl, train, training_arguments)
 from helpers import make_tiny_llama
 
 STEPS = 20
@@ -37,7 +39,7 @@ def sparse_run(tmp_path_factory):
     """20 steps of LoRA through BlockSparseLinear at density 1 (checkpoint at step 10)."""
     out = tmp_path_factory.mktemp("sparse_run")
     model = sparsify_model(make_tiny_llama(), sparsity=0.0)
-    _, trainer, _ = train_lora(model, memorisable_blocks(), arguments(out), lora_config(lora_dropout=0.0))
+    _, trainer, _ = train(model, memorisable_blocks(), arguments(out), lora_config(lora_dropout=0.0))
     return out, losses(trainer)
 
 
@@ -67,7 +69,7 @@ def test_resume_from_checkpoint_continues_the_loss_curve(sparse_run, tmp_path):
             steps_run.append(state.global_step)
 
     model = sparsify_model(make_tiny_llama(), sparsity=0.0)
-    _, trainer, _ = train_lora(model, memorisable_blocks(), arguments(tmp_path), lora_config(lora_dropout=0.0),
+    _, trainer, _ = train(model, memorisable_blocks(), arguments(tmp_path), lora_config(lora_dropout=0.0),
                                resume_from_checkpoint=str(out / "checkpoint-10"), callbacks=[CountSteps()])
     assert steps_run == list(range(11, STEPS + 1))
     resumed = losses(trainer)  # the first 10 entries come back from the checkpoint's trainer_state
@@ -82,7 +84,7 @@ def test_training_never_changes_the_sparse_weights_or_the_bias(tmp_path):
             module.bias = torch.nn.Parameter(torch.randn(module.out_features))
     before = {name: {key: t.clone() for key, t in m.state_dict().items()}
               for name, m in model.named_modules() if isinstance(m, BlockSparseLinear)}
-    peft_model, _, _ = train_lora(model, memorisable_blocks(n=8), arguments(tmp_path, max_steps=4, save_steps=100),
+    peft_model, _, _ = train(model, memorisable_blocks(n=8), arguments(tmp_path, max_steps=4, save_steps=100),
                                   lora_config(lora_dropout=0.05, target_modules=["q_proj", "v_proj", "down_proj"]))
     after = {name.removeprefix("base_model.model.").replace(".base_layer", ""): m
              for name, m in peft_model.named_modules() if isinstance(m, BlockSparseLinear)}
@@ -104,8 +106,8 @@ def test_distillation_loss_is_zero_against_an_identical_teacher_and_ce_at_weight
     first = {}
     for weight in (1.0, 0.0):
         model = sparsify_model(make_tiny_llama(), sparsity=0.0)
-        _, trainer, _ = train_lora(model, memorisable_blocks(), arguments(tmp_path / str(weight), max_steps=1),
-                                   lora_config(lora_dropout=0.0), teacher=teacher, distill_weight=weight)
+        _, trainer, _ = train(model, memorisable_blocks(), arguments(tmp_path / str(weight), max_steps=1),
+                              lora_config(lora_dropout=0.0), distillation=Distillation(teacher, kl_weight=weight))
         first[weight] = losses(trainer)[0]
     assert abs(first[1.0]) < 1e-5
     assert first[0.0] == pytest.approx(plain[0], abs=1e-5)
@@ -122,6 +124,101 @@ def test_a_nan_loss_stops_training_at_once_and_saves_nothing(tmp_path):
             steps_run.append(state.global_step)
 
     with pytest.raises(NonFiniteTrainingError, match="training diverged: .* at step 1"):
-        train_lora(model, memorisable_blocks(n=8), arguments(tmp_path, max_steps=4, save_steps=1), lora_config(),
+        train(model, memorisable_blocks(n=8), arguments(tmp_path, max_steps=4, save_steps=1), lora_config(),
                    callbacks=[CountSteps()])
     assert steps_run == [1] and not list(tmp_path.glob("checkpoint-*"))
+
+
+def test_logit_kl_and_hidden_mse_match_a_hand_computation():
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 7, generator=gen), torch.randn(2, 5, 7, generator=gen)
+    t = 2.0
+    p = torch.softmax(teacher[:, :-1] / t, -1)
+    by_hand = (p * (torch.log(p) - torch.log_softmax(student[:, :-1] / t, -1))).sum(-1).mean() * t * t
+    torch.testing.assert_close(logit_kl(student, teacher, t), by_hand)
+    hs = [torch.randn(2, 5, 3, generator=gen) for _ in range(3)]  # embeddings + two layers
+    ht = [torch.randn(2, 5, 3, generator=gen) for _ in range(3)]
+    by_hand = sum(((a - b) ** 2).sum() / (b ** 2).sum() for a, b in zip(hs[1:], ht[1:])) / 2
+    torch.testing.assert_close(hidden_mse(hs, ht), by_hand)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0, got 0"):
+        Distillation(make_tiny_llama(), temperature=0.0)
+
+
+def test_hidden_state_distillation_is_zero_against_an_identical_teacher_and_adds_to_ce(sparse_run, tmp_path):
+    _, plain = sparse_run
+    first = {}
+    for hidden in (1.0, 3.0):  # LoRA B = 0 at step 1: student equals teacher, the hidden term is 0
+        model = sparsify_model(make_tiny_llama(), sparsity=0.0)
+        _, trainer, _ = train(model, memorisable_blocks(), arguments(tmp_path / str(hidden), max_steps=1),
+                              lora_config(lora_dropout=0.0),
+                              distillation=Distillation(make_tiny_llama(), kl_weight=0.0, hidden_weight=hidden))
+        first[hidden] = losses(trainer)[0]
+    assert first[1.0] == pytest.approx(plain[0], abs=1e-5) and first[3.0] == pytest.approx(plain[0], abs=1e-5)
+    # Against another teacher: the first step's loss is CE + w * the mean layer MSE, computed by hand
+    # on the one batch there is (both blocks; either order gives the same sums).
+    model = sparsify_model(make_tiny_llama(), sparsity=0.5)
+    other = make_tiny_llama(seed=1)
+    blocks = memorisable_blocks(n=2)
+    with torch.no_grad():
+        student = model(input_ids=blocks, labels=blocks, output_hidden_states=True)
+        teacher = other(input_ids=blocks, output_hidden_states=True)
+    by_hand = student.loss + 2.0 * hidden_mse(student.hidden_states, teacher.hidden_states)
+    _, trainer, _ = train(model, blocks, arguments(tmp_path / "other", max_steps=1), lora_config(lora_dropout=0.0),
+                          distillation=Distillation(other, kl_weight=0.0, hidden_weight=2.0))
+    assert losses(trainer)[0] == pytest.approx(by_hand.item(), rel=1e-5)
+    assert by_hand > student.loss + 1e-3  # the hidden term counts
+
+
+def sparse_values(model) -> dict:
+    return {name: m.sparse_weight for name, m in model.named_modules() if isinstance(m, BlockSparseLinear)}
+
+
+@pytest.mark.parametrize("with_lora", [True, False])
+def test_training_the_kept_blocks_keeps_the_structure(tmp_path, with_lora):
+    model = sparsify_model(make_tiny_llama(), sparsity=0.5)
+    before = {name: (w.block_mask.clone(), w.values.detach().clone()) for name, w in sparse_values(model).items()}
+    config = lora_config(lora_dropout=0.0) if with_lora else None
+    trained, trainer, _ = train(model, memorisable_blocks(n=8), arguments(tmp_path, max_steps=3, save_steps=100),
+                                config, train_sparse_values=True, values_learning_rate=1e-3)
+    after = {name.removeprefix("base_model.model.").replace(".base_layer", ""): w
+             for name, w in sparse_values(trained).items()}
+    assert after.keys() == before.keys()
+    for name, (mask, values) in before.items():
+        assert torch.equal(after[name].block_mask, mask), f"{name}: the structure changed"
+        assert after[name].values.shape == values.shape and not torch.equal(after[name].values, values)
+    # The optimizer holds the kept values (at their own rate) and, with LoRA, the adapter; nothing else.
+    groups = trainer.optimizer.param_groups
+    held = {id(p) for g in groups for p in g["params"]}
+    expected = {id(w.values) for w in after.values()} | (
+        {id(p) for n, p in trained.named_parameters() if "lora_" in n} if with_lora else set())
+    assert held == expected
+    values_group = next(g for g in groups if any(p is next(iter(after.values())).values for p in g["params"]))
+    assert values_group["initial_lr"] == 1e-3
+
+
+def test_trained_values_resume_to_the_same_loss_curve(tmp_path):
+    def run(out, **kw):
+        model = sparsify_model(make_tiny_llama(), sparsity=0.5)
+        return train(model, memorisable_blocks(), arguments(out), lora_config(lora_dropout=0.0),
+                     train_sparse_values=True, values_learning_rate=1e-3, **kw)
+
+    _, trainer, _ = run(tmp_path / "whole")
+    uninterrupted = losses(trainer)
+    assert (tmp_path / "whole" / "checkpoint-10" / VALUES_FILE).is_file()
+    trained, resumed, _ = run(tmp_path / "whole", resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-10"))
+    torch.testing.assert_close(torch.tensor(losses(resumed)), torch.tensor(uninterrupted), rtol=0, atol=1e-5)
+    # Resuming a checkpoint without trained values is refused by name.
+    model = sparsify_model(make_tiny_llama(), sparsity=0.5)
+    _, plain, _ = train(model, memorisable_blocks(n=8), arguments(tmp_path / "plain", max_steps=2, save_steps=2),
+                        lora_config(lora_dropout=0.0))
+    with pytest.raises(ValueError, match=f"holds no trained block values \\({VALUES_FILE}\\)"):
+        train(sparsify_model(make_tiny_llama(), sparsity=0.5), memorisable_blocks(n=8),
+              arguments(tmp_path / "plain", max_steps=4, save_steps=2), lora_config(lora_dropout=0.0),
+              train_sparse_values=True, resume_from_checkpoint=str(tmp_path / "plain" / "checkpoint-2"))
+
+
+def test_nothing_to_train_is_refused():
+    with pytest.raises(ValueError, match="nothing to train"):
+        train(make_tiny_llama(), memorisable_blocks(n=2), arguments("unused"), None)
+    with pytest.raises(ValueError, match="has no BlockSparseLinear layer"):
+        train(make_tiny_llama(), memorisable_blocks(n=2), arguments("unused"), None, train_sparse_values=True)
