@@ -1,8 +1,10 @@
-"""`blocksparse bench`: the kernel and/or whole-model benchmark (`blocksparse.bench`).
+"""`blocksparse bench`: the kernel and/or whole-model benchmark (`blocksparse.bench`),
+and the long measurements of quality: the grouped-mask trade-off and the recovery curves.
 
-    blocksparse bench --quick --out runs/bench            # both, ~2 min on 2 CPU cores
+    blocksparse bench --quick --out runs/bench            # kernels and model, ~2 min on 2 CPU cores
     blocksparse bench kernels --out runs/k --args "--shapes 4096x4096 --m 1,256"
     blocksparse bench model --out runs/m --args "--config llama2-7b --num-layers 8"
+    blocksparse bench recovery --out runs/recovery --args "--budgets 10000,40000"    # hours
 
 `--args` go to the benchmark unchanged (see `python -m blocksparse.bench.kernels
 --help`, or `python benchmarks/bench_kernels.py --help`, the same); with `all`,
@@ -18,7 +20,9 @@ from pathlib import Path
 
 from .args import CLIError, add_flag
 
-TARGETS = {"kernels": "blocksparse.bench.kernels", "model": "blocksparse.bench.model"}
+TARGETS = {"kernels": "blocksparse.bench.kernels", "model": "blocksparse.bench.model",
+           "tradeoff": "blocksparse.bench.tradeoff", "recovery": "blocksparse.bench.recovery"}
+ALL = ("kernels", "model")  # what `all` runs; the quality measurements take hours and have no --quick
 
 
 def add_parser(subparsers):
@@ -26,7 +30,7 @@ def add_parser(subparsers):
         "bench", help="benchmark block-sparse vs dense: kernels and/or the whole model",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("target", nargs="?", default="all", choices=("all",) + tuple(TARGETS),
-                        help="which benchmark (default: all)")
+                        help="which benchmark (default: all = kernels and model)")
     add_flag(parser, "--out", default="runs/bench", help="output folder (default runs/bench)")
     add_flag(parser, "--quick", action="store_true", help="the ~1 minute CPU settings of each benchmark")
     add_flag(parser, "--args", dest="extra", default="",
@@ -37,9 +41,11 @@ def add_parser(subparsers):
 
 def run(args) -> int:
     extra = shlex.split(args.extra)
-    targets = list(TARGETS) if args.target == "all" else [args.target]
+    targets = list(ALL) if args.target == "all" else [args.target]
     if len(targets) > 1 and extra:
         raise CLIError("--args go to one benchmark: name it (kernels or model)")
+    if args.quick and args.target not in ALL + ("all",):
+        raise CLIError(f"bench {args.target} has no --quick settings; choose its size with --args")
     for target in targets:
         out = Path(args.out) / target if len(targets) > 1 else Path(args.out)
         argv = ["--out", str(out)] + (["--quick"] if args.quick else []) + extra

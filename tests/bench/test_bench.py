@@ -172,6 +172,7 @@ def test_bench_cli_runs_the_kernel_benchmark(tmp_path):
     rows = assert_outputs(out, "bench_kernels")
     assert [r["provider"] for r in rows] == ["dense", "ours"]
     assert main(["bench", "--out", str(out), "--args", "--m 1"]) == 2  # --args needs one target
+    assert main(["bench", "recovery", "--quick", "--out", str(out)]) == 2  # the quality benchmarks have no --quick
 
 
 def test_gpu_check_script_parses():

@@ -1,0 +1,287 @@
+"""Recovery curves: held-out perplexity of a pruned model against training tokens, one line
+per recovery recipe (LoRA, distillation, training the kept blocks).
+
+Every recipe starts from the same one-shot checkpoint (`--checkpoint`, or the embedded
+model pruned once with the demo's recipe into OUT/one_shot), trains at a constant
+learning rate after a short warm-up, and is evaluated (adapter unmerged) each time it
+has seen a budget's tokens, so one run gives its whole curve. A recipe's learning rate
+comes from a small sweep (`--sweep`, multiples of its base rate) scored at the first
+budget on validation windows taken from the end of the eval text, apart from the
+reported windows at its start. Finished recipes are skipped when the command is rerun
+with the same settings; the table and the plot are rewritten from all results.
+
+    python -m blocksparse.bench.recovery --out runs/recovery --budgets 10000,40000,160000
+    python -m blocksparse.bench.recovery --out runs/recovery --recipes seed,lora16 --sweep 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from . import common
+
+# name -> (what it trains, how); lr: the base learning rate the sweep multiplies.
+# LoRA targets "seed" = the family's default (q_proj, v_proj), "all" = the seven projections.
+RECIPES = {
+    "seed": dict(lora=dict(r=8, alpha=16, targets="seed"), lr=1e-4,
+                 about="the seed's recipe: LoRA r=8 on q/v, LM loss"),
+    "lora16": dict(lora=dict(r=16, alpha=32, targets="all"), lr=1e-3,
+                   about="LoRA r=16 on all seven projections, LM loss (the demo's step)"),
+    "lora16_kd": dict(lora=dict(r=16, alpha=32, targets="all"), lr=1e-3, distill=dict(kl_weight=0.5),
+                      about="+ logit KD (KL to the dense teacher, weight 0.5)"),
+    "lora16_kd_hidden": dict(lora=dict(r=16, alpha=32, targets="all"), lr=1e-3,
+                             distill=dict(kl_weight=0.5, hidden_weight=1.0),
+                             about="+ logit KD and SquareHead hidden-state distillation"),
+    "values_kd_hidden": dict(values=True, lr=1e-4, distill=dict(kl_weight=0.5, hidden_weight=1.0),
+                             about="the kept blocks trained, KD + hidden-state distillation"),
+    "values_lora16_kd_hidden": dict(values=True, lora=dict(r=16, alpha=32, targets="all"), lr=1e-3,
+                                    values_lr_ratio=0.1, distill=dict(kl_weight=0.5, hidden_weight=1.0),
+                                    about="kept blocks + LoRA r=16, KD + hidden-state distillation"),
+}
+DEFAULT_RECIPES = ",".join(RECIPES)
+VALIDATION_WINDOWS = 12
+
+
+def settings_of(args) -> dict:
+    """What a recipe's numbers depend on besides the recipe: results are reused only when these match."""
+    return {name: getattr(args, name) for name in ("checkpoint", "model", "dataset", "seqlen", "eval_windows",
+                                                   "train_seqlen", "batch_size", "budgets", "sweep")}
+
+
+def one_shot_checkpoint(args) -> Path:
+    """The checkpoint every recipe starts from: --checkpoint, or the demo's pruning of
+    --model, done once and saved in OUT/one_shot."""
+    from ..integration.checkpoint import is_sparse_checkpoint, save_sparse_pretrained
+
+    if args.checkpoint:
+        return Path(args.checkpoint)
+    path = args.out / "one_shot"
+    if is_sparse_checkpoint(path):
+        return path
+    from ..families import family_of
+    from ..integration.data import calibration_samples
+    from ..integration.model import load_model
+    from ..integration.recipes import prune_recipe
+    from ..prune import prune_model
+
+    model, tokenizer = load_model(args.model)
+    print(f"pruning {args.model!r} to {args.sparsity:.0%} with the demo's recipe (once; saved in {path})")
+    start = time.perf_counter()
+    report = prune_model(model, calibration_samples(tokenizer, args.dataset, 16, args.seqlen),
+                         sparsity=args.sparsity, **prune_recipe(family_of(model)))
+    report.update(model=args.model, prune_seconds=round(time.perf_counter() - start, 1))
+    save_sparse_pretrained(model, tokenizer, path, report=report)
+    return path
+
+
+def _eval_sets(tokens: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reported windows from the start of the eval text, validation windows from its end)."""
+    need = (args.eval_windows + VALIDATION_WINDOWS) * args.seqlen
+    if tokens.shape[1] < need:
+        raise SystemExit(f"the eval text has {tokens.shape[1]} tokens; {args.eval_windows} reported and "
+                         f"{VALIDATION_WINDOWS} validation windows of {args.seqlen} need {need}")
+    return tokens[:, :args.eval_windows * args.seqlen], tokens[:, -VALIDATION_WINDOWS * args.seqlen:]
+
+
+def train_curve(recipe: dict, lr: float, start: Path, teacher, windows: torch.Tensor, budgets: list[int],
+                args, folder: Path) -> list[dict]:
+    """Train `recipe` at `lr` from `start`; perplexity on `windows` at each budget of tokens."""
+    from transformers import TrainerCallback
+
+    from ..families import family_of
+    from ..integration.data import train_token_blocks
+    from ..integration.evaluate import perplexity
+    from ..integration.model import load_model
+    from ..integration.peft import lora_config
+    from ..integration.train import Distillation, train, training_arguments
+
+    model, tokenizer = load_model(str(start))
+    tokens_per_step = args.batch_size * args.train_seqlen
+    steps = math.ceil(budgets[-1] / tokens_per_step)
+    blocks = train_token_blocks(tokenizer, args.dataset, args.train_seqlen, max_samples=steps * args.batch_size)
+    lora = None
+    if "lora" in recipe:
+        spec = recipe["lora"]
+        family = family_of(model)
+        targets = family.lora_targets if spec["targets"] == "seed" else tuple(family.projections)
+        lora = lora_config(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=0.05, target_modules=targets)
+    distillation = Distillation(teacher, **recipe["distill"]) if "distill" in recipe else None
+    values_lr = None
+    if recipe.get("values"):
+        values_lr = lr * recipe.get("values_lr_ratio", 1.0)
+    points, started = [], time.perf_counter()
+    train_seconds = [0.0]
+
+    class EvaluateAtBudgets(TrainerCallback):
+        def __init__(self):
+            self.pending = list(budgets)
+            self.clock = time.perf_counter()
+
+        def on_step_end(self, args_, state, control, model=None, **kwargs):
+            seen = state.global_step * tokens_per_step
+            if not self.pending or seen < self.pending[0]:
+                return
+            train_seconds[0] += time.perf_counter() - self.clock
+            self.pending.pop(0)
+            was_training = model.training
+            result = perplexity(model, windows, args.seqlen)
+            model.train(was_training)
+            points.append({"tokens": seen, "ppl": result["ppl"], "train_s": round(train_seconds[0], 1)})
+            print(f"  {seen} tokens: perplexity {result['ppl']:.2f} ({train_seconds[0] / 60:.1f} min of training)")
+            self.clock = time.perf_counter()
+
+    train_args = training_arguments(str(folder / "run"), max_steps=steps, per_device_train_batch_size=args.batch_size,
+                                    learning_rate=lr, lr_scheduler_type="constant_with_warmup",
+                                    warmup_steps=max(1, min(20, steps // 20)), logging_steps=max(1, steps // 20),
+                                    save_strategy="no", seed=0, disable_tqdm=True)
+    train(model, blocks, train_args, lora, train_sparse_values=bool(recipe.get("values")),
+          values_learning_rate=values_lr, distillation=distillation, callbacks=[EvaluateAtBudgets()])
+    print(f"  done in {(time.perf_counter() - started) / 60:.1f} min")
+    return points
+
+
+def run_recipes(args) -> None:
+    from ..integration.checkpoint import pruned_from
+    from ..integration.data import eval_tokens
+    from ..integration.evaluate import perplexity
+    from ..integration.model import load_model
+
+    start = one_shot_checkpoint(args)
+    settings = settings_of(args)
+    teacher_name = pruned_from(start) or args.model
+    teacher, tokenizer = load_model(teacher_name)
+    reported, validation = _eval_sets(eval_tokens(tokenizer, args.dataset), args)
+    baseline = args.out / "baseline.json"
+    if _read(baseline, settings) is None:
+        one_shot, _ = load_model(str(start))
+        common.write_json(baseline, {"dense": perplexity(teacher, reported, args.seqlen)["ppl"],
+                                     "one_shot": perplexity(one_shot, reported, args.seqlen)["ppl"],
+                                     "windows": args.eval_windows, "teacher": teacher_name, "settings": settings})
+    for name in args.recipe_list:
+        folder = args.out / name
+        result_file = folder / "result.json"
+        if _read(result_file, settings) is not None:
+            print(f"{name}: done earlier with the same settings, skipped")
+            continue
+        recipe = RECIPES[name]
+        print(f"\n== {name}: {recipe['about']}")
+        sweep = []
+        if len(args.sweep_list) > 1:
+            for factor in args.sweep_list:
+                lr = recipe["lr"] * factor
+                print(f" sweep: lr {lr:g} for {args.budget_list[0]} tokens")
+                point = train_curve(recipe, lr, start, teacher, validation, args.budget_list[:1], args,
+                                    folder / f"sweep_{factor:g}")[-1]
+                sweep.append({"lr": lr, "validation_ppl": point["ppl"]})
+        lr = min(sweep, key=lambda s: s["validation_ppl"])["lr"] if sweep else recipe["lr"] * args.sweep_list[0]
+        print(f" curve: lr {lr:g}")
+        points = train_curve(recipe, lr, start, teacher, reported, args.budget_list, args, folder)
+        last = points[-1]
+        common.write_json(result_file, {"recipe": name, "about": recipe["about"], "lr": lr, "sweep": sweep,
+                                        "points": points, "tokens_per_s": last["tokens"] / max(last["train_s"], 1e-9),
+                                        "settings": settings})
+
+
+def _read(path: Path, settings: dict) -> dict | None:
+    if path.is_file():
+        found = json.loads(path.read_text())
+        if found.get("settings") == settings:
+            return found
+    return None
+
+
+def write_report(args) -> None:
+    """recovery.md (the table) and recovery.png (perplexity against training tokens)."""
+    settings = settings_of(args)
+    base = _read(args.out / "baseline.json", settings)
+    results = [r for r in (_read(args.out / name / "result.json", settings) for name in RECIPES) if r]
+    if base is None or not results:
+        raise SystemExit(f"no results in {args.out} for these settings: run the recipes first")
+    budgets = sorted({p["tokens"] for r in results for p in r["points"]})
+    header = ["recipe", "lr"] + [f"{b // 1000}k tokens" for b in budgets] + ["tokens/s", "CPU min"]
+    rows = []
+    for r in results:
+        at = {p["tokens"]: p["ppl"] for p in r["points"]}
+        rows.append([r["recipe"], f"{r['lr']:g}"] + [f"{at[b]:.1f}" if b in at else "" for b in budgets]
+                    + [f"{r['tokens_per_s']:.0f}", f"{r['points'][-1]['train_s'] / 60:.1f}"])
+    env = common.environment(torch.device("cpu"))
+    lines = [f"Dense {base['dense']:.2f}, one-shot {base['one_shot']:.2f} ({base['windows']} held-out windows of "
+             f"{args.seqlen} tokens); {args.batch_size} x {args.train_seqlen} tokens per step; "
+             f"{env.get('device_name', 'CPU')}, torch {env.get('torch', '?')}.", "", common.markdown_table(header, rows),
+             ""] + [f"- `{r['recipe']}`: {r['about']}" for r in results]
+    (args.out / "recovery.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    def draw(fig, axes):
+        ax = axes[0][0]
+        for r in results:
+            ax.plot([0] + [p["tokens"] for p in r["points"]], [base["one_shot"]] + [p["ppl"] for p in r["points"]],
+                    marker="o", label=r["recipe"])
+        ax.axhline(base["dense"], color="gray", linestyle="--", label=f"dense {base['dense']:.1f}")
+        ax.set_xscale("symlog", linthresh=max(1, budgets[0]))
+        ax.set_yscale("log")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("held-out perplexity")
+        ax.legend(fontsize=8)
+
+    common.plot(args.out / "recovery.png", draw, ncols=1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/recovery"))
+    parser.add_argument("--checkpoint", default=None,
+                        help="the one-shot sparse checkpoint (default: prune --model with the demo's recipe)")
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--dataset", default="default")
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--recipes", default=DEFAULT_RECIPES, help=f"comma-separated, of {', '.join(RECIPES)}")
+    parser.add_argument("--budgets", default="10000,40000,160000", help="training tokens at which to evaluate")
+    parser.add_argument("--sweep", default="0.3,1,3",
+                        help="learning-rate multiples tried at the first budget (one value: no sweep)")
+    parser.add_argument("--seqlen", type=int, default=512, help="eval window")
+    parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument("--train-seqlen", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--report-only", action="store_true", help="rewrite the table and plot from the results")
+    return parser
+
+
+def resolve_defaults(args) -> None:
+    unknown = [r for r in (p.strip() for p in args.recipes.split(",")) if r and r not in RECIPES]
+    if unknown:
+        raise SystemExit(f"--recipes: unknown {', '.join(unknown)}; expected some of {', '.join(RECIPES)}")
+    args.recipe_list = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    try:
+        args.budget_list = sorted(int(b) for b in args.budgets.split(",") if b.strip())
+        args.sweep_list = [float(f) for f in args.sweep.split(",") if f.strip()]
+    except ValueError:
+        raise SystemExit(f"--budgets and --sweep are comma-separated numbers, got {args.budgets!r} / "
+                         f"{args.sweep!r}") from None
+    if not args.budget_list or args.budget_list[0] < 1 or not args.sweep_list or min(args.sweep_list) <= 0:
+        raise SystemExit("--budgets must be positive token counts and --sweep positive multiples")
+    for name in ("seqlen", "eval_windows", "train_seqlen", "batch_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
+def run(args) -> Path:
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        run_recipes(args)
+    write_report(args)
+    return args.out
+
+
+def main(argv=None) -> int:
+    return common.main(build_parser, resolve_defaults, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
