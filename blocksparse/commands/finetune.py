@@ -59,7 +59,8 @@ RUN_FLAGS = ("model_name_or_path", "sparsity", "sparse_block_size", "dtype", "da
              "max_train_samples", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate",
              "per_device_train_batch_size", "gradient_accumulation_steps", "warmup_steps", "lr_scheduler_type",
              "weight_decay", "seed", "bf16", "fp16", "distill", "teacher_model", "distill_weight",
-             "distill_temperature", "distill_hidden_weight", "train_sparse_values", "sparse_values_learning_rate")
+             "distill_temperature", "distill_hidden_weight", "train_sparse_values", "sparse_values_learning_rate",
+             "teacher_cache_topk")
 
 
 def add_parser(subparsers):
@@ -140,6 +141,12 @@ def add_parser(subparsers):
     add_flag(distill, "--distill_weight", type=float, default=0.5,
              help="weight of the KL term; CE gets 1 - weight (default: %(default)s)")
     add_flag(distill, "--distill_temperature", type=float, default=1.0, help="(default: %(default)s)")
+    add_flag(distill, "--teacher_cache", default=None,
+             help="a safetensors file of the teacher's top-k logits of the training blocks: used when it "
+                  "exists and matches, else computed once and written (the KL term then needs no teacher "
+                  "forward per step)")
+    add_flag(distill, "--teacher_cache_topk", type=int, default=64,
+             help="logits per position kept in a new --teacher_cache (default: %(default)s; 8 bytes each)")
     add_flag(distill, "--distill_hidden_weight", type=float, default=0.0,
              help="weight of the per-layer hidden-state term (SquareHead), added to the rest "
                   "(default: %(default)s)")
@@ -194,6 +201,10 @@ def _check_args(args) -> None:
         raise CLIError(f"--distill_hidden_weight must be >= 0, got {args.distill_hidden_weight}")
     if args.distill_hidden_weight > 0 and not args.distill:
         raise CLIError("--distill_hidden_weight needs --distill")
+    if args.teacher_cache is not None and not args.distill:
+        raise CLIError("--teacher_cache needs --distill")
+    if args.teacher_cache_topk < 1:
+        raise CLIError(f"--teacher_cache_topk must be >= 1, got {args.teacher_cache_topk}")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise CLIError(f"--output_dir {args.output_dir!r} is a file; expected a directory")
     if args.bf16 and args.fp16:
@@ -351,8 +362,9 @@ def run(args) -> int:
     config = lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, targets) if use_lora else None
     distillation = None
     if teacher is not None:
+        cache = _teacher_cache(args, teacher, blocks) if args.teacher_cache else None
         distillation = Distillation(teacher, kl_weight=args.distill_weight, temperature=args.distill_temperature,
-                                    hidden_weight=args.distill_hidden_weight)
+                                    hidden_weight=args.distill_hidden_weight, cache=cache)
     try:
         trained, trainer, output = train(
             model, blocks, train_args, config, train_sparse_values=args.train_sparse_values,
@@ -410,6 +422,26 @@ def run(args) -> int:
                                                                if args.train_sparse_values else []))
     print(f"{saved} saved to {args.output_dir} in {(time.perf_counter() - started) / 60:.1f} min")
     return 0
+
+
+def _teacher_cache(args, teacher, blocks) -> dict:
+    """The --teacher_cache of these training blocks: read when the file exists, else computed and
+    written (by the main process, atomically)."""
+    from ..integration.train import load_teacher_cache, save_teacher_cache, teacher_topk
+
+    if os.path.exists(args.teacher_cache):
+        try:
+            return load_teacher_cache(args.teacher_cache, blocks)
+        except ValueError as err:
+            raise CLIError(str(err)) from err
+    cache = teacher_topk(teacher, blocks, args.teacher_cache_topk, batch_size=args.per_device_train_batch_size)
+    if _is_main_process():
+        partial = f"{args.teacher_cache}.partial"
+        save_teacher_cache(cache, partial)
+        os.replace(partial, args.teacher_cache)
+        print(f"teacher cache: top {args.teacher_cache_topk} logits of {blocks.numel()} tokens written to "
+              f"{args.teacher_cache}")
+    return cache
 
 
 def _save_trained_base(model, tokenizer, path: str, args, trainer, tokens: int, evaluation: dict | None,

@@ -37,20 +37,89 @@ class NonFiniteTrainingError(RuntimeError):
 
 
 class TokenBlocks(torch.utils.data.Dataset):
-    """Causal-LM examples from a LongTensor [N, block_size]: labels = input_ids (the model shifts)."""
+    """Causal-LM examples from a LongTensor [N, block_size]: labels = input_ids (the model shifts).
+    With a teacher cache (`teacher_topk`), each example carries its rows of it."""
 
-    def __init__(self, blocks: torch.Tensor):
+    def __init__(self, blocks: torch.Tensor, teacher_cache: dict | None = None):
         if blocks.dim() != 2 or blocks.dtype != torch.long or blocks.shape[0] == 0:
             raise ValueError(f"blocks must be a non-empty LongTensor [N, block_size], "
                              f"got {blocks.dtype} {list(blocks.shape)}")
-        self.blocks = blocks
+        if teacher_cache is not None:
+            check_teacher_cache(teacher_cache, blocks)
+        self.blocks, self.cache = blocks, teacher_cache
 
     def __len__(self) -> int:
         return self.blocks.shape[0]
 
     def __getitem__(self, index: int) -> dict:
         row = self.blocks[index]
-        return {"input_ids": row, "labels": row, "attention_mask": torch.ones_like(row)}
+        example = {"input_ids": row, "labels": row, "attention_mask": torch.ones_like(row)}
+        if self.cache is not None:
+            example.update(teacher_values=self.cache["values"][index], teacher_indices=self.cache["indices"][index])
+        return example
+
+
+@torch.no_grad()
+def teacher_topk(teacher: nn.Module, blocks: torch.Tensor, k: int, batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """The teacher cache: `teacher`'s k largest next-token logits at every position of `blocks`
+    [N, L] and their token ids, computed once so every epoch and recipe reuses them:
+    {"input_ids": [N, L], "values": [N, L, k] fp32, "indices": [N, L, k] int32}, k * 8 bytes
+    a token (64: 512 B, 160k tokens 82 MB)."""
+    from tqdm.auto import tqdm
+
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    device = next(teacher.parameters()).device
+    teacher.eval()
+    values, indices = [], []
+    for start in tqdm(range(0, blocks.shape[0], batch_size), desc="teacher cache", unit="batch"):
+        logits = teacher(input_ids=blocks[start:start + batch_size].to(device)).logits.float()
+        top = logits.topk(min(k, logits.shape[-1]), dim=-1)
+        values.append(top.values.cpu())
+        indices.append(top.indices.to(torch.int32).cpu())
+    return {"input_ids": blocks.clone(), "values": torch.cat(values), "indices": torch.cat(indices)}
+
+
+def check_teacher_cache(cache: dict, blocks: torch.Tensor) -> None:
+    """Raise ValueError unless `cache` (as `teacher_topk` makes it) is one of `blocks` [N, L]."""
+    missing = {"input_ids", "values", "indices"} - set(cache)
+    if missing:
+        raise ValueError(f"teacher cache: missing {', '.join(sorted(missing))}")
+    ids, values, indices = cache["input_ids"], cache["values"], cache["indices"]
+    if tuple(ids.shape) != tuple(blocks.shape) or not torch.equal(ids, blocks):
+        raise ValueError(f"teacher cache: it was computed for other token blocks ({list(ids.shape)}), not these "
+                         f"{list(blocks.shape)}; delete it to recompute")
+    if values.shape != indices.shape or values.shape[:2] != blocks.shape or values.dim() != 3:
+        raise ValueError(f"teacher cache: values {list(values.shape)} and indices {list(indices.shape)} must both "
+                         f"be [{blocks.shape[0]}, {blocks.shape[1]}, k]")
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("teacher cache: its logits hold NaN or inf")
+
+
+def save_teacher_cache(cache: dict, path: str | os.PathLike) -> None:
+    from safetensors.torch import save_file
+
+    save_file({name: t.contiguous() for name, t in cache.items()}, str(path))
+
+
+def load_teacher_cache(path: str | os.PathLike, blocks: torch.Tensor) -> dict:
+    """A saved teacher cache, checked against `blocks`; a cache of more blocks whose first rows
+    are these serves them (a shorter run over the same text)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        cache = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"teacher cache {path}: not a readable safetensors file ({err})") from err
+    n = blocks.shape[0]
+    if all(name in cache for name in ("input_ids", "values", "indices")) and cache["input_ids"].shape[0] > n:
+        cache = {name: t[:n] for name, t in cache.items()}
+    try:
+        check_teacher_cache(cache, blocks)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+    return cache
 
 
 def training_arguments(output_dir: str, **overrides):
@@ -91,12 +160,19 @@ class Distillation:
     per-layer MSE over the layers' output hidden states). Per-token means over the
     micro-batch, so the Trainer scales them for accumulation."""
 
-    teacher: nn.Module
+    teacher: nn.Module | None
     kl_weight: float = 0.5
     temperature: float = 1.0
     hidden_weight: float = 0.0
+    # The teacher's top-k logits of the training blocks (`teacher_topk`): the KL term then
+    # runs over the cached top-k instead of a live teacher forward.
+    cache: dict | None = None
 
     def __post_init__(self):
+        if self.teacher is None and (self.cache is None or self.hidden_weight > 0):
+            raise ValueError("distillation needs the teacher model (a teacher cache holds logits only, "
+                             "not the hidden states)" if self.cache is not None else
+                             "distillation needs a teacher model or a teacher cache")
         if not 0.0 <= self.kl_weight <= 1.0:
             raise ValueError(f"kl_weight must be in [0, 1], got {self.kl_weight}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
@@ -112,6 +188,17 @@ def logit_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
     student = F.log_softmax(student_logits[:, :-1].float() / t, dim=-1)
     teacher = F.log_softmax(teacher_logits[:, :-1].float() / t, dim=-1)
     return F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1).mean() * t * t
+
+
+def topk_kl(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+            temperature: float) -> torch.Tensor:
+    """`logit_kl` against a teacher cache: the teacher's distribution renormalised over its
+    cached top k, the student's full-vocabulary log-probabilities at those ids (with k = the
+    vocabulary size, exactly `logit_kl`)."""
+    t = temperature
+    student = F.log_softmax(student_logits[:, :-1].float() / t, dim=-1).gather(-1, indices[:, :-1].long())
+    teacher = F.log_softmax(values[:, :-1].float() / t, dim=-1)
+    return (teacher.exp() * (teacher - student)).sum(-1).mean() * t * t
 
 
 def hidden_mse(student_hidden, teacher_hidden) -> torch.Tensor:
@@ -134,7 +221,8 @@ def _trainer_class():
             super().__init__(*args, **kwargs)
             self.distillation = distillation
             if distillation is not None:
-                distillation.teacher.eval().requires_grad_(False).to(self.args.device)
+                if distillation.teacher is not None:
+                    distillation.teacher.eval().requires_grad_(False).to(self.args.device)
                 # Its loss is a per-micro-batch mean: the Trainer scales it for accumulation.
                 self.loss_is_scaled_for_ga = False
             self.values, self.values_learning_rate = list(values), values_learning_rate
@@ -154,14 +242,18 @@ def _trainer_class():
             if d is None:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             hidden = d.hidden_weight > 0
+            cached = inputs.pop("teacher_values", None), inputs.pop("teacher_indices", None)
             outputs = model(**inputs, output_hidden_states=hidden)
-            with torch.no_grad():
-                teacher = d.teacher(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                                    output_hidden_states=hidden)
+            teacher = None
+            if hidden or (d.kl_weight > 0 and cached[0] is None):
+                with torch.no_grad():
+                    teacher = d.teacher(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                                        output_hidden_states=hidden)
             loss = outputs.loss
             if d.kl_weight > 0:
-                loss = (1 - d.kl_weight) * loss + d.kl_weight * logit_kl(outputs.logits, teacher.logits,
-                                                                         d.temperature)
+                kl = (topk_kl(outputs.logits, *cached, d.temperature) if cached[0] is not None
+                      else logit_kl(outputs.logits, teacher.logits, d.temperature))
+                loss = (1 - d.kl_weight) * loss + d.kl_weight * kl
             if hidden:
                 loss = loss + d.hidden_weight * hidden_mse(outputs.hidden_states, teacher.hidden_states)
             return (loss, outputs) if return_outputs else loss
@@ -298,7 +390,8 @@ def train(model, train_blocks: torch.Tensor, args, lora=None, *, train_sparse_va
     stop_on_non_finite, record_run = _callbacks()
     guard = stop_on_non_finite(model)
     callbacks = [guard, *(callbacks or []), record_run(model, run_record)]
-    trainer = trainer_cls(model=model, args=args, train_dataset=TokenBlocks(train_blocks),
+    cache = distillation.cache if distillation is not None else None
+    trainer = trainer_cls(model=model, args=args, train_dataset=TokenBlocks(train_blocks, cache),
                           data_collator=default_data_collator, callbacks=callbacks, distillation=distillation,
                           values=list(trained_block_values(model).values()),
                           values_learning_rate=values_learning_rate)

@@ -75,6 +75,7 @@ def test_cli_rejects_bad_input(tiny_model_and_text, tmp_path, capsys):
     ({"--distill_hidden_weight": "-1"}, "--distill_hidden_weight must be >= 0, got -1.0"),
     ({"--lora_r": "0"}, "--lora_r must be >= 1 (or 0 with --train_sparse_values: no adapter), got 0"),
     ({"--sparse_values_learning_rate": "1e-4"}, "--sparse_values_learning_rate needs --train_sparse_values"),
+    ({"--teacher_cache_topk": "0"}, "--teacher_cache_topk must be >= 1, got 0"),
 ])
 def test_cli_bad_flags_are_one_line_errors_before_any_work(tiny_model_and_text, tmp_path, capsys, flags, message):
     model_dir, text = tiny_model_and_text
@@ -116,6 +117,23 @@ def test_cli_trains_the_kept_blocks_and_saves_them_as_the_sparse_base(tiny_model
     else:
         adapter = json.loads((out / "adapter_config.json").read_text())
         assert adapter["base_model_name_or_path"] == str(out / "sparse_base")
+
+
+def test_cli_teacher_cache_is_written_once_reused_and_refused_for_other_blocks(tiny_model_and_text, tmp_path,
+                                                                                 capsys):
+    model_dir, text = tiny_model_and_text
+    cache = tmp_path / "teacher.safetensors"
+    flags = ["--distill", "--teacher_cache", str(cache), "--teacher_cache_topk", "8", "--no_eval",
+             "--overwrite_output_dir"]
+    assert cli_main(["finetune", *cli_flags(model_dir, text, tmp_path / "a", **{"--max_steps": 2}), *flags]) == 0
+    assert "teacher cache: top 8 logits" in capsys.readouterr().out
+    assert load_file(cache)["values"].shape[-1] == 8
+    assert cli_main(["finetune", *cli_flags(model_dir, text, tmp_path / "b", **{"--max_steps": 2}), *flags]) == 0
+    assert "teacher cache" not in capsys.readouterr().out  # read, not recomputed
+    assert cli_main(["finetune", *cli_flags(model_dir, text, tmp_path / "c", **{"--max_steps": 2,
+                                                                                "--block_size": 80}), *flags]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the loading progress bars
+    assert last.startswith("blocksparse finetune: error: ") and "computed for other token blocks" in last, last
 
 
 def test_cli_sparse_block_size_must_be_a_supported_edge(tiny_model_and_text, tmp_path, capsys):

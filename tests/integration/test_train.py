@@ -9,7 +9,8 @@ from transformers import Trainer, TrainerCallback, default_data_collator, set_se
 from blocksparse import BlockSparseLinear, sparsify_model
 from blocksparse.integration.peft import lora_config
 from blocksparse.integration.train import (VALUES_FILE, Distillation, NonFiniteTrainingError, TokenBlocks, hidden_mse,
-                                           logit_kl, train, training_arguments)
+                                           load_teacher_cache, logit_kl, save_teacher_cache, teacher_topk, topk_kl,
+                                           train, training_arguments)
 from helpers import make_tiny_llama
 
 STEPS = 20
@@ -222,3 +223,38 @@ def test_nothing_to_train_is_refused():
         train(make_tiny_llama(), memorisable_blocks(n=2), arguments("unused"), None)
     with pytest.raises(ValueError, match="has no BlockSparseLinear layer"):
         train(make_tiny_llama(), memorisable_blocks(n=2), arguments("unused"), None, train_sparse_values=True)
+
+
+def test_topk_kl_is_the_full_kl_at_k_equal_the_vocabulary_and_renormalises_below_it():
+    gen = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(2, 6, 9, generator=gen), torch.randn(2, 6, 9, generator=gen)
+    full = teacher.topk(9, dim=-1)
+    torch.testing.assert_close(topk_kl(student, full.values, full.indices.int(), 1.5), logit_kl(student, teacher, 1.5))
+    top = teacher.topk(3, dim=-1)
+    p = torch.softmax(top.values[:, :-1], -1)
+    q = torch.log_softmax(student[:, :-1], -1).gather(-1, top.indices[:, :-1])
+    torch.testing.assert_close(topk_kl(student, top.values, top.indices.int(), 1.0),
+                               (p * (p.log() - q)).sum(-1).mean())
+
+
+def test_a_full_teacher_cache_gives_the_live_teachers_loss_curve(tmp_path):
+    blocks = memorisable_blocks(n=16)
+    teacher = make_tiny_llama(seed=1)
+    cache = teacher_topk(teacher, blocks, k=256)  # the whole vocabulary: exactly the live KL
+    save_teacher_cache(cache, tmp_path / "cache.safetensors")
+    curves = {}
+    for name, distillation in (("live", Distillation(teacher, kl_weight=0.7)),
+                               ("cached", Distillation(None, kl_weight=0.7,
+                                                       cache=load_teacher_cache(tmp_path / "cache.safetensors",
+                                                                                blocks)))):
+        model = sparsify_model(make_tiny_llama(), sparsity=0.5)
+        _, trainer, _ = train(model, blocks, arguments(tmp_path / name, max_steps=4, save_steps=100),
+                              lora_config(lora_dropout=0.0), distillation=distillation)
+        curves[name] = losses(trainer)
+    torch.testing.assert_close(torch.tensor(curves["cached"]), torch.tensor(curves["live"]), rtol=1e-5, atol=1e-5)
+    # A cache of more blocks serves their first rows; one of other blocks is refused by name.
+    assert torch.equal(load_teacher_cache(tmp_path / "cache.safetensors", blocks[:5])["values"], cache["values"][:5])
+    with pytest.raises(ValueError, match="computed for other token blocks"):
+        load_teacher_cache(tmp_path / "cache.safetensors", memorisable_blocks(n=16, seed=3))
+    with pytest.raises(ValueError, match="a teacher cache holds logits only"):
+        Distillation(None, hidden_weight=1.0, cache=cache)
