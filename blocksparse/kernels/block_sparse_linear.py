@@ -17,7 +17,9 @@ memory traffic). G=1 is the plain BSR schedule. Block rows may be permuted
 block row at its true place, so the numerics do not depend on the order.
 
 - Prefill / training (M > 64): G in {1, 2, 4, 8} picked from the union
-  densities, BM = 64 or 128 (wgmma on sm_90).
+  densities, BM = 64 or 128 (wgmma on sm_90). A group's absent blocks are
+  zero tiles of its union, and 0 * NaN must not reach rows that lack a block:
+  a second launch repairs the tiles the first flagged non-finite.
 - Decode (M <= 64): G=1 in natural order, so each program streams one block
   row's `values` contiguously; the union is split in SPLIT_K parts when there
   are too few rows to fill the GPU. Split parts write fp32 partials and the
@@ -111,13 +113,13 @@ def _epilogue_store(acc, rm, m_mask, group, Y, GROUP_ROWS, BIAS, LORA_T, LORA_E,
 def _bsl_matmul_kernel(
     X, VALUES, Y,
     GROUP_PTR, UNION_COL, UNION_BLOCK, GROUP_ROWS,
-    BIAS, LORA_T, LORA_E, SEED, PARTIAL, COUNTER,
+    BIAS, LORA_T, LORA_E, SEED, PARTIAL, COUNTER, NONFINITE,
     M, N_OUT, num_groups, stride_xm, stride_ym, stride_e_out, stride_e_r, lora_rank,
     scaling, dropout_p,
     BS: tl.constexpr, G: tl.constexpr, KC: tl.constexpr, BM: tl.constexpr,
     SPLIT_K: tl.constexpr, TRANS_W: tl.constexpr, DIRECT_W: tl.constexpr, HAS_BIAS: tl.constexpr,
     LORA_SPLITS: tl.constexpr, RP: tl.constexpr, LORA_OUT_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NONFINITE_PASS: tl.constexpr,
 ):
     """Y[:, rows of group] = X[:, union columns] @ packed W tile^T, then the epilogue.
 
@@ -125,6 +127,8 @@ def _bsl_matmul_kernel(
     LUTs then describe the transposed structure and each tile is read transposed.
     DIRECT_W (forward, G=1, BSR order: union entry u is block u) reads the
     tiles as one contiguous stream with no block-index LUT: the decode path.
+    NONFINITE_PASS (grouped schedules, see `_sparse_matmul`): 1 flags the tiles
+    that came out non-finite in NONFINITE; 2 recomputes only the flagged ones.
     """
     BN: tl.constexpr = BS * G
     BK: tl.constexpr = BS * KC
@@ -147,6 +151,10 @@ def _bsl_matmul_kernel(
     else:  # the tile of W^T[i, o] is values[blk, i, o]: read as it lies
         w_in_block = k_in[:, None] * BS + n_in[None, :]
 
+    tile = group * m_tiles + pid_m
+    if NONFINITE_PASS == 2:
+        if tl.load(NONFINITE + tile) == 0:
+            return
     u_begin = tl.load(GROUP_PTR + group)
     u_end = tl.load(GROUP_PTR + group + 1)
     if SPLIT_K > 1:
@@ -155,9 +163,21 @@ def _bsl_matmul_kernel(
         u_end = tl.minimum(u_end, u_begin + per_split)
 
     x_rows = X + rm.to(tl.int64)[:, None] * stride_xm
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
     cc = tl.arange(0, KC)
     gg = tl.arange(0, G)
+    if NONFINITE_PASS == 2:  # which group rows of each token have a stored block reading NaN or inf
+        hit = tl.zeros((BM, G), dtype=tl.int32)
+        for u in tl.range(u_begin, u_end, KC, num_stages=1):
+            c_valid = u + cc < u_end
+            col = tl.load(UNION_COL + u + cc, mask=c_valid, other=0)
+            xk = tl.reshape(col[:, None] * BS + tl.arange(0, BS)[None, :], (BK,))
+            k_valid = tl.reshape(tl.broadcast_to(c_valid[:, None], (KC, BS)), (BK,))
+            xf = tl.load(x_rows + xk[None, :], mask=m_mask[:, None] & k_valid[None, :], other=0.0).to(tl.float32)
+            bad_col = tl.max(tl.reshape((xf - xf != 0.0).to(tl.int32), (BM, KC, BS)), axis=2)
+            present = tl.load(UNION_BLOCK + (u + cc)[:, None] * G + gg[None, :],
+                              mask=c_valid[:, None], other=-1) >= 0
+            hit = tl.maximum(hit, tl.max(bad_col[:, :, None] * present.to(tl.int32)[None, :, :], axis=1))
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
     for u in range(u_begin, u_end, KC):
         # The LUT entries of this step: KC union columns x G rows, expanded to
         # the [BK, BN] tile by broadcasting (no per-element gather).
@@ -175,12 +195,25 @@ def _bsl_matmul_kernel(
                              mask=c_valid[:, None], other=-1)
             blk = tl.reshape(tl.broadcast_to(blk_cg[:, None, :, None], (KC, BS, G, BS)), (BK, BN))
             w = tl.load(VALUES + blk * (BS * BS) + w_in_block, mask=blk >= 0, other=0.0)
+        if NONFINITE_PASS == 2:  # multiply as if the non-finite inputs were 0
+            xf = x.to(tl.float32)  # (the interpreter's bf16 x - x is not IEEE)
+            x = tl.where(xf - xf == 0.0, x, 0.0).to(x.dtype)
         acc = _mma(x, w, acc, DOT_PRECISION)
+
+    # Pruned weights do not exist: a group's absent blocks are zero tiles of its union, and
+    # 0 * NaN would carry a non-finite input to rows that lack its block. Pass 1 only flags
+    # the tile (inf - inf and NaN - NaN are NaN); pass 2 makes NaN exactly the outputs whose
+    # stored blocks read one, the rest computed as if the non-finite inputs were 0.
+    if NONFINITE_PASS == 1:
+        if tl.sum(((acc - acc) != 0.0).to(tl.int32)) > 0:
+            tl.store(NONFINITE + tile, 1)
+    if NONFINITE_PASS == 2:
+        bad = tl.reshape(tl.broadcast_to(hit[:, :, None], (BM, G, BS)), (BM, BN))
+        acc = tl.where(bad > 0, float("nan"), acc)
 
     if SPLIT_K > 1:
         # Each split stores an fp32 partial; the last to arrive sums all of
         # them in split order (deterministic), resets the counter and stores.
-        tile = group * m_tiles + pid_m
         n_tiles = num_groups * m_tiles
         local = tl.arange(0, BM)[:, None] * BN + nn[None, :]
         tl.store(PARTIAL + (pid_k * n_tiles + tile).to(tl.int64) * (BM * BN) + local, acc)
@@ -368,7 +401,8 @@ def _sparse_matmul(x: torch.Tensor, values: torch.Tensor, luts: list[torch.Tenso
                    e_strides: tuple[int, int] = (0, 0), lora_rank: int = 0, scaling: float = 1.0,
                    out_dropout_p: float = 0.0, seed: torch.Tensor | None = None,
                    split_k: int = 0) -> torch.Tensor:
-    """Y [M, n_out] = x @ W_view^T (+ bias) (+ scaling * T E^T) with one `_bsl_matmul_kernel` launch."""
+    """Y [M, n_out] = x @ W_view^T (+ bias) (+ scaling * T E^T) with `_bsl_matmul_kernel`
+    (one launch; two for grouped schedules, the second a non-finite repair pass)."""
     group_ptr, union_col, union_block, group_rows = luts
     m = x.shape[0]
     bs, groups, g = values.shape[1], group_rows.shape[0], group_rows.shape[1]
@@ -389,22 +423,27 @@ def _sparse_matmul(x: torch.Tensor, values: torch.Tensor, luts: list[torch.Tenso
     def launch(cfg: KernelConfig, split_k: int) -> None:
         bm = cfg.constexprs["BM"]
         m_tiles = triton.cdiv(m, bm)
-        partial = counter = y
+        partial = counter = nonfinite = y
         if split_k > 1:
             partial = torch.empty((split_k, groups * m_tiles, bm, bs * g), dtype=torch.float32,
                                   device=x.device)
             counter = torch.zeros(groups * m_tiles, dtype=torch.int32, device=x.device)
-        _bsl_matmul_kernel[(m_tiles * split_k * groups,)](
-            x, values, y, group_ptr, union_col, union_block, group_rows,
-            bias if bias is not None else y, lora_t if lora_t is not None else y,
-            lora_e if lora_e is not None else y, seed if seed is not None else y, partial, counter,
-            m, n_out, groups, x.stride(0), y.stride(0), e_strides[0], e_strides[1], lora_rank,
-            float(scaling), float(out_dropout_p),
-            SPLIT_K=split_k, TRANS_W=transposed, DIRECT_W=g == 1 and not transposed,
-            HAS_BIAS=bias is not None,
-            LORA_SPLITS=lora_splits, RP=rp, LORA_OUT_DROPOUT=out_dropout_p > 0,
-            DOT_PRECISION=dot_precision(x.dtype), num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages, **cfg.constexprs)
+        if g > 1:
+            nonfinite = torch.zeros(groups * m_tiles, dtype=torch.int32, device=x.device)
+        # A grouped schedule runs a second pass over the tiles the first flagged non-finite:
+        # nothing but an early exit when the input is finite (one more launch).
+        for nonfinite_pass in (1, 2) if g > 1 else (0,):
+            _bsl_matmul_kernel[(m_tiles * split_k * groups,)](
+                x, values, y, group_ptr, union_col, union_block, group_rows,
+                bias if bias is not None else y, lora_t if lora_t is not None else y,
+                lora_e if lora_e is not None else y, seed if seed is not None else y, partial, counter,
+                nonfinite, m, n_out, groups, x.stride(0), y.stride(0), e_strides[0], e_strides[1], lora_rank,
+                float(scaling), float(out_dropout_p),
+                SPLIT_K=split_k, TRANS_W=transposed, DIRECT_W=g == 1 and not transposed,
+                HAS_BIAS=bias is not None,
+                LORA_SPLITS=lora_splits, RP=rp, LORA_OUT_DROPOUT=out_dropout_p > 0,
+                DOT_PRECISION=dot_precision(x.dtype), NONFINITE_PASS=nonfinite_pass, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages, **cfg.constexprs)
 
     if not forced_split and _autotune_enabled(x.device) and groups:
         key = (cfg.regime, triton.next_power_of_2(m), n_out, x.shape[1], union_col.numel(), g,

@@ -81,6 +81,7 @@ def test_failure_rules():
     report = load_report_module()
     assert report.failures(row()) == []
     assert report.failures(row(spill_stores=8, spill_loads=8)) == ["spills 8 B stores / 8 B loads"]
+    assert report.failures(row(spill_stores=8, spill_loads=8, regime="repair")) == []  # runs only on NaN/inf
     assert report.failures(row(wgmma=0, mma_sync=8)) == ["no wgmma in a compute-bound config on sm_90"]
     assert report.failures(row(wgmma=0, mma_sync=8, regime="decode")) == []
     assert report.failures(row(wgmma=0, mma_sync=8, regime="backward", constexprs={"BM": 16})) == []

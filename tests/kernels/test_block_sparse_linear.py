@@ -179,6 +179,39 @@ def test_trained_block_values_get_the_torch_gradient(dtype, m, row_group, block_
                        dtype)
 
 
+@pytest.mark.parametrize("dtype,group_size,split_k,bad", [
+    (torch.float32, 4, 0, float("nan")), (torch.float32, 1, 0, float("nan")), (torch.bfloat16, 2, 0, float("inf")),
+    (torch.float32, 4, 2, float("-inf"))])
+def test_pruned_weights_do_not_exist_for_a_non_finite_input(dtype, group_size, split_k, bad):
+    # The grouped schedule multiplies a group's union, absent blocks as zero tiles: a NaN or inf
+    # input must still reach exactly the outputs whose stored blocks read it (as on the torch
+    # backend; there NaN, where the blocks' product could be +-inf), forward and dX; every other
+    # output equals the torch backend's.
+    weight = make_weight(96, 160, 0.4, dtype, row_group=1)
+    mask = weight.block_mask.cpu()
+    col = int(torch.nonzero(~mask.all(0) & mask.any(0))[0])  # read by some block rows, not all
+    row = int(torch.nonzero(~mask.all(1) & mask.any(1))[0])
+    m = 130
+    x = torch.randn(m, 160, device=DEVICE, dtype=dtype)
+    x[1, col * 16 + 3] = bad
+    x = x.requires_grad_()
+    y = block_sparse_linear_triton(x, weight, group_size=group_size, split_k=split_k)
+    ref_x = x.detach().clone().requires_grad_()
+    ref = linear_torch(ref_x, weight)
+    reads = mask[:, col].repeat_interleave(16).to(DEVICE)
+    assert (~torch.isfinite(y[1, reads])).all() and torch.isfinite(y[1, ~reads]).all()
+    others = torch.arange(m, device=DEVICE) != 1
+    torch.testing.assert_close(y[others], ref[others], rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-2)
+    torch.testing.assert_close(y[1, ~reads], ref[1, ~reads], rtol=1e-2 if dtype != torch.float32 else 1e-5,
+                               atol=1e-2)
+    grad = torch.zeros(m, 96, device=DEVICE, dtype=dtype)
+    grad[2, row * 16 + 5] = bad
+    y.backward(grad)
+    stored = mask[row].repeat_interleave(16).to(DEVICE)
+    assert (~torch.isfinite(x.grad[2, stored])).all() and torch.isfinite(x.grad[2, ~stored]).all()
+    assert torch.isfinite(x.grad[others & (torch.arange(m, device=DEVICE) != 2)]).all()
+
+
 def test_empty_weight_gives_bias_plus_lora():
     weight, got = check_against_torch(7, 64, 48, torch.float32, 0.0, bias=True, lora=True,
                                       dropout=0.0, group_size=2)
