@@ -99,6 +99,9 @@ def add_parser(subparsers):
     add_flag(parser, "--out", required=True, metavar="DIR", help="output directory (sparse checkpoint)")
     add_flag(parser, "--overwrite", action="store_true", help="write into --out even if it is not empty")
     add_flag(parser, "--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_flag(parser, "--offload", choices=["cpu"], default=None,
+             help="keep the model on the CPU and move one decoder layer at a time to --device: for models "
+                  "larger than the device (docs/DESIGN.md: the peak memory)")
     add_flag(parser, "--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
     return parser
@@ -108,6 +111,9 @@ def _check_args(args) -> None:
     check_finite(args)
     if not 0.0 <= args.sparsity < 1.0:
         raise CLIError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if args.offload and args.eval_dataset is not None:
+        raise CLIError("--eval-dataset evaluates the whole model on --device, which --offload says it does not "
+                       "fit; evaluate the saved checkpoint with `blocksparse eval` instead")
     for flag, value in (("--nsamples", args.nsamples), ("--batch-size", args.batch_size)):
         if value < 1:
             raise CLIError(f"{flag} must be >= 1, got {value}")
@@ -163,7 +169,7 @@ def run(args) -> int:
     device = resolve_device(args.device)
     started = time.perf_counter()
     try:
-        model, tokenizer = load_model(args.model, device=device)
+        model, tokenizer = load_model(args.model, device=args.offload or device)
         check_block_divisible(target_linears(model), args.block_size)
         calib = calibration_samples(tokenizer, args.calib, args.nsamples, args.seqlen, seed=args.seed)
         eval_tokens = None
@@ -187,7 +193,7 @@ def run(args) -> int:
         raise CLIError(str(err)) from err
     prune_started = time.perf_counter()
     try:
-        report = prune_model(model, calib, options, progress=progress)
+        report = prune_model(model, calib, options, progress=progress, execution_device=device)
     except ValueError as err:  # options that only the model can check (e.g. --module-density names)
         raise CLIError(str(err)) from err
     report["prune_seconds"] = round(time.perf_counter() - prune_started, 1)

@@ -7,8 +7,10 @@ layer runs only as far as the linear being measured.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -76,23 +78,61 @@ def calibration_batches(calib_inputs: torch.Tensor, batch_size: int) -> list[tor
     return list(calib_inputs.split(batch_size))
 
 
+@contextlib.contextmanager
+def placed_on(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """`module` on `device` inside the block and back where it was after (nothing moves if it
+    is there): how a model larger than the execution device is pruned one layer at a time."""
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
+    if first is None or first.device == device:
+        yield module
+        return
+    home = first.device
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+
+
+def outside_layers(model: nn.Module, layers: nn.ModuleList) -> list[nn.Module]:
+    """The largest submodules of `model` that hold no decoder layer (embeddings, rotary
+    tables, final norm, head): what the pass to layer 0 needs besides the layers."""
+    inside = set(map(id, layers.modules()))
+    out = []
+
+    def walk(module):
+        for child in module.children():
+            if id(child) in inside:
+                continue
+            if any(id(m) in inside for m in child.modules()):
+                walk(child)
+            else:
+                out.append(child)
+
+    walk(model)
+    return out
+
+
 @torch.no_grad()
-def layer0_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor]):
-    """Hidden states and keyword arguments that reach decoder layer 0, per batch."""
+def layer0_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor], device: torch.device):
+    """Hidden states and keyword arguments that reach decoder layer 0, per batch, on `device`
+    (the modules outside the layers are placed there for the pass)."""
     captured = []
 
     def grab(module, args, kwargs):
         captured.append((args[0] if args else kwargs.pop("hidden_states"), kwargs))
         raise _Stop
 
-    device = next(model.parameters()).device
     handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        for ids in batches:
-            try:
-                model(input_ids=ids.to(device), use_cache=False)
-            except _Stop:
-                pass
+        with contextlib.ExitStack() as stack:
+            for module in outside_layers(model, layers):
+                stack.enter_context(placed_on(module, device))
+            for ids in batches:
+                try:
+                    model(input_ids=ids.to(device), use_cache=False)
+                except _Stop:
+                    pass
     finally:
         handle.remove()
     hidden = [h for h, _ in captured]
@@ -203,8 +243,9 @@ def _local(layer: nn.Module, module: nn.Module) -> str:
     raise ValueError("module is not inside the layer")
 
 
-def dense_sq_norms(model, layers, batches, linears_by_layer) -> dict[str, torch.Tensor]:
-    """||X_j||^2 of every target linear's input in the dense model (for OWL)."""
+def dense_sq_norms(layers, hidden, kwargs, linears_by_layer, device: torch.device) -> dict[str, torch.Tensor]:
+    """||X_j||^2 of every target linear's input in the dense model (for OWL), the calibration
+    batches (`hidden`, `kwargs`: what reaches layer 0) run through one layer at a time."""
     sq = {name: torch.zeros(lin.in_features, dtype=torch.float64)
           for per_layer in linears_by_layer for name, lin in per_layer.items()}
 
@@ -216,10 +257,10 @@ def dense_sq_norms(model, layers, batches, linears_by_layer) -> dict[str, torch.
 
     handles = [lin.register_forward_pre_hook(make_hook(name))
                for per_layer in linears_by_layer for name, lin in per_layer.items()]
-    device = next(model.parameters()).device
     try:
-        for ids in batches:
-            model(input_ids=ids.to(device), use_cache=False)
+        for layer in layers:
+            with placed_on(layer, device):
+                hidden = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
     finally:
         for handle in handles:
             handle.remove()

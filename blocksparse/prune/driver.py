@@ -30,7 +30,7 @@ from ..sparsify import FilterFn, check_block_divisible, sparsify_model, target_l
 from .allocation import ALLOCATIONS, explicit_densities, keep_counts, outlier_ratio, owl_densities
 from .calibration import (DEFAULT_SINK_TOKENS, DEFAULT_SINK_WEIGHT, InputStats, calibration_batches,
                           collect_stats, dense_sq_norms, layer0_inputs, layer_output, linear_groups,
-                          sink_probe_ids)
+                          placed_on, sink_probe_ids)
 from .reconstruct import DEFAULT_DAMP, dense_target_weight, greedy_obs_mask, output_error, reconstruct_block_rows
 from .refine import refine_layer
 
@@ -168,14 +168,14 @@ def _by_layer(layers: nn.ModuleList, targets: Mapping[str, nn.Linear]) -> list[d
     return per_layer
 
 
-def _keep_per_row(model, layers, batches, linears_by_layer, shapes, options: PruneOptions):
+def _keep_per_row(layers, hidden, kwargs, linears_by_layer, shapes, options: PruneOptions, device):
     """Blocks kept per block row of every target linear, and OWL's outlier ratios (or None)."""
     density = 1.0 - options.sparsity
     outlier_ratios = None
     if isinstance(options.allocation, Mapping):
         densities = explicit_densities(options.allocation, shapes, density)
     elif options.allocation == "owl":
-        sq = dense_sq_norms(model, layers, batches, linears_by_layer)
+        sq = dense_sq_norms(layers, hidden, kwargs, linears_by_layer, device)
         outlier_ratios = [outlier_ratio([lin.weight for lin in per_layer.values()],
                                         [sq[name] for name in per_layer], options.owl_threshold)
                           if per_layer else 0.0 for per_layer in linears_by_layer]
@@ -189,7 +189,8 @@ def _keep_per_row(model, layers, batches, linears_by_layer, shapes, options: Pru
 @torch.no_grad()
 def prune_model(model: nn.Module, calib_inputs: torch.Tensor, options: PruneOptions | None = None, *,
                 target_modules: Sequence[str] | None = None, filter_fn: FilterFn | None = None,
-                convert: bool = True, progress: bool = True, **choices) -> dict:
+                convert: bool = True, progress: bool = True, execution_device: str | torch.device | None = None,
+                **choices) -> dict:
     """Prune the target linears of `model` in place to b x b blocks; return a report dict.
 
     calib_inputs: token ids [nsamples, seqlen]. options: a `PruneOptions`; `choices`
@@ -198,9 +199,13 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, options: PruneOpti
     projections by default), all inside the decoder layers. convert: finish by
     swapping the pruned linears for BlockSparseLinear (the ones kept whole stay
     nn.Linear, unless nothing was pruned at all); otherwise they stay nn.Linear with
-    zeros outside the blocks.
+    zeros outside the blocks. execution_device: where the work runs (default: where the
+    model is). A model kept elsewhere (e.g. on the CPU, larger than the GPU) moves there one
+    decoder layer at a time, with what reaches it; the results are those of the run on
+    `execution_device` (docs/DESIGN.md: the peak memory).
     """
     options = dataclasses.replace(options or PruneOptions(), **choices)
+    device = _execution_device(model, execution_device)
     layers = decoder_layers(model)
     targets = target_linears(model, target_modules, filter_fn)
     if not targets:
@@ -221,9 +226,11 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, options: PruneOpti
     stats_sink_weight = max(1.0, options.sink_weight * calib_inputs.shape[0] / n_sinks)
 
     with _eval_without_cache(model):
-        keep, outlier_ratios = _keep_per_row(model, layers, batches[:n_calib], linears_by_layer, shapes, options)
+        hidden, kwargs = layer0_inputs(model, layers, batches, device)
+        keep, outlier_ratios = _keep_per_row(layers, hidden[:n_calib], kwargs[:n_calib], linears_by_layer, shapes,
+                                             options, device)
         masks, row_perms, per_linear, refine_loss = _prune_layers(
-            model, layers, linears_by_layer, batches, n_calib, keep, stats_sink_weight, options, progress)
+            layers, linears_by_layer, hidden, kwargs, n_calib, keep, stats_sink_weight, options, progress, device)
     if convert:
         sparsify_model(model, block_masks=masks, block_size=options.block_size,
                        row_perms=row_perms if options.row_group > 1 else None, row_group=options.row_group,
@@ -256,13 +263,14 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, options: PruneOpti
     }
 
 
-def _prune_layers(model, layers, linears_by_layer, batches, n_calib, keep, sink_weight, options: PruneOptions,
-                  progress: bool):
-    """The sequential loop: prune, fit and refine each decoder layer, then advance the hidden states.
+def _prune_layers(layers, linears_by_layer, hidden, kwargs, n_calib, keep, sink_weight, options: PruneOptions,
+                  progress: bool, device: torch.device):
+    """The sequential loop: prune, fit and refine each decoder layer on `device`, then advance
+    the hidden states.
 
-    batches[:n_calib] are the calibration windows; a batch after them holds the sink probes.
+    hidden[:n_calib] (what reaches layer 0, with its kwargs) are the calibration windows; a
+    batch after them holds the sink probes.
     """
-    hidden, kwargs = layer0_inputs(model, layers, batches)
     use_dense_target = options.reconstruct and options.reconstruct_target == "dense"
     track_dense = use_dense_target or options.refine_steps > 0
     dense_hidden = [h.clone() for h in hidden] if track_dense else None
@@ -279,29 +287,43 @@ def _prune_layers(model, layers, linears_by_layer, batches, n_calib, keep, sink_
         iterator = tqdm(iterator, desc="pruning layers", unit="layer")
     for i in iterator:
         layer, linears = layers[i], linears_by_layer[i]
-        # The dense model's path must advance through every layer, pruned here or not.
-        dense_layer = (copy.deepcopy(layer) if linears else layer) if track_dense else None
-        if linears:
-            for names in linear_groups(layer, linears, hidden[0], kwargs[0]):
-                stats = (collect_stats(layer, names, linears, hidden, kwargs, need_gram, sink_weight,
-                                       *((dense_layer, dense_hidden) if use_dense_target else ()))
-                         if needs_stats else None)
-                for name in names:
-                    masks[name], row_perms[name], per_linear[name] = _prune_linear(
-                        linears[name], stats, keep[name], options)
-        if dense_layer is not None:
-            dense_hidden = [layer_output(dense_layer(h, **kw)) for h, kw in zip(dense_hidden, kwargs)]
-        if linears and options.refine_steps > 0:
-            weights = {name: (lin.weight, element_mask(masks[name], options.block_size).to(lin.weight.device))
-                       for name, lin in linears.items()}
-            has_probes = len(batches) > n_calib
-            sink = (hidden[n_calib], kwargs[n_calib], dense_hidden[n_calib]) if has_probes else None
-            refine_loss[i] = refine_layer(layer, weights, hidden[:n_calib], kwargs[:n_calib],
-                                          dense_hidden[:n_calib], options.refine_steps, options.refine_lr,
-                                          sink=sink)
-        hidden = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
-        del dense_layer
+        with placed_on(layer, device):
+            # The dense model's path must advance through every layer, pruned here or not.
+            dense_layer = (copy.deepcopy(layer) if linears else layer) if track_dense else None
+            if linears:
+                for names in linear_groups(layer, linears, hidden[0], kwargs[0]):
+                    stats = (collect_stats(layer, names, linears, hidden, kwargs, need_gram, sink_weight,
+                                           *((dense_layer, dense_hidden) if use_dense_target else ()))
+                             if needs_stats else None)
+                    for name in names:
+                        masks[name], row_perms[name], per_linear[name] = _prune_linear(
+                            linears[name], stats, keep[name], options)
+            if dense_layer is not None:
+                dense_hidden = [layer_output(dense_layer(h, **kw)) for h, kw in zip(dense_hidden, kwargs)]
+            if linears and options.refine_steps > 0:
+                weights = {name: (lin.weight, element_mask(masks[name], options.block_size).to(lin.weight.device))
+                           for name, lin in linears.items()}
+                has_probes = len(hidden) > n_calib
+                sink = (hidden[n_calib], kwargs[n_calib], dense_hidden[n_calib]) if has_probes else None
+                refine_loss[i] = refine_layer(layer, weights, hidden[:n_calib], kwargs[:n_calib],
+                                              dense_hidden[:n_calib], options.refine_steps, options.refine_lr,
+                                              sink=sink)
+            hidden = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
+            del dense_layer
+        for name, lin in linears.items():  # where the layer is again
+            masks[name] = masks[name].to(lin.weight.device)
+            if row_perms[name] is not None:
+                row_perms[name] = row_perms[name].to(lin.weight.device)
     return masks, row_perms, per_linear, refine_loss
+
+
+def _execution_device(model: nn.Module, requested) -> torch.device:
+    if requested is None:
+        return next(model.parameters()).device
+    device = torch.device(requested)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _prune_linear(lin: nn.Linear, stats: InputStats | None, keep_per_row: int, options: PruneOptions):

@@ -4,6 +4,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from blocksparse import BlockSparseLinear
 from blocksparse.commands import main
@@ -51,6 +52,18 @@ def test_cli_prunes_saves_and_reloads(tiny_dir, text_file, tmp_path, capsys):
     assert "4 windows x 64 tokens" in card and f"blocksparse generate --model {out}" in card
 
 
+def test_cli_offload_prunes_the_same_checkpoint(tiny_dir, text_file, tmp_path):
+    from safetensors.torch import load_file
+
+    args = ["prune", "--model", str(tiny_dir), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "64",
+            "--method", "wanda", "--device", "cpu", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert main(args + ["--offload", "cpu", "--out", str(tmp_path / "b")]) == 0
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "b" / "prune_report.json").read_text())["cli_args"]["offload"] == "cpu"
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--sparsity", "1.0"], r"--sparsity must be in \[0, 1\), got 1.0"),
     (["--block-size", "64"], r"not divisible: model.layers.0.self_attn.k_proj \[32, 64\]"),
@@ -72,6 +85,7 @@ def test_cli_prunes_saves_and_reloads(tiny_dir, text_file, tmp_path, capsys):
     (["--row-group", "0"], r"row_group must be an int >= 1"),
     (["--row-group", "2", "--union-density", "0"], r"union_density must be in \(0, 1\]"),
     (["--union-density", "0.6"], r"give row_group > 1 with it"),
+    (["--offload", "cpu", "--eval-dataset", "default"], r"evaluate the saved checkpoint with `blocksparse eval`"),
 ])
 def test_cli_bad_input_is_one_line_error(tiny_dir, text_file, tmp_path, capsys, extra, message):
     args = ["prune", "--model", str(tiny_dir), "--calib", str(text_file), "--nsamples", "2", "--seqlen", "32",

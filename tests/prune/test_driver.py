@@ -1,5 +1,7 @@
 """The sequential driver (blocksparse.prune.prune_model) on a tiny random Llama."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -188,3 +190,96 @@ def test_row_group_options_are_validated():
         prune_tiny(union_density=0.6)
     with pytest.raises(ValueError, match="use comparison_group='block-row'"):
         prune_tiny(row_group=2, comparison_group="global", reconstruct=False)
+
+
+LAYERWISE = dict(method="wanda", allocation="owl", owl_spread=0.25, reconstruct_target="dense", refine_steps=2,
+                 sink_tokens=4)
+
+
+def test_layer_by_layer_runs_give_the_same_model_and_place_one_decoder_layer_at_a_time(monkeypatch):
+    # The execution device here is the CPU the model lives on (nothing moves), so the
+    # placements are recorded: every decoder layer runs (OWL's pass, statistics, refinement,
+    # the advance) only while it alone of the model's layers is placed, and the modules
+    # outside the layers only for the pass to layer 0.
+    from blocksparse.prune import calibration, driver
+
+    placed = []
+    real = calibration.placed_on
+
+    @contextlib.contextmanager
+    def recording(module, device):
+        placed.append(module)
+        with real(module, device):
+            yield module
+        placed.remove(module)
+
+    monkeypatch.setattr(calibration, "placed_on", recording)
+    monkeypatch.setattr(driver, "placed_on", recording)
+    reference, reference_report = prune_tiny(**LAYERWISE)
+    model = make_tiny_llama()
+    layers = list(model.model.layers)
+    runs = []
+    for i, layer in enumerate(layers):
+        def check(module, args, i=i):
+            if any(model.model.embed_tokens is p for p in placed):
+                return  # the pass to layer 0, stopped before layer 0 runs
+            resident = [j for j, other in enumerate(layers) if any(other is p for p in placed)]
+            runs.append(i)
+            assert resident == [i], (i, resident)
+        layer.register_forward_pre_hook(check)
+    embedding_passes = []
+    model.model.embed_tokens.register_forward_pre_hook(
+        lambda module, args: embedding_passes.append(any(module is p for p in placed)))
+    report = prune_model(model, CALIB, progress=False, batch_size=4, execution_device="cpu", **LAYERWISE)
+    assert set(runs) == {0, 1} and embedding_passes and all(embedding_passes)
+    assert placed == []
+    assert report["layers"] == reference_report["layers"]
+    expected = reference.state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_owl_statistics_of_the_layer_by_layer_pass_are_those_of_the_whole_model():
+    from blocksparse.families import decoder_layers
+    from blocksparse.prune.calibration import dense_sq_norms, layer0_inputs
+
+    model = make_tiny_llama()
+    layers = decoder_layers(model)
+    targets = target_linears(model)
+    by_layer = [{n: lin for n, lin in targets.items() if f".layers.{i}." in n} for i in range(len(layers))]
+    batches = list(CALIB.split(4))
+    expected = {n: torch.zeros(lin.in_features, dtype=torch.float64) for n, lin in targets.items()}
+
+    def accumulate(name):
+        def hook(module, args):
+            expected[name] += args[0].reshape(-1, args[0].shape[-1]).double().square().sum(0)
+        return hook
+
+    handles = [lin.register_forward_pre_hook(accumulate(n)) for n, lin in targets.items()]
+    with torch.no_grad():
+        for ids in batches:
+            model(input_ids=ids, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    hidden, kwargs = layer0_inputs(model, layers, batches, torch.device("cpu"))
+    got = dense_sq_norms(layers, hidden, kwargs, by_layer, torch.device("cpu"))
+    assert got.keys() == expected.keys()
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the execution device)")
+def test_a_model_on_the_cpu_prunes_on_the_gpu_one_layer_at_a_time():
+    on_gpu = make_tiny_llama(num_layers=4).cuda()
+    prune_model(on_gpu, CALIB, progress=False, batch_size=4, **LAYERWISE)
+    model = make_tiny_llama(num_layers=4)
+    layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    outside_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) - 4 * layer_bytes
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    prune_model(model, CALIB, progress=False, batch_size=4, execution_device="cuda", **LAYERWISE)
+    assert next(model.parameters()).device.type == "cpu"
+    # One layer and its dense copy, the modules outside the layers, activations: never all 4 layers.
+    assert torch.cuda.max_memory_allocated() - base < outside_bytes + 3.5 * layer_bytes + 64 * 2 ** 20
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, on_gpu.state_dict()[name].cpu()), name
