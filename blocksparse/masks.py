@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from .format import DEFAULT_BLOCK_SIZE, check_divisible
+from .format import DEFAULT_BLOCK_SIZE, check_block_size, check_divisible
 from .grouping import group_of, shared_column_groups
 
 
@@ -127,6 +127,6 @@ def magnitude_block_mask(weight: torch.Tensor, sparsity: float, block_size: int 
     """Per block row, the largest-|W| blocks: the pruner's magnitude score without calibration data."""
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    check_divisible(tuple(weight.shape), block_size)
+    check_divisible(tuple(weight.shape), check_block_size(block_size))
     scores = block_scores(weight, None, block_size, "magnitude")
     return select_block_mask(scores, blocks_per_row(scores.shape[1], 1.0 - sparsity))

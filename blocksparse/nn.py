@@ -34,25 +34,27 @@ class BlockSparseLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, block_mask: torch.Tensor | None = None,
-                    sparsity: float | None = None, block_size: int = DEFAULT_BLOCK_SIZE, *,
+                    sparsity: float | None = None, block_size: int | None = None, *,
                     row_perm: torch.Tensor | None = None, row_group: int = 1) -> "BlockSparseLinear":
         """Convert `linear`, keeping the blocks in `block_mask` [out/b, in/b].
 
         With `sparsity` and no mask, each block row keeps its largest-magnitude
         blocks (`blocksparse.masks.magnitude_block_mask`); with neither, every
-        block is kept (density 1). row_perm / row_group: the weight's row grouping
+        block is kept (density 1). block_size: b (default 16; with a mask, read
+        from its shape, and checked against it when given). row_perm / row_group: the weight's row grouping
         (`BlockSparseWeight`), as `prune_model(row_group=G)` chooses it.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         if block_mask is not None and sparsity is not None:
             raise ValueError("give either block_mask or sparsity, not both")
-        block_size = check_block_size(block_size)
+        if block_size is not None:
+            block_size = check_block_size(block_size)
         weight = linear.weight.detach()
         if block_mask is None:
-            block_mask = magnitude_block_mask(weight, sparsity or 0.0, block_size)
-        sparse_weight = BlockSparseWeight.from_dense(weight, block_mask.to(weight.device), row_perm=row_perm,
-                                                     row_group=row_group)
+            block_mask = magnitude_block_mask(weight, sparsity or 0.0, block_size or DEFAULT_BLOCK_SIZE)
+        sparse_weight = BlockSparseWeight.from_dense(weight, block_mask.to(weight.device), block_size,
+                                                     row_perm=row_perm, row_group=row_group)
         module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                      block_size=sparse_weight.block_size, device=weight.device, dtype=weight.dtype)
         module.sparse_weight = sparse_weight

@@ -38,6 +38,12 @@ def test_magnitude_mask_keeps_the_same_count_per_block_row():
 
 
 
+@pytest.mark.parametrize("block_size", [0, -16, 7, 48])
+def test_magnitude_mask_names_a_bad_block_size(block_size):
+    with pytest.raises(ValueError, match=rf"block_size must be one of \(8, 16, 32, 64\), got {block_size}"):
+        magnitude_block_mask(torch.randn(96, 96), 0.5, block_size)
+
+
 def test_a_new_score_is_one_registry_entry(monkeypatch):
     from blocksparse.masks import Score
 

@@ -96,6 +96,15 @@ def test_from_linear_names_a_bad_block_size(block_size):
         BlockSparseLinear.from_linear(nn.Linear(96, 96), sparsity=0.5, block_size=block_size)
 
 
+def test_from_linear_checks_a_given_block_size_against_the_mask():
+    linear = nn.Linear(64, 64)
+    mask32 = torch.ones(2, 2, dtype=torch.bool)
+    assert BlockSparseLinear.from_linear(linear, block_mask=mask32).block_size == 32  # read from the mask
+    assert BlockSparseLinear.from_linear(linear, block_mask=mask32, block_size=32).block_size == 32
+    with pytest.raises(ValueError, match=r"block_mask shape \(2, 2\) does not fit .* \(got block_size=16\)"):
+        BlockSparseLinear.from_linear(linear, block_mask=mask32, block_size=16)
+
+
 def test_malformed_structure_is_one_error_not_a_cascade():
     # The child BlockSparseWeight must not go on loading the keys its parent refused.
     sd = BlockSparseLinear.from_linear(nn.Linear(64, 32), sparsity=0.5).state_dict()
