@@ -1,4 +1,4 @@
-"""`blocksparse` command line: prune | finetune | eval | bench | demo | generate.
+"""`blocksparse` command line: prune | finetune | eval | bench | demo | generate | memory.
 
 Each subcommand lives in its own module here, imported only when it runs, so
 `blocksparse --help` stays fast and a missing optional dependency only breaks
@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "bench": "blocksparse.commands.bench",
     "demo": "blocksparse.commands.demo",
     "generate": "blocksparse.commands.generate",
+    "memory": "blocksparse.commands.memory",
 }
 
 
