@@ -187,14 +187,17 @@ def _bsl_matmul_kernel(
         xk = tl.max_contiguous(tl.multiple_of(xk, BS), BS)
         k_valid = tl.reshape(tl.broadcast_to(c_valid[:, None], (KC, BS)), (BK,))
         x = tl.load(x_rows + xk[None, :], mask=m_mask[:, None] & k_valid[None, :], other=0.0)
+        # Masked-off tiles still form addresses: clamp them to real blocks (the last step's
+        # tail, absent blocks' -1), so no address lies before or past `values`.
         if DIRECT_W:  # union entry u is block u: the step's tiles lie contiguously
-            w = tl.load(VALUES + u * (BS * BS) + kk[:, None] * BS + nn[None, :],
+            blk_k = tl.minimum(u + kk // BS, u_end - 1)
+            w = tl.load(VALUES + blk_k[:, None] * (BS * BS) + k_in[:, None] * BS + nn[None, :],
                         mask=k_valid[:, None], other=0.0)
         else:
             blk_cg = tl.load(UNION_BLOCK + (u + cc)[:, None] * G + gg[None, :],
                              mask=c_valid[:, None], other=-1)
             blk = tl.reshape(tl.broadcast_to(blk_cg[:, None, :, None], (KC, BS, G, BS)), (BK, BN))
-            w = tl.load(VALUES + blk * (BS * BS) + w_in_block, mask=blk >= 0, other=0.0)
+            w = tl.load(VALUES + tl.maximum(blk, 0) * (BS * BS) + w_in_block, mask=blk >= 0, other=0.0)
         if NONFINITE_PASS == 2:  # multiply as if the non-finite inputs were 0
             xf = x.to(tl.float32)  # (the interpreter's bf16 x - x is not IEEE)
             x = tl.where(xf - xf == 0.0, x, 0.0).to(x.dtype)
@@ -671,9 +674,11 @@ def block_sparse_linear_triton(x2d: torch.Tensor, weight: BlockSparseWeight,
     the LoRA dropout; drawn from torch's generator when None).
     """
     check_triton_support(x2d, weight)
-    # The kernels read rows of x (any row stride) and bias with unit element strides.
-    if x2d.stride(-1) != 1:
-        x2d = x2d.contiguous()
+    # The kernels read rows of x (any row stride) and bias with unit element strides. A row
+    # start off 16 bytes would compile to an unvectorised, unpipelined variant (and not the
+    # one the compile report checks): copy such a view once instead.
+    if x2d.stride(-1) != 1 or x2d.data_ptr() % 16 or (x2d.stride(0) * x2d.element_size()) % 16:
+        x2d = x2d.contiguous() if x2d.stride(-1) != 1 else x2d.clone(memory_format=torch.contiguous_format)
     if bias is not None:
         bias = bias.contiguous()
     m = x2d.shape[0]

@@ -149,6 +149,122 @@ def test_decode_split_k_matches_torch(dtype, m, split_k, dropout):
                         group_size=1, split_k=split_k)
 
 
+@pytest.fixture
+def program_order(monkeypatch):
+    """Set how the interpreter hands out axis-0 program ids: it runs programs 0..n-1 in turn,
+    so without this the split-K part arriving last is always the last split."""
+    if DEVICE != "cpu":
+        pytest.skip("the GPU's program order is not ours to choose")
+    from triton.runtime.interpreter import interpreter_builder as builder
+
+    set_dim, set_idx = builder.set_grid_dim, builder.set_grid_idx
+    state = {"order": None, "perm": []}
+
+    def dim(x, y, z):
+        state["perm"] = list(state["order"](x)) if state["order"] else list(range(x))
+        assert sorted(state["perm"]) == list(range(x))
+        set_dim(x, y, z)
+
+    monkeypatch.setattr(builder, "set_grid_dim", dim)
+    monkeypatch.setattr(builder, "set_grid_idx", lambda x, y, z: set_idx(state["perm"][x], y, z))
+    return lambda order: state.__setitem__("order", order)
+
+
+@pytest.fixture
+def addresses(monkeypatch):
+    """Every interpreted load and store checked against the launch's tensor arguments: lanes the
+    mask lets through must lie inside one of them, and a load reading `values` (the block tiles)
+    must form no address outside it even on masked-off lanes (absent blocks, a step's tail)."""
+    if DEVICE != "cpu":
+        pytest.skip("checks the interpreter's addresses")
+    import numpy as np
+    from triton.runtime import interpreter
+
+    launch = {"ranges": [], "values": None}
+    problems = []
+    init = interpreter.GridExecutor._init_args_hst
+
+    def record(self, args_dev, kwargs):
+        args, kw = init(self, args_dev, kwargs)
+        named = dict(zip(self.arg_names, args), **kw)
+        ranges = {name: (t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr() + t.untyped_storage().nbytes())
+                  for name, t in named.items() if isinstance(t, torch.Tensor)}
+        launch.update(ranges=list(ranges.values()), values=ranges.get("VALUES"), fn=self.fn.__name__)
+        return args, kw
+
+    def check(ptrs, mask, what):
+        p = ptrs.data.astype(np.uint64).ravel()
+        on = np.ones(p.shape, bool) if mask is None else np.broadcast_to(mask.data, ptrs.data.shape).ravel()
+        inside = np.zeros(p.shape, bool)
+        for lo, hi in launch["ranges"]:
+            inside |= (p >= lo) & (p < hi)
+        if (on & ~inside).any():
+            problems.append(f"{launch['fn']}: a {what} reads outside every argument")
+        if launch["values"] is not None and on.any():
+            lo, hi = launch["values"]
+            first = p[on][0]
+            if lo <= first < hi and not ((p >= lo) & (p < hi)).all():
+                problems.append(f"{launch['fn']}: a {what} of values forms addresses outside it")
+
+    builder = interpreter.interpreter_builder
+    load, store = builder.create_masked_load, builder.create_masked_store
+    monkeypatch.setattr(interpreter.GridExecutor, "_init_args_hst", record)
+    monkeypatch.setattr(builder, "create_masked_load",
+                        lambda ptrs, mask, other, *a: (check(ptrs, mask, "load"), load(ptrs, mask, other, *a))[1])
+    monkeypatch.setattr(builder, "create_masked_store",
+                        lambda ptrs, value, mask, *a: (check(ptrs, mask, "store"), store(ptrs, value, mask, *a))[1])
+    return problems
+
+
+@pytest.mark.parametrize("m, group_size, density", [(7, 1, 0.6), (130, 1, 0.6), (130, 4, 0.5)])
+def test_no_address_outside_the_tensors(addresses, m, group_size, density):
+    # G=1 walks the blocks as one stream whose last step has a tail; G=4 reads a union's absent
+    # blocks (index -1); the backward walks the transposed structure.
+    check_against_torch(m, 96, 80, torch.float32, density, bias=True, lora=True, dropout=0.1,
+                        group_size=group_size, split_k=0)
+    assert not addresses, sorted(set(addresses))
+
+
+@pytest.mark.parametrize("view", ["offset", "row_stride"])
+def test_a_misaligned_view_is_copied_to_an_aligned_one(monkeypatch, view):
+    weight = make_weight(96, 80, 0.5, torch.float32)
+    base = torch.randn(130, 81 if view == "row_stride" else 82, device=DEVICE)
+    x = base[:, 1:81] if view == "offset" else base[:, :80]      # 4 bytes off / rows 324 bytes apart
+    assert x.data_ptr() % 16 or (x.stride(0) * 4) % 16
+    seen = []
+    if DEVICE == "cpu":
+        from triton.runtime import interpreter
+        init = interpreter.GridExecutor._init_args_hst
+
+        def record(self, args_dev, kwargs):
+            if self.fn.__name__ == "_bsl_matmul_kernel":
+                named = dict(zip(self.arg_names, args_dev))
+                seen.append((named["X"].data_ptr() % 16, named["stride_xm"] * 4 % 16))
+            return init(self, args_dev, kwargs)
+        monkeypatch.setattr(interpreter.GridExecutor, "_init_args_hst", record)
+    x = x.requires_grad_()
+    y = block_sparse_linear_triton(x, weight, group_size=2)
+    y.sum().backward()
+    aligned = x.detach().clone().requires_grad_()
+    torch.testing.assert_close(y, block_sparse_linear_triton(aligned, weight, group_size=2), rtol=0, atol=0)
+    block_sparse_linear_triton(aligned, weight, group_size=2).sum().backward()
+    torch.testing.assert_close(x.grad, aligned.grad, rtol=0, atol=0)
+    assert DEVICE != "cpu" or (seen and set(seen) == {(0, 0)}), seen
+
+
+@pytest.mark.parametrize("last", [0, 1, 2, "shuffled"])
+def test_split_k_sums_the_same_whichever_split_arrives_last(program_order, last):
+    # M=7 is one token tile and N=32 two block rows at G=1, so program p is split p % 3 of row
+    # p // 3; the third split of each row is empty (two K steps). Every kernel of the call, the
+    # backward's included, runs in the order given.
+    if last == "shuffled":
+        program_order(lambda n: torch.randperm(n, generator=torch.Generator().manual_seed(n)).tolist())
+    else:
+        program_order(lambda n: sorted(range(n), key=lambda p: (p % 3 == last, p)))
+    check_against_torch(7, 32, 512, torch.float32, 0.75, bias=True, lora=True, dropout=0.1, group_size=1,
+                        split_k=3)
+
+
 @pytest.mark.parametrize("dtype,m,row_group,block_size", [
     (torch.float32, 1, 1, 16), (torch.float32, 130, 2, 16), (torch.float16, 70, 1, 16),
     (torch.bfloat16, 130, 1, 16), (torch.float32, 70, 1, 32)])
