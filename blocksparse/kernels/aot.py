@@ -14,8 +14,9 @@ then reads from the result:
 It prints a markdown table, writes it as JSON with `--json FILE`, and exits 1 if any
 config fails to compile, spills (the "repair" regime excepted: the grouped
 schedules' second pass, run only for tiles that met NaN or inf), exceeds shared
-memory, or (sm_90) a prefill or backward config (the compute-bound regimes) with
-BM >= 64 lacks wgmma. Identical
+memory, or, in a prefill or backward config (the compute-bound regimes), fits
+fewer than 2 CTAs per SM (registers, shared memory, warps) or (sm_90, BM >= 64)
+lacks wgmma. Identical
 entries (same kernel, regime, constexprs, warps, stages) are compiled once.
 
     python -m blocksparse.kernels.aot --json runs/compile_report.json   (= benchmarks/compile_report.py)
@@ -244,6 +245,23 @@ def compile_one(spec: dict, arch: int, dtype: str) -> dict:
     return row
 
 
+# Per-SM limits (CUDA occupancy calculator: A100 = sm_80, H100/H200 = sm_90).
+SM_SHARED_BYTES = {80: 167936, 90: 233472}
+SM_REGISTERS, SM_MAX_WARPS, SM_MAX_CTAS = 65536, 64, 32
+CTA_RESERVED_SHARED = 1024
+MIN_CTAS_COMPUTE_BOUND = 2  # one CTA per SM leaves no other block to hide a barrier or a load
+
+
+def ctas_per_sm(row: dict) -> int:
+    """Resident blocks per SM: the least of what registers (8 per thread granules, 256 per warp),
+    shared memory (1 KB reserved per block) and warps allow."""
+    arch = int(row["arch"][3:])
+    regs_per_warp = -(-(-(-row["registers"] // 8) * 8 * 32) // 256) * 256
+    by_regs = SM_REGISTERS // (regs_per_warp * row["num_warps"])
+    by_smem = SM_SHARED_BYTES[arch] // (row["shared_bytes"] + CTA_RESERVED_SHARED)
+    return min(by_regs, by_smem, SM_MAX_WARPS // row["num_warps"], SM_MAX_CTAS)
+
+
 def failures(row: dict) -> list[str]:
     """Why a row fails the report's requirements (empty list: it passes)."""
     if row["status"] != "ok":
@@ -257,18 +275,23 @@ def failures(row: dict) -> list[str]:
     if (arch >= 90 and row["regime"] in WGMMA_REGIMES and row["constexprs"].get("BM", WGMMA_MIN_BM) >= WGMMA_MIN_BM
             and not row["wgmma"]):
         problems.append("no wgmma in a compute-bound config on sm_90")
+    if (row["regime"] in WGMMA_REGIMES and row["shared_bytes"] <= SMEM_BYTES[arch]
+            and ctas_per_sm(row) < MIN_CTAS_COMPUTE_BOUND):
+        problems.append(f"{ctas_per_sm(row)} CTA/SM in a compute-bound config ({row['registers']} registers x "
+                        f"{row['num_warps']} warps, {row['shared_bytes']} B shared)")
     return problems
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| kernel | regime | dtype | config | arch | regs | spills (st/ld B) | smem B | wgmma | mma.sync "
-             "| compile s | result |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | regime | dtype | config | arch | regs | spills (st/ld B) | smem B | CTAs/SM | wgmma "
+             "| mma.sync | compile s | result |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ok = r["status"] == "ok"
         problems = failures(r)
         cell = (lambda key: str(r[key]) if ok else "-")
         lines.append(f"| {r['kernel']} | {r['regime']} | {r['dtype']} | {r['config']} | {r['arch']} | {cell('registers')} "
-                     f"| {cell('spill_stores')}/{cell('spill_loads')} | {cell('shared_bytes')} | {cell('wgmma')} "
+                     f"| {cell('spill_stores')}/{cell('spill_loads')} | {cell('shared_bytes')} "
+                     f"| {ctas_per_sm(r) if ok else '-'} | {cell('wgmma')} "
                      f"| {cell('mma_sync')} | {r['compile_s']} | {'; '.join(problems) if problems else 'pass'} |")
     return "\n".join(lines)
 

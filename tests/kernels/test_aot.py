@@ -71,8 +71,8 @@ def run_report(args, tmp_path, extra_path=None):
 
 def row(**overrides):
     base = {"kernel": "_k", "regime": "prefill", "dtype": "bf16", "arch": "sm_90", "config": "BM=128 w8 s3",
-            "constexprs": {"BM": 128}, "status": "ok", "registers": 200, "spill_stores": 0, "spill_loads": 0, "stack_bytes": 0,
-            "shared_bytes": 100000, "wgmma": 4, "mma_sync": 0, "compile_s": 1.0}
+            "constexprs": {"BM": 128}, "status": "ok", "registers": 120, "spill_stores": 0, "spill_loads": 0, "stack_bytes": 0,
+            "shared_bytes": 60000, "num_warps": 8, "wgmma": 4, "mma_sync": 0, "compile_s": 1.0}
     base.update(overrides)
     return base
 
@@ -82,6 +82,13 @@ def test_failure_rules():
     assert report.failures(row()) == []
     assert report.failures(row(spill_stores=8, spill_loads=8)) == ["spills 8 B stores / 8 B loads"]
     assert report.failures(row(spill_stores=8, spill_loads=8, regime="repair")) == []  # runs only on NaN/inf
+    # 200 registers x 8 warps = 51200 of 65536: one CTA per SM.
+    assert report.ctas_per_sm(row(registers=200, num_warps=8, shared_bytes=50000)) == 1
+    assert report.failures(row(registers=200, num_warps=8, shared_bytes=50000)) == [
+        "1 CTA/SM in a compute-bound config (200 registers x 8 warps, 50000 B shared)"]
+    assert report.failures(row(registers=200, num_warps=8, shared_bytes=50000, regime="decode")) == []
+    assert report.ctas_per_sm(row(registers=128, num_warps=4, shared_bytes=73888)) == 3  # shared memory binds
+    assert report.ctas_per_sm(row(registers=60, num_warps=4, shared_bytes=1000)) == 8    # 64 regs x 128 threads
     assert report.failures(row(wgmma=0, mma_sync=8)) == ["no wgmma in a compute-bound config on sm_90"]
     assert report.failures(row(wgmma=0, mma_sync=8, regime="decode")) == []
     assert report.failures(row(wgmma=0, mma_sync=8, regime="backward", constexprs={"BM": 16})) == []
