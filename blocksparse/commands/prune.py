@@ -102,6 +102,9 @@ def add_parser(subparsers):
     add_flag(parser, "--offload", choices=["cpu"], default=None,
              help="keep the model on the CPU and move one decoder layer at a time to --device: for models "
                   "larger than the device (docs/DESIGN.md: the peak memory)")
+    add_flag(parser, "--push-to-hub", default=None, metavar="REPO_ID",
+             help="upload the finished checkpoint (marker, card and report included) to this hub repository")
+    add_flag(parser, "--hub-private", action="store_true", help="with --push-to-hub: create the repository private")
     add_flag(parser, "--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
     return parser
@@ -111,6 +114,15 @@ def _check_args(args) -> None:
     check_finite(args)
     if not 0.0 <= args.sparsity < 1.0:
         raise CLIError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if args.hub_private and not args.push_to_hub:
+        raise CLIError("--hub-private is for the repository --push-to-hub creates: give --push-to-hub with it")
+    if args.push_to_hub:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+        try:
+            validate_repo_id(args.push_to_hub)
+        except HFValidationError as err:
+            raise CLIError(f"--push-to-hub {args.push_to_hub!r} is not a hub repository id "
+                           f"(expected user/name)") from err
     if args.offload and args.eval_dataset is not None:
         raise CLIError("--eval-dataset evaluates the whole model on --device, which --offload says it does not "
                        "fit; evaluate the saved checkpoint with `blocksparse eval` instead")
@@ -157,7 +169,7 @@ def _module_densities(specs: list[str]) -> dict[str, float]:
 
 
 def run(args) -> int:
-    from ..integration.checkpoint import REPORT_NAME, save_sparse_pretrained
+    from ..integration.checkpoint import REPORT_NAME, push_sparse_checkpoint, save_sparse_pretrained
     from ..integration.data import DatasetError, calibration_samples, load_text, tokenize_text
     from ..integration.evaluate import count_windows, perplexity
     from ..integration.model import ModelNotFoundError, load_model
@@ -216,4 +228,11 @@ def run(args) -> int:
         write_card(args.out, sparse_checkpoint_card(report, args.out))  # now with the perplexities
         print(f"ppl dense {before['ppl']:.4f} -> pruned {after['ppl']:.4f} "
               f"({after['ppl'] / before['ppl']:.2f}x) on {after['windows']} windows of {args.eval_dataset}")
+    if args.push_to_hub:
+        try:
+            files = push_sparse_checkpoint(args.out, args.push_to_hub, private=args.hub_private or None)
+        except Exception as err:  # the hub's errors (auth, network, name) as one line; the checkpoint stays
+            raise CLIError(f"--push-to-hub {args.push_to_hub}: {type(err).__name__}: "
+                           f"{(str(err).strip().splitlines() or [''])[0]} (the checkpoint is saved in {args.out})") from err
+        print(f"pushed {len(files)} files to {args.push_to_hub}: {', '.join(files)}")
     return 0

@@ -124,6 +124,31 @@ def save_sparse_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLi
     return out
 
 
+def push_sparse_checkpoint(path: str | os.PathLike, repo_id: str, *, private: bool | None = None,
+                           token: str | None = None) -> list[str]:
+    """Upload a sparse checkpoint directory to the Hugging Face hub as it lies: the weights, the
+    marker, config, tokenizer, prune report and model card (`model.push_to_hub` would write
+    the weights without the marker, which loads nowhere). Returns the files uploaded."""
+    from huggingface_hub import HfApi
+
+    path = Path(path)
+    block = read_marker(path)["block_size"]  # refuses a directory that is not a valid sparse checkpoint
+    files = sorted(p.name for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    pickled = [name for name in files if name.endswith((".bin", ".pt", ".pth", ".pkl"))]
+    if pickled:
+        raise SparseCheckpointError(f"{path}: {pickled[0]} is a pickle file; it is not uploaded with the checkpoint "
+                                    f"(remove it)")
+    for needed in (WEIGHTS_NAME, "config.json", "README.md"):
+        if needed not in files:
+            raise SparseCheckpointError(f"{path}: {needed} is missing; save the checkpoint with "
+                                        f"save_sparse_pretrained (or blocksparse prune) first")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=str(path), allow_patterns=files,
+                      commit_message=f"blocksparse checkpoint ({block}x{block} blocks)")
+    return files
+
+
 def pruned_from(path: str | os.PathLike) -> str | None:
     """The dense model a sparse checkpoint was made from, as its prune_report.json records it
     (`model` from `blocksparse prune`, `source` from `finetune --sparsity`), or None."""

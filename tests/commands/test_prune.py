@@ -64,6 +64,40 @@ def test_cli_offload_prunes_the_same_checkpoint(tiny_dir, text_file, tmp_path):
     assert json.loads((tmp_path / "b" / "prune_report.json").read_text())["cli_args"]["offload"] == "cpu"
 
 
+def test_cli_pushes_the_checkpoint_with_its_marker_and_card(tiny_dir, text_file, tmp_path, monkeypatch, capsys):
+    # The hub is replaced by a recorder: what would be uploaded is the file list upload_folder gets.
+    from huggingface_hub import HfApi
+
+    calls = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.append(("upload", kw)))
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(tiny_dir), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "64",
+                 "--method", "wanda", "--out", str(out), "--no-progress", "--push-to-hub", "me/tiny-bs50",
+                 "--hub-private"]) == 0
+    (create, repo, options), (upload, kw) = calls
+    assert (create, repo, options["private"]) == ("create", "me/tiny-bs50", True)
+    assert kw["repo_id"] == "me/tiny-bs50" and kw["folder_path"] == str(out)
+    sent = set(kw["allow_patterns"])
+    assert {"blocksparse_config.json", "README.md", "model.safetensors", "config.json", "prune_report.json"} <= sent
+    assert sent == {p.name for p in out.iterdir() if p.is_file()}
+    assert "pushed" in capsys.readouterr().out
+
+
+def test_a_hub_failure_is_one_line_and_keeps_the_checkpoint(tiny_dir, text_file, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+
+    def refuse(self, repo_id, **kw):
+        raise OSError("401 Unauthorized: invalid token\nmore detail")
+    monkeypatch.setattr(HfApi, "create_repo", refuse)
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(tiny_dir), "--calib", str(text_file), "--nsamples", "2", "--seqlen", "32",
+                 "--out", str(out), "--no-progress", "--push-to-hub", "me/tiny"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "401 Unauthorized: invalid token (the checkpoint is saved in" in last
+    assert (out / "blocksparse_config.json").is_file()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--sparsity", "1.0"], r"--sparsity must be in \[0, 1\), got 1.0"),
     (["--block-size", "64"], r"not divisible: model.layers.0.self_attn.k_proj \[32, 64\]"),
@@ -86,6 +120,8 @@ def test_cli_offload_prunes_the_same_checkpoint(tiny_dir, text_file, tmp_path):
     (["--row-group", "2", "--union-density", "0"], r"union_density must be in \(0, 1\]"),
     (["--union-density", "0.6"], r"give row_group > 1 with it"),
     (["--offload", "cpu", "--eval-dataset", "default"], r"evaluate the saved checkpoint with `blocksparse eval`"),
+    (["--push-to-hub", "not a repo"], r"--push-to-hub 'not a repo' is not a hub repository id"),
+    (["--hub-private"], r"give --push-to-hub with it"),
 ])
 def test_cli_bad_input_is_one_line_error(tiny_dir, text_file, tmp_path, capsys, extra, message):
     args = ["prune", "--model", str(tiny_dir), "--calib", str(text_file), "--nsamples", "2", "--seqlen", "32",

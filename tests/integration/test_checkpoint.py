@@ -153,3 +153,22 @@ def test_a_marker_over_dense_weights_is_refused(saved, tiny_dir):
     with pytest.raises(SparseCheckpointError, match=r"blocksparse_config.json marks a sparse checkpoint but "
                                                     r"model.safetensors holds no block-sparse tensor"):
         load_sparse_pretrained(tiny_dir)
+
+
+def test_push_refuses_what_is_not_a_whole_sparse_checkpoint(saved, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    from blocksparse.integration.checkpoint import push_sparse_checkpoint
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda *a, **k: pytest.fail("nothing may reach the hub"))
+    _, path = saved
+    (tmp_path / "dense").mkdir()
+    with pytest.raises(SparseCheckpointError, match="is not a sparse checkpoint"):
+        push_sparse_checkpoint(tmp_path / "dense", "me/x")
+    (path / "training_args.bin").write_bytes(b"pickle")
+    with pytest.raises(SparseCheckpointError, match="training_args.bin is a pickle file"):
+        push_sparse_checkpoint(path, "me/x")
+    (path / "training_args.bin").unlink()
+    (path / "README.md").unlink()
+    with pytest.raises(SparseCheckpointError, match="README.md is missing"):
+        push_sparse_checkpoint(path, "me/x")
