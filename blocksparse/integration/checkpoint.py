@@ -321,7 +321,10 @@ def load_sparse_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = 
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # the BSR validation of BlockSparseLinear reports here
-        raise SparseCheckpointError(f"{weights_file}: {err}") from err
+        # torch wraps it as "Error(s) in loading state_dict for ...:\n\t<error>": keep the error, one line.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = "; ".join(lines[1:]) if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else str(err)
+        raise SparseCheckpointError(f"{weights_file}: {detail}") from err
     tied = {key for keys in _tied_groups(model) for key in keys}
     missing = [key for key in result.missing_keys if key not in tied and not key.endswith(_GROUPING_LEAVES)]
     if missing or result.unexpected_keys:
