@@ -160,6 +160,19 @@ def test_a_model_with_nan_weights_fails_and_saves_no_adapter(tmp_path, corpus_fi
     assert not list(out.glob("checkpoint-*"))  # not even the NaN step's checkpoint
 
 
+def test_parameters_that_overflow_after_a_finite_loss_fail_and_save_nothing(tiny_model_and_text, tmp_path, capsys):
+    # Step 1's loss is finite; Adam's first step of ~1e39 per weight overflows fp32: the
+    # parameter check at the step's end must stop it before the checkpoint of that step.
+    model_dir, text = tiny_model_and_text
+    out = tmp_path / "out"
+    assert cli_main(["finetune", *cli_flags(model_dir, text, out, **{"--max_steps": 3, "--save_steps": 1,
+                                                                    "--learning_rate": 1e39, "--warmup_steps": 0}),
+                     "--no_eval"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "training diverged: " in last and "at step 1" in last, last
+    assert not (out / "adapter_model.safetensors").exists() and not list(out.glob("checkpoint-*"))
+
+
 def test_overwrite_starts_afresh_and_last_is_the_newest_complete_checkpoint_of_this_run(tiny_model_and_text, tmp_path,
                                                                                          capsys):
     model_dir, text = tiny_model_and_text
@@ -183,6 +196,20 @@ def test_overwrite_starts_afresh_and_last_is_the_newest_complete_checkpoint_of_t
     assert finetune("--resume_from_checkpoint", "last", **{"--max_steps": 4, "--lora-r": 2}) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "checkpoint-3" in err[0] and "--lora_r 4 there, 2 now" in err[0], err
+
+
+def test_resume_refuses_incomplete_checkpoints_in_one_line(tiny_model_and_text, tmp_path, capsys):
+    model_dir, text = tiny_model_and_text
+    out = tmp_path / "out"
+    (out / "checkpoint-5").mkdir(parents=True)  # a kill during the only save
+    (out / "checkpoint-5" / "adapter_model.safetensors").write_bytes(b"half")
+    for resume, message in (("last", "no complete checkpoint-N directory in"),
+                            (str(out / "checkpoint-5"), "is not a Trainer checkpoint directory (no trainer_state")):
+        assert cli_main(["finetune", *cli_flags(model_dir, text, out, **{"--max_steps": 2}), "--no_eval",
+                         "--resume_from_checkpoint", resume]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not (out / "adapter_model.safetensors").exists()
 
 
 def test_torchrun_two_processes_train_like_one_process_with_twice_the_batch(tiny_model_and_text, tmp_path):
