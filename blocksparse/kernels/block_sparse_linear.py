@@ -26,7 +26,8 @@ block row at its true place, so the numerics do not depend on the order.
   last part to arrive (an atomic counter) sums them in a fixed order and runs
   the epilogue: one kernel, deterministic.
 - LoRA: a small "shrink" kernel computes T = drop(X) A^T first (dropout from a
-  Philox seed, `tl.rand`, keyed by the element's linear index m*K + k); the
+  Philox seed keyed by the element's linear index m*K + k, one four-output call
+  per four neighbours: `_dropout_keep`); the
   expand s * T B^T is one extra MMA in the main kernel's epilogue, before the
   single store of Y.
 - Backward: dX = dY W + s * drop'((dY B) A) is the same kernel over
@@ -78,6 +79,19 @@ def _mma(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _dropout_keep(seed, row_start, cols, dropout_p, BC: tl.constexpr):
+    """Dropout keep bits of the elements row_start[:, None] + cols[None, :] (linear indices
+    m*K + k): element i is kept iff lane i % 4 of Philox(seed, i // 4) is >= p as a uniform.
+    One four-output Philox call (10 rounds) serves four neighbours, where a call per element
+    would spend 10 rounds on each. `cols` runs in aligned quads (c, c+1, c+2, c+3, c % 4 = 0)
+    and every row_start is a multiple of 4."""
+    first = tl.min(tl.reshape(cols, (BC // 4, 4)), axis=1)
+    r0, r1, r2, r3 = tl.randint4x(seed, (row_start[:, None] + first[None, :]) // 4)
+    bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
+    return tl.uint_to_uniform_float(bits) >= dropout_p
+
+
+@triton.jit
 def _epilogue_store(acc, rm, m_mask, group, Y, GROUP_ROWS, BIAS, LORA_T, LORA_E, SEED,
                     M, N_OUT, stride_ym, stride_e_out, stride_e_r, lora_rank, scaling, dropout_p,
                     BS: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -102,7 +116,7 @@ def _epilogue_store(acc, rm, m_mask, group, Y, GROUP_ROWS, BIAS, LORA_T, LORA_E,
         lora = _mma(t.to(e.dtype), e, tl.zeros(acc.shape, dtype=tl.float32), DOT_PRECISION)
         if LORA_OUT_DROPOUT:  # backward: the dropout mask of the forward input, regenerated
             seed = tl.load(SEED)
-            keep = tl.rand(seed, rm.to(tl.int64)[:, None] * N_OUT + out_col[None, :]) >= dropout_p
+            keep = _dropout_keep(seed, rm.to(tl.int64) * N_OUT, out_col, dropout_p, BS * G)
             lora = tl.where(keep, lora / (1.0 - dropout_p), 0.0)
         acc += scaling * lora
     y_ptrs = Y + rm.to(tl.int64)[:, None] * stride_ym + out_col[None, :]
@@ -265,7 +279,7 @@ def _lora_shrink_kernel(X, A, T, SEED, M, K, lora_rank, stride_xm, stride_a_r, s
         x = tl.load(X + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :],
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = tl.rand(seed, rm.to(tl.int64)[:, None] * K + rk[None, :]) >= dropout_p
+            keep = _dropout_keep(seed, rm.to(tl.int64) * K, rk, dropout_p, BK)
             x = tl.where(keep, x.to(tl.float32) / (1.0 - dropout_p), 0.0).to(x.dtype)
         a = tl.load(A + rr[None, :] * stride_a_r + rk[:, None] * stride_a_k,
                     mask=(rr < lora_rank)[None, :] & k_mask[:, None], other=0.0)
@@ -299,7 +313,7 @@ def _lora_grad_a_kernel(GS, X, PARTIAL, SEED, M, K, lora_rank, stride_gm, stride
                     mask=m_mask[None, :] & (rr < lora_rank)[:, None], other=0.0)
         x = tl.load(X + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :],
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        keep = tl.rand(seed, rm.to(tl.int64)[:, None] * K + rk[None, :]) >= dropout_p
+        keep = _dropout_keep(seed, rm.to(tl.int64) * K, rk, dropout_p, BK)
         x = tl.where(keep, x.to(tl.float32) / (1.0 - dropout_p), 0.0).to(x.dtype)
         acc = _mma(g, x, acc, DOT_PRECISION)
     tl.store(PARTIAL + (pid_s * RP + rr)[:, None] * K + rk[None, :], acc, mask=k_mask[None, :])
@@ -342,9 +356,11 @@ def _sdd_kernel(X, GRAD_Y, GRAD_V, CROW, COL, ROW_PERM, M, stride_xm, stride_gm,
 
 @triton.jit
 def _dropout_keep_kernel(SEED, KEEP, numel, dropout_p, BLOCK: tl.constexpr):
-    """KEEP[i] = 1 if rand(seed, i) >= p else 0: the mask every kernel above uses."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    keep = tl.rand(tl.load(SEED), offs) >= dropout_p
+    """KEEP[i] = the keep bit of element i (`_dropout_keep`): the mask every kernel above uses."""
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    keep = tl.reshape(_dropout_keep(tl.load(SEED), tl.full((1,), start, tl.int64), tl.arange(0, BLOCK), dropout_p,
+                                    BLOCK), (BLOCK,))
     tl.store(KEEP + offs, keep.to(KEEP.dtype.element_ty), mask=offs < numel)
 
 

@@ -383,6 +383,10 @@ def test_dropout_mask_comes_from_the_seed():
     assert not torch.equal(keep, philox_keep_mask(seed + 1, 64, 96, 0.25))
     assert set(keep.unique().tolist()) <= {0.0, 1.0}
     assert abs(keep.mean().item() - 0.75) < 0.03
+    # Four neighbours share one Philox call, each its own output: as often alike as independent bits.
+    quads = keep.view(64, 24, 4)
+    alike = (quads == quads[..., :1]).all(-1).float().mean().item()
+    assert abs(alike - (0.75 ** 4 + 0.25 ** 4)) < 0.05, alike
 
 
 def test_fake_tensor_path():
