@@ -62,9 +62,10 @@ def matmul_config(m: int, block_size: int, group_size: int, element_size: int, *
                   dropout_epilogue: bool = False, smem_bytes: int = SMEM_BYTES[80]) -> KernelConfig:
     """Tile config of `_bsl_matmul_kernel` for M tokens (the regime follows from M).
 
-    `dropout_epilogue`: the backward's regenerated LoRA dropout mask (Philox
-    per output element) needs 8 warps from a 128x64 tile on, and BM=64 above
-    it, not to spill registers.
+    `dropout_epilogue`: the backward's regenerated LoRA dropout mask (Philox in
+    the epilogue) takes 8 warps from a 128x64 tile on, and BM=64 above it, to
+    keep two CTAs per SM (compile report: 4 warps at G=4 took 235-252
+    registers, BM=128 at G=8 224-238 and one CTA; as chosen, 118-124).
     """
     bs = block_size
     if m <= DECODE_MAX_M:
