@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -44,10 +45,14 @@ import time
 import torch
 
 from ..dtypes import SHORT_NAMES, short_name, to_dtype
-from .configs import (DEFAULT_NUM_SMS, GROUP_SIZES, SMEM_BYTES, dot_precision, grad_a_config, matmul_config,
+from .configs import (DECODE_MAX_M, DEFAULT_NUM_SMS, GROUP_SIZES, SMEM_BYTES, dot_precision, grad_a_config,
+                      matmul_candidates, matmul_config, matmul_constexprs, matmul_plan, nonfinite_passes,
                       sdd_config, shrink_config)
 
 ARCHS = (80, 90)
+LLAMA2_7B_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # (N, K): q/k/v/o, gate/up, down
+LAUNCH_M = (1, 16, 64, 256, 2048, 4096)
+LAUNCH_DENSITY = 0.5
 # Compute-bound regimes: on Hopper their configs with BM >= 64 token rows (one
 # warpgroup's wgmma tile) must use wgmma. Smaller BM (a decode-sized backward) cannot.
 WGMMA_REGIMES = ("prefill", "backward")
@@ -81,7 +86,8 @@ def _lora_signature(kernel, dt: str, ones: tuple[str, ...] = ()) -> dict:
 
 
 def compile_specs(dtype: torch.dtype = torch.bfloat16, arch: int = 90) -> list[dict]:
-    """Every kernel x config the launchers use on Llama-2-7B-like shapes, for AOT compilation.
+    """Every kernel x config the launchers pick on Llama-2-7B's shapes, for AOT compilation:
+    planned by the launchers' own functions (configs.py) over LAUNCH_M tokens.
 
     Each entry: kernel name, regime, the jit function `fn`, `signature`
     (argument name -> Triton type, "constexpr" for constexprs), `constexprs`,
@@ -100,39 +106,43 @@ def compile_specs(dtype: torch.dtype = torch.bfloat16, arch: int = 90) -> list[d
     precision = dot_precision(dtype)
     specs = []
 
-    def matmul(regime: str, m: int, g: int, bs: int = 16, **flags) -> None:
-        cfg = matmul_config(m, bs, g, elt, dropout_epilogue=flags.get("LORA_OUT_DROPOUT", False),
-                            smem_bytes=smem)
-        cx = dict(cfg.constexprs, SPLIT_K=1, TRANS_W=False, HAS_BIAS=False, LORA_SPLITS=0, RP=16,
-                  LORA_OUT_DROPOUT=False, DOT_PRECISION=precision)
-        cx.update(flags)
-        cx["DIRECT_W"] = g == 1 and not cx["TRANS_W"]
-        cx.setdefault("NONFINITE_PASS", 1 if g > 1 else 0)
+    def add_matmul(regime: str, cfg, constexprs: dict) -> None:
         specs.append({"kernel": "_bsl_matmul_kernel", "regime": regime, "fn": _bsl_matmul_kernel,
-                      "signature": _matmul_signature(_bsl_matmul_kernel, dt), "constexprs": cx,
+                      "signature": _matmul_signature(_bsl_matmul_kernel, dt), "constexprs": constexprs,
                       "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
 
-    for m in (1, 32, 64):  # BM = 16, 32, 64
-        matmul("decode", m, 1)
-    matmul("decode", 1, 1, SPLIT_K=4)
-    matmul("decode", 16, 1, SPLIT_K=2, HAS_BIAS=True, LORA_SPLITS=8)
-    for g in GROUP_SIZES:
-        matmul("prefill", 2048, g)
-    matmul("prefill", 2048, 4, HAS_BIAS=True, LORA_SPLITS=1)
-    matmul("prefill", 96, 4, LORA_SPLITS=2)
-    matmul("prefill", 2048, 2, bs=32)
-    matmul("prefill", 2048, 1, bs=64)
-    for g in (1, 4, 8):
-        matmul("backward", 2048, g, TRANS_W=True)
-        matmul("backward", 2048, g, TRANS_W=True, LORA_SPLITS=1, LORA_OUT_DROPOUT=True)
-    matmul("backward", 16, 1, TRANS_W=True, SPLIT_K=2, LORA_SPLITS=4, LORA_OUT_DROPOUT=True)
-    # The grouped schedules' repair pass (runs only for a tile that met NaN or inf).
-    matmul("repair", 2048, 4, HAS_BIAS=True, LORA_SPLITS=1, NONFINITE_PASS=2)
-    matmul("repair", 2048, 8, TRANS_W=True, LORA_SPLITS=1, LORA_OUT_DROPOUT=True, NONFINITE_PASS=2)
-    # The shrink runs on X with A [r, K] (stride_a_k = 1) and, in backward, on
-    # dY with B^T (B [N, r]: stride_a_r = 1).
-    for m in (1, 2048):
-        cfg, _ = shrink_config(m, 4096, 16, DEFAULT_NUM_SMS)
+    # What the launchers pick (`matmul_plan`, `matmul_constexprs`, and the autotuner's candidates
+    # under BLOCKSPARSE_AUTOTUNE=1) for Llama-2-7B's shapes at LAUNCH_DENSITY, every M of
+    # LAUNCH_M, every G the schedule may choose, forward (with and without bias) and dX, without
+    # LoRA and with rank-16 LoRA (dropout or not); the grouped schedules' repair pass as "repair".
+    for (n, k), m, transposed in itertools.product(LLAMA2_7B_SHAPES, LAUNCH_M, (False, True)):
+        n_out, k_in = (k, n) if transposed else (n, k)
+        for g, has_bias, lora in itertools.product((1,) if m <= DECODE_MAX_M else GROUP_SIZES,
+                                                   (False,) if transposed else (False, True),
+                                                   (None, "lora", "lora_dropout")):
+            groups = -(-n_out // (16 * g))
+            entries = round(groups * LAUNCH_DENSITY * (k_in // 16))
+            out_dropout = transposed and lora == "lora_dropout"
+            # The forward's shrink runs over X [M, K], the backward's over dY [M, N].
+            lora_splits = shrink_config(m, n if transposed else k, 16, DEFAULT_NUM_SMS)[1] if lora else 0
+            cfg, split_k, steps = matmul_plan(m, 16, g, elt, groups, entries, out_dropout=out_dropout,
+                                              smem_bytes=smem, num_sms=DEFAULT_NUM_SMS)
+            plans = matmul_candidates(cfg, split_k, steps, elt, smem) if groups else [(cfg, split_k)]
+            for (plan, split), npass in itertools.product(plans, nonfinite_passes(g)):
+                regime = "repair" if npass == 2 else "backward" if transposed else plan.regime
+                add_matmul(regime, plan, matmul_constexprs(
+                    plan, split_k=split, transposed=transposed, has_bias=has_bias, lora_splits=lora_splits,
+                    rank_padded=16, out_dropout=out_dropout, precision=precision, nonfinite_pass=npass))
+    for bs, g in ((32, 2), (64, 1)):  # the other block edges the kernels take, at prefill
+        cfg = matmul_config(2048, bs, g, elt, smem_bytes=smem)
+        add_matmul("prefill", cfg, matmul_constexprs(
+            cfg, split_k=1, transposed=False, has_bias=False, lora_splits=0, rank_padded=16, out_dropout=False,
+            precision=precision, nonfinite_pass=nonfinite_passes(g)[0]))
+    # The shrink runs on X with A [r, K] (stride_a_k = 1) and, in backward, on dY with B^T
+    # (B [N, r]: stride_a_r = 1); dA with dropout regenerates the mask over X [M, K].
+    feature_dims = sorted({d for shape in LLAMA2_7B_SHAPES for d in shape})
+    for m, k in itertools.product(LAUNCH_M, feature_dims):
+        cfg, _ = shrink_config(m, k, 16, DEFAULT_NUM_SMS)
         for unit_stride, dropout in (("stride_a_k", False), ("stride_a_k", True), ("stride_a_r", False)):
             specs.append({"kernel": "_lora_shrink_kernel", "regime": "lora_shrink",
                           "fn": _lora_shrink_kernel,
@@ -140,13 +150,13 @@ def compile_specs(dtype: torch.dtype = torch.bfloat16, arch: int = 90) -> list[d
                           "constexprs": dict(cfg.constexprs, HAS_DROPOUT=dropout, DOT_PRECISION=precision,
                                              **{unit_stride: 1}),
                           "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    cfg = grad_a_config(2048, 4096, 16, DEFAULT_NUM_SMS, elt)
-    specs.append({"kernel": "_lora_grad_a_kernel", "regime": "lora_grad_a", "fn": _lora_grad_a_kernel,
-                  "signature": _lora_signature(_lora_grad_a_kernel, dt),
-                  "constexprs": dict(cfg.constexprs, DOT_PRECISION=precision),
-                  "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    # dW at the stored blocks (training the kept values): prefill and decode-sized M, b = 16 and 32.
-    for m, bs in ((2048, 16), (16, 16), (2048, 32)):
+        cfg = grad_a_config(m, k, 16, DEFAULT_NUM_SMS, elt)
+        specs.append({"kernel": "_lora_grad_a_kernel", "regime": "lora_grad_a", "fn": _lora_grad_a_kernel,
+                      "signature": _lora_signature(_lora_grad_a_kernel, dt),
+                      "constexprs": dict(cfg.constexprs, DOT_PRECISION=precision),
+                      "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    # dW at the stored blocks (training the kept values), b = 16 at every M, and b = 32.
+    for m, bs in [(m, 16) for m in LAUNCH_M] + [(2048, 32)]:
         cfg = sdd_config(m, bs)
         specs.append({"kernel": "_sdd_kernel", "regime": "sdd", "fn": _sdd_kernel,
                       "signature": {name: "constexpr" if name in ("BS", "KB", "BM", "DOT_PRECISION") else

@@ -51,8 +51,8 @@ import triton.language as tl
 
 from ..format import BlockSparseWeight
 from .configs import (DECODE_MAX_M, DEFAULT_NUM_SMS, SMEM_BYTES, TRITON_BLOCK_SIZES, KernelConfig,
-                      dot_precision, grad_a_config, matmul_candidates, matmul_config, sdd_config,
-                      shrink_config, split_k_for)
+                      dot_precision, grad_a_config, matmul_candidates, matmul_constexprs, matmul_plan,
+                      nonfinite_passes, sdd_config, shrink_config)
 from .schedule import Schedule, choose_group_size, get_schedule
 
 
@@ -429,13 +429,10 @@ def _sparse_matmul(x: torch.Tensor, values: torch.Tensor, luts: list[torch.Tenso
     if m == 0:
         return y
     num_sms, smem = _device_limits(x.device)
-    cfg = matmul_config(m, bs, g, x.element_size(), dropout_epilogue=out_dropout_p > 0, smem_bytes=smem)
-    union_steps = (union_col.numel() - 1) / max(groups, 1) / cfg.constexprs["KC"]
     forced_split = split_k > 0
-    if not forced_split:
-        split_k = 1
-        if cfg.regime == "decode" and groups:
-            split_k = split_k_for(triton.cdiv(m, cfg.constexprs["BM"]), groups, union_steps, num_sms)
+    cfg, split_k, union_steps = matmul_plan(m, bs, g, x.element_size(), groups, union_col.numel() - 1,
+                                            out_dropout=out_dropout_p > 0, smem_bytes=smem, num_sms=num_sms,
+                                            split_k=split_k)
     lora_splits = lora_t.shape[0] if lora_t is not None else 0
     rp = lora_t.shape[2] if lora_t is not None else 16
 
@@ -451,18 +448,16 @@ def _sparse_matmul(x: torch.Tensor, values: torch.Tensor, luts: list[torch.Tenso
             nonfinite = torch.zeros(groups * m_tiles, dtype=torch.int32, device=x.device)
         # A grouped schedule runs a second pass over the tiles the first flagged non-finite:
         # nothing but an early exit when the input is finite (one more launch).
-        for nonfinite_pass in (1, 2) if g > 1 else (0,):
+        for nonfinite_pass in nonfinite_passes(g):
             _bsl_matmul_kernel[(m_tiles * split_k * groups,)](
                 x, values, y, group_ptr, union_col, union_block, group_rows,
                 bias if bias is not None else y, lora_t if lora_t is not None else y,
                 lora_e if lora_e is not None else y, seed if seed is not None else y, partial, counter,
                 nonfinite, m, n_out, groups, x.stride(0), y.stride(0), e_strides[0], e_strides[1], lora_rank,
-                float(scaling), float(out_dropout_p),
-                SPLIT_K=split_k, TRANS_W=transposed, DIRECT_W=g == 1 and not transposed,
-                HAS_BIAS=bias is not None,
-                LORA_SPLITS=lora_splits, RP=rp, LORA_OUT_DROPOUT=out_dropout_p > 0,
-                DOT_PRECISION=dot_precision(x.dtype), NONFINITE_PASS=nonfinite_pass, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages, **cfg.constexprs)
+                float(scaling), float(out_dropout_p), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                **matmul_constexprs(cfg, split_k=split_k, transposed=transposed, has_bias=bias is not None,
+                                    lora_splits=lora_splits, rank_padded=rp, out_dropout=out_dropout_p > 0,
+                                    precision=dot_precision(x.dtype), nonfinite_pass=nonfinite_pass))
 
     if not forced_split and _autotune_enabled(x.device) and groups:
         key = (cfg.regime, triton.next_power_of_2(m), n_out, x.shape[1], union_col.numel(), g,

@@ -89,6 +89,37 @@ def matmul_config(m: int, block_size: int, group_size: int, element_size: int, *
     return KernelConfig(regime, {"BS": bs, "G": group_size, "KC": kc, "BM": bm}, warps, stages)
 
 
+def matmul_plan(m: int, block_size: int, group_size: int, element_size: int, groups: int, union_entries: int, *,
+                out_dropout: bool, smem_bytes: int, num_sms: int,
+                split_k: int = 0) -> tuple[KernelConfig, int, float]:
+    """(config, split_k, union steps per group) of one `_bsl_matmul_kernel` call: M tokens over
+    `groups` row groups whose unions hold `union_entries` (group, block column) pairs in all.
+    split_k > 0 forces the split; else decode splits to fill the GPU. The launcher and the
+    compile report both plan with this."""
+    cfg = matmul_config(m, block_size, group_size, element_size, dropout_epilogue=out_dropout,
+                        smem_bytes=smem_bytes)
+    union_steps = union_entries / max(groups, 1) / cfg.constexprs["KC"]
+    if split_k <= 0:
+        split_k = 1
+        if cfg.regime == "decode" and groups:
+            split_k = split_k_for(-(-m // cfg.constexprs["BM"]), groups, union_steps, num_sms)
+    return cfg, split_k, union_steps
+
+
+def matmul_constexprs(cfg: KernelConfig, *, split_k: int, transposed: bool, has_bias: bool, lora_splits: int,
+                      rank_padded: int, out_dropout: bool, precision: str, nonfinite_pass: int) -> dict:
+    """Every constexpr of a `_bsl_matmul_kernel` launch (the launcher's and the compile report's)."""
+    g = cfg.constexprs["G"]
+    return dict(cfg.constexprs, SPLIT_K=split_k, TRANS_W=transposed, DIRECT_W=g == 1 and not transposed,
+                HAS_BIAS=has_bias, LORA_SPLITS=lora_splits, RP=rank_padded, LORA_OUT_DROPOUT=out_dropout,
+                DOT_PRECISION=precision, NONFINITE_PASS=nonfinite_pass)
+
+
+def nonfinite_passes(group_size: int) -> tuple[int, ...]:
+    """The NONFINITE_PASS values of a call: grouped schedules flag, then repair (0: neither)."""
+    return (1, 2) if group_size > 1 else (0,)
+
+
 def split_k_for(m_tiles: int, groups: int, union_steps: float, num_sms: int) -> int:
     """Split the union so that decode launches >= 2 programs per SM, each with >= 1 step."""
     programs = max(1, m_tiles * groups)

@@ -468,11 +468,9 @@ def test_every_autotune_candidate_computes_the_same(monkeypatch, m):
 
 def _heuristic_args(bsl, weight, m):
     schedule = get_schedule(weight, 2)
-    cfg = bsl.matmul_config(m, 16, 2, 4)
-    groups = schedule.group_rows.shape[0]
-    steps = (schedule.union_col.numel() - 1) / groups / cfg.constexprs["KC"]
-    split = bsl.split_k_for(-(-m // cfg.constexprs["BM"]), groups, steps, bsl.DEFAULT_NUM_SMS) \
-        if cfg.regime == "decode" else 1
+    cfg, split, steps = bsl.matmul_plan(m, 16, 2, 4, schedule.group_rows.shape[0], schedule.union_col.numel() - 1,
+                                        out_dropout=False, smem_bytes=bsl.SMEM_BYTES[80],
+                                        num_sms=bsl.DEFAULT_NUM_SMS)
     return cfg, split, steps, 4, bsl.SMEM_BYTES[80]
 
 
