@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from .families import family_of
-from .format import DEFAULT_BLOCK_SIZE
 from .nn import BlockSparseLinear
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -61,7 +60,7 @@ def check_block_divisible(linears: Mapping[str, nn.Linear], block_size: int) -> 
 
 @torch.no_grad()
 def sparsify_model(model: nn.Module, block_masks: Mapping[str, torch.Tensor] | None = None,
-                   sparsity: float | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
+                   sparsity: float | None = None, block_size: int | None = None,
                    target_modules: Sequence[str] | None = None,
                    filter_fn: FilterFn | None = None, *,
                    row_perms: Mapping[str, torch.Tensor] | None = None, row_group: int = 1,
@@ -71,7 +70,8 @@ def sparsify_model(model: nn.Module, block_masks: Mapping[str, torch.Tensor] | N
     block_masks: {qualified linear name: bool [out/b, in/b]}; exactly those layers
     are converted. Otherwise the linears of `target_linears(model, target_modules,
     filter_fn)` are converted with a per-block-row magnitude mask at `sparsity`
-    (all blocks kept when None). row_perms ({name: row permutation}) with row_group:
+    (all blocks kept when None). block_size: b (default 16; with masks, read from
+    their shapes and checked against them when given). row_perms ({name: row permutation}) with row_group:
     the masks' row groupings (`prune_model(row_group=G)` converts with its own).
     whole_stays_dense: a linear whose mask keeps every block stays nn.Linear (dense
     BLAS / cuBLAS beats a block-sparse op at density 1; `prune_model` asks for it).

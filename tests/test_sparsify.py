@@ -51,3 +51,15 @@ def test_check_block_divisible_names_the_offenders():
                                          r"model.layers.0.mlp.gate_proj \[120, 64\], .*down_proj \[64, 120\]"):
         check_block_divisible(target_linears(model), 16)
     check_block_divisible(target_linears(model), 8)
+
+
+def test_masks_of_another_block_size_give_their_own_block_size():
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(64, 64)
+
+    model = sparsify_model(Holder(), block_masks={"lin": torch.ones(2, 2, dtype=torch.bool)})  # 32x32 blocks
+    assert model.lin.block_size == 32
+    with pytest.raises(ValueError, match=r"lin: block_mask shape \(2, 2\) does not fit"):
+        sparsify_model(Holder(), block_masks={"lin": torch.ones(2, 2, dtype=torch.bool)}, block_size=16)

@@ -45,13 +45,14 @@ import time
 import torch
 
 from ..dtypes import SHORT_NAMES, short_name, to_dtype
-from .configs import (DECODE_MAX_M, DEFAULT_NUM_SMS, GROUP_SIZES, SMEM_BYTES, dot_precision, grad_a_config,
+from .configs import (DECODE_MAX_M, GROUP_SIZES, SMEM_BYTES, dot_precision, grad_a_config,
                       matmul_candidates, matmul_config, matmul_constexprs, matmul_plan, nonfinite_passes,
                       sdd_config, shrink_config)
 
 ARCHS = (80, 90)
+NUM_SMS = {80: 108, 90: 132}  # A100, H100 / H200: what the launchers plan splits with
 LLAMA2_7B_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # (N, K): q/k/v/o, gate/up, down
-LAUNCH_M = (1, 16, 64, 256, 2048, 4096)
+LAUNCH_M = (1, 16, 32, 64, 96, 256, 2048, 4096)  # every decode BM, prefill's BM = 64 and 128
 LAUNCH_DENSITY = 0.5
 # Compute-bound regimes: on Hopper their configs with BM >= 64 token rows (one
 # warpgroup's wgmma tile) must use wgmma. Smaller BM (a decode-sized backward) cannot.
@@ -124,9 +125,9 @@ def compile_specs(dtype: torch.dtype = torch.bfloat16, arch: int = 90) -> list[d
             entries = round(groups * LAUNCH_DENSITY * (k_in // 16))
             out_dropout = transposed and lora == "lora_dropout"
             # The forward's shrink runs over X [M, K], the backward's over dY [M, N].
-            lora_splits = shrink_config(m, n if transposed else k, 16, DEFAULT_NUM_SMS)[1] if lora else 0
+            lora_splits = shrink_config(m, n if transposed else k, 16, NUM_SMS[arch])[1] if lora else 0
             cfg, split_k, steps = matmul_plan(m, 16, g, elt, groups, entries, out_dropout=out_dropout,
-                                              smem_bytes=smem, num_sms=DEFAULT_NUM_SMS)
+                                              smem_bytes=smem, num_sms=NUM_SMS[arch])
             plans = matmul_candidates(cfg, split_k, steps, elt, smem) if groups else [(cfg, split_k)]
             for (plan, split), npass in itertools.product(plans, nonfinite_passes(g)):
                 regime = "repair" if npass == 2 else "backward" if transposed else plan.regime
@@ -142,7 +143,7 @@ def compile_specs(dtype: torch.dtype = torch.bfloat16, arch: int = 90) -> list[d
     # (B [N, r]: stride_a_r = 1); dA with dropout regenerates the mask over X [M, K].
     feature_dims = sorted({d for shape in LLAMA2_7B_SHAPES for d in shape})
     for m, k in itertools.product(LAUNCH_M, feature_dims):
-        cfg, _ = shrink_config(m, k, 16, DEFAULT_NUM_SMS)
+        cfg, _ = shrink_config(m, k, 16, NUM_SMS[arch])
         for unit_stride, dropout in (("stride_a_k", False), ("stride_a_k", True), ("stride_a_r", False)):
             specs.append({"kernel": "_lora_shrink_kernel", "regime": "lora_shrink",
                           "fn": _lora_shrink_kernel,
@@ -150,7 +151,7 @@ def compile_specs(dtype: torch.dtype = torch.bfloat16, arch: int = 90) -> list[d
                           "constexprs": dict(cfg.constexprs, HAS_DROPOUT=dropout, DOT_PRECISION=precision,
                                              **{unit_stride: 1}),
                           "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-        cfg = grad_a_config(m, k, 16, DEFAULT_NUM_SMS, elt)
+        cfg = grad_a_config(m, k, 16, NUM_SMS[arch], elt)
         specs.append({"kernel": "_lora_grad_a_kernel", "regime": "lora_grad_a", "fn": _lora_grad_a_kernel,
                       "signature": _lora_signature(_lora_grad_a_kernel, dt),
                       "constexprs": dict(cfg.constexprs, DOT_PRECISION=precision),

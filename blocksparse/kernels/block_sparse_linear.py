@@ -85,6 +85,7 @@ def _dropout_keep(seed, row_start, cols, dropout_p, BC: tl.constexpr):
     One four-output Philox call (10 rounds) serves four neighbours, where a call per element
     would spend 10 rounds on each. `cols` runs in aligned quads (c, c+1, c+2, c+3, c % 4 = 0)
     and every row_start is a multiple of 4."""
+    tl.static_assert(BC % 4 == 0)
     first = tl.min(tl.reshape(cols, (BC // 4, 4)), axis=1)
     r0, r1, r2, r3 = tl.randint4x(seed, (row_start[:, None] + first[None, :]) // 4)
     bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
@@ -528,6 +529,16 @@ def new_dropout_seed(device: torch.device) -> torch.Tensor:
 # --------------------------------------------------------------------------
 # torch.library ops: torch.compile traces through them (fake impls below)
 # --------------------------------------------------------------------------
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself, or a copy when its rows do not start on 16 bytes or its row stride is not a
+    multiple of 16 elements: the JIT would compile such a view to an unvectorised, unpipelined
+    variant, and not the one the compile report checks. (Inside the ops, where torch.compile
+    does not trace: a data pointer is opaque to it.)"""
+    if t.data_ptr() % 16 or (t.dim() == 2 and t.shape[0] > 1 and t.stride(0) % 16):
+        return t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
 @torch.library.custom_op("blocksparse::linear", mutates_args=())
 def _linear_op(x: torch.Tensor, values: torch.Tensor, luts: list[torch.Tensor],
                t_luts: list[torch.Tensor], w_luts: list[torch.Tensor], bias: torch.Tensor | None,
@@ -538,6 +549,7 @@ def _linear_op(x: torch.Tensor, values: torch.Tensor, luts: list[torch.Tensor],
     w_luts: the weight's (crow, col, row_perm) when its values are trained, else empty."""
     if lora_a is not None and dropout_p > 0 and seed is None:
         raise ValueError(f"LoRA dropout p={dropout_p} needs a seed tensor (int64 [1]), got None")
+    x = _aligned(x)
     lora_t = lora_e = None
     rank = 0
     shrink = x.new_empty((0, 0))
@@ -572,6 +584,7 @@ def _linear_backward_op(grad_y: torch.Tensor, x: torch.Tensor, values: torch.Ten
                         need_x: bool, need_w: bool, need_a: bool, need_b: bool
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dX, dW at the stored blocks, dA, dB); a gradient that is not needed comes back empty."""
+    x, grad_y = _aligned(x), _aligned(grad_y)
     k = x.shape[1]
     grad_x, grad_w, grad_a, grad_b = (x.new_empty((0,)) for _ in range(4))
     lora_u = None
@@ -685,11 +698,9 @@ def block_sparse_linear_triton(x2d: torch.Tensor, weight: BlockSparseWeight,
     the LoRA dropout; drawn from torch's generator when None).
     """
     check_triton_support(x2d, weight)
-    # The kernels read rows of x (any row stride) and bias with unit element strides. A row
-    # start off 16 bytes would compile to an unvectorised, unpipelined variant (and not the
-    # one the compile report checks): copy such a view once instead.
-    if x2d.stride(-1) != 1 or x2d.data_ptr() % 16 or (x2d.stride(0) * x2d.element_size()) % 16:
-        x2d = x2d.contiguous() if x2d.stride(-1) != 1 else x2d.clone(memory_format=torch.contiguous_format)
+    # The kernels read rows of x (any row stride; see `_aligned`) and bias with unit element strides.
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
     if bias is not None:
         bias = bias.contiguous()
     m = x2d.shape[0]

@@ -258,13 +258,21 @@ def dense_sq_norms(layers, hidden, kwargs, linears_by_layer, device: torch.devic
     handles = [lin.register_forward_pre_hook(make_hook(name))
                for per_layer in linears_by_layer for name, lin in per_layer.items()]
     try:
+        hidden = list(hidden)  # the caller's list keeps what reaches layer 0
         for layer in layers:
             with placed_on(layer, device):
-                hidden = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
+                advance(layer, hidden, kwargs)
     finally:
         for handle in handles:
             handle.remove()
     return sq
+
+
+def advance(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> None:
+    """Replace each batch's hidden states by `layer`'s output, one batch at a time, so that at
+    most one batch exists twice (a whole new list would double the activations at the peak)."""
+    for j, kw in enumerate(kwargs):
+        hidden[j] = layer_output(layer(hidden[j], **kw))
 
 
 def layer_output(out):

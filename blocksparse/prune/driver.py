@@ -29,7 +29,7 @@ from ..masks import (COMPARISON_GROUPS, SCORES, block_scores, element_mask, grou
 from ..sparsify import FilterFn, check_block_divisible, sparsify_model, target_linears
 from .allocation import ALLOCATIONS, explicit_densities, keep_counts, outlier_ratio, owl_densities
 from .calibration import (DEFAULT_SINK_TOKENS, DEFAULT_SINK_WEIGHT, InputStats, calibration_batches,
-                          collect_stats, dense_sq_norms, layer0_inputs, layer_output, linear_groups,
+                          advance, collect_stats, dense_sq_norms, layer0_inputs, linear_groups,
                           placed_on, sink_probe_ids)
 from .reconstruct import DEFAULT_DAMP, dense_target_weight, greedy_obs_mask, output_error, reconstruct_block_rows
 from .refine import refine_layer
@@ -299,7 +299,7 @@ def _prune_layers(layers, linears_by_layer, hidden, kwargs, n_calib, keep, sink_
                         masks[name], row_perms[name], per_linear[name] = _prune_linear(
                             linears[name], stats, keep[name], options)
             if dense_layer is not None:
-                dense_hidden = [layer_output(dense_layer(h, **kw)) for h, kw in zip(dense_hidden, kwargs)]
+                advance(dense_layer, dense_hidden, kwargs)
             if linears and options.refine_steps > 0:
                 weights = {name: (lin.weight, element_mask(masks[name], options.block_size).to(lin.weight.device))
                            for name, lin in linears.items()}
@@ -308,10 +308,9 @@ def _prune_layers(layers, linears_by_layer, hidden, kwargs, n_calib, keep, sink_
                 refine_loss[i] = refine_layer(layer, weights, hidden[:n_calib], kwargs[:n_calib],
                                               dense_hidden[:n_calib], options.refine_steps, options.refine_lr,
                                               sink=sink)
-            hidden = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
+            advance(layer, hidden, kwargs)
             del dense_layer
-        for name, lin in linears.items():  # where the layer is again
-            masks[name] = masks[name].to(lin.weight.device)
+        for name, lin in linears.items():  # the permutations go where the layer is again (masks are on the CPU)
             if row_perms[name] is not None:
                 row_perms[name] = row_perms[name].to(lin.weight.device)
     return masks, row_perms, per_linear, refine_loss

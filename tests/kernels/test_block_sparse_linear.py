@@ -228,9 +228,9 @@ def test_no_address_outside_the_tensors(addresses, m, group_size, density):
 @pytest.mark.parametrize("view", ["offset", "row_stride"])
 def test_a_misaligned_view_is_copied_to_an_aligned_one(monkeypatch, view):
     weight = make_weight(96, 80, 0.5, torch.float32)
-    base = torch.randn(130, 81 if view == "row_stride" else 82, device=DEVICE)
-    x = base[:, 1:81] if view == "offset" else base[:, :80]      # 4 bytes off / rows 324 bytes apart
-    assert x.data_ptr() % 16 or (x.stride(0) * 4) % 16
+    base = torch.randn(130, 81 if view == "row_stride" else 96, device=DEVICE)
+    x = base[:, 1:81] if view == "offset" else base[:, :80]      # 4 bytes off / rows 81 elements apart
+    assert (x.data_ptr() % 16 != 0, x.stride(0) % 16 != 0) == ((True, False) if view == "offset" else (False, True))
     seen = []
     if DEVICE == "cpu":
         from triton.runtime import interpreter
@@ -239,7 +239,7 @@ def test_a_misaligned_view_is_copied_to_an_aligned_one(monkeypatch, view):
         def record(self, args_dev, kwargs):
             if self.fn.__name__ == "_bsl_matmul_kernel":
                 named = dict(zip(self.arg_names, args_dev))
-                seen.append((named["X"].data_ptr() % 16, named["stride_xm"] * 4 % 16))
+                seen.append((named["X"].data_ptr() % 16, named["stride_xm"] % 16))
             return init(self, args_dev, kwargs)
         monkeypatch.setattr(interpreter.GridExecutor, "_init_args_hst", record)
     x = x.requires_grad_()
