@@ -1,6 +1,6 @@
 """`blocksparse memory`: will a block-sparse fine-tune fit? Bytes per rank, before launching.
 
-    blocksparse memory --model llama-2-70b --sparsity 0.5 --lora-r 16 --seqlen 4096 --world-size 8
+    blocksparse memory --model llama-2-70b --sparsity 0.5 --lora-r 16 --seqlen 4096 --world-size 8 --fsdp
     blocksparse memory --model runs/pruned50 --train-sparse-values --gradient-checkpointing
 
 A model is a preset (default, llama-2-7b, llama-2-13b, llama-2-70b), a config.json,
@@ -31,7 +31,11 @@ def add_parser(subparsers):
     add_flag(parser, "--train-sparse-values", action="store_true", help="also train the kept block values")
     add_flag(parser, "--seqlen", type=int, default=4096, help="(default: %(default)s)")
     add_flag(parser, "--batch-size", type=int, default=1, help="per device (default: %(default)s)")
-    add_flag(parser, "--world-size", type=int, default=1, help="ranks; > 1 = FSDP sharding (default: %(default)s)")
+    add_flag(parser, "--world-size", type=int, default=1, help="ranks (DDP unless --fsdp; default: %(default)s)")
+    add_flag(parser, "--fsdp", action="store_true",
+             help="shard over the ranks as FSDP would (a plan: finetune does not run FSDP yet)")
+    add_flag(parser, "--backend", choices=["triton", "torch"], default="triton",
+             help="whose saved tensors: the GPU's Triton op or the CPU's torch backend (default: %(default)s)")
     add_flag(parser, "--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     add_flag(parser, "--dtype", choices=sorted(DTYPE_BYTES), default="bfloat16", help="(default: %(default)s)")
     add_flag(parser, "--device-memory", type=float, default=None, metavar="GIB",
@@ -56,6 +60,8 @@ def run(args) -> int:
             raise CLIError(f"{flag} must be >= {low}, got {value}")
     if args.device_memory is not None and not args.device_memory > 0:
         raise CLIError(f"--device-memory must be > 0 GiB, got {args.device_memory}")
+    if args.fsdp and args.world_size < 2:
+        raise CLIError(f"--fsdp shards over ranks: give --world-size >= 2 with it, got {args.world_size}")
     try:
         shape = shape_of(args.model)
     except ValueError as err:
@@ -63,16 +69,18 @@ def run(args) -> int:
     setup = Setup(sparsity=args.sparsity, block_size=args.block_size, lora_r=args.lora_r,
                   lora_targets=PROJECTIONS if args.lora_targets == "all" else SEED_TARGETS,
                   lora_dropout=not args.no_lora_dropout, train_values=args.train_sparse_values,
-                  seqlen=args.seqlen, batch_size=args.batch_size, world_size=args.world_size,
-                  gradient_checkpointing=args.gradient_checkpointing, dtype_bytes=DTYPE_BYTES[args.dtype])
+                  seqlen=args.seqlen, batch_size=args.batch_size, world_size=args.world_size, fsdp=args.fsdp,
+                  gradient_checkpointing=args.gradient_checkpointing, dtype_bytes=DTYPE_BYTES[args.dtype],
+                  backend=args.backend)
     parts = estimate(shape, setup)
     gib = 2.0 ** 30
     rows = [[name, f"{value / gib:.2f}"] for name, value in parts.items() if name != "total" and value]
     rows.append(["**total per rank**", f"**{parts['total'] / gib:.2f}**"])
     print(f"{args.model}: {shape.layers} layers, hidden {shape.hidden}, MLP {shape.intermediate}; sparsity "
           f"{args.sparsity:g} at {args.block_size}x{args.block_size}, LoRA r={args.lora_r} "
-          f"({args.lora_targets}), {args.batch_size} x {args.seqlen} tokens per rank, {args.world_size} rank(s), "
-          f"{args.dtype}{', gradient checkpointing' if args.gradient_checkpointing else ''}")
+          f"({args.lora_targets}), {args.batch_size} x {args.seqlen} tokens per rank, {args.world_size} rank(s) "
+          f"{'sharded as FSDP would (a plan: not built in finetune yet)' if args.fsdp else '(DDP)'}, {args.dtype}, "
+          f"{args.backend} backend{', gradient checkpointing' if args.gradient_checkpointing else ''}")
     print(markdown_table(["component", "GiB"], rows))
     if args.device_memory is not None:
         fits = parts["total"] / gib <= args.device_memory

@@ -4,16 +4,20 @@
 norms; the kept blocks and their index arrays), the trainable parameters (LoRA in
 fp32, and the kept block values when they are trained) with their gradients and
 Adam states, and the activations saved for backward, with or without gradient
-checkpointing. Under FSDP (world size > 1) parameters, gradients and optimizer
-states are sharded, one decoder layer is gathered at a time (two with prefetch),
-and the index arrays stay replicated (buffers).
+checkpointing. Several ranks are DDP (everything on every rank) unless `fsdp`: then
+parameters, gradients and optimizer states are sharded, one decoder layer is
+gathered at a time (two with prefetch), the root unit (embeddings, head) stays
+gathered and the index arrays replicated (buffers). FSDP fine-tuning is not built
+in `blocksparse finetune` yet: with `fsdp` this is a plan, not a run.
 
-The activation terms follow what the code saves for backward (checked against the
-saved tensors of tiny models in tests/integration/test_memory.py, within 15%): per
-decoder layer and token, the two RMSNorms' fp32 inputs, SDPA's q, k, v, output and
-log-sum-exp (k and v repeated to the query heads under GQA), the rotary tables, the
-MLP's gate, up and product, and per LoRA-adapted linear its input, its dropout
-output and T = x A^T; plus the fp32 log-softmax of the logits and its gradient.
+The activation terms follow what the code saves for backward, per decoder layer and
+token: the two RMSNorms' fp32 inputs, SDPA's q, k, v, output and log-sum-exp (k and
+v repeated to the query heads under GQA), the rotary tables, the MLP's gate, up and
+their product, and the LoRA terms of the backend: the torch backend (CPU) keeps per
+adapted linear its input, its dropout output and T = x A^T (checked against the
+saved tensors of tiny models in tests/integration/test_memory.py, within 15%); the
+Triton op keeps only the inputs dA or dW need, once per shared input, and T (its
+dropout mask is regenerated; checked the same way, in the interpreter). Plus the fp32 log-softmax of the logits and its gradient.
 """
 
 from __future__ import annotations
@@ -100,8 +104,21 @@ class Setup:
     seqlen: int = 4096
     batch_size: int = 1
     world_size: int = 1
+    fsdp: bool = False
     gradient_checkpointing: bool = False
     dtype_bytes: int = 2
+    backend: str = "triton"
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.fsdp and self.world_size < 2:
+            raise ValueError("fsdp shards over ranks: give world_size >= 2 with it")
+
+
+BACKENDS = ("triton", "torch")
+# The linears that share one input: an input is saved once, whichever of them needs it.
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
 
 def activation_bytes_per_layer_token(shape: Shape, setup: Setup) -> float:
@@ -113,17 +130,32 @@ def activation_bytes_per_layer_token(shape: Shape, setup: Setup) -> float:
     if shape.kv_dim < h:
         total += 2 * s * h                                             # k, v repeated to the query heads
     total += 3 * s * f                                                 # gate, up, their product
-    if setup.lora_r:
-        shapes = shape.projection_shapes()
-        for name in setup.lora_targets:
-            fan_in = shapes[name][1]
-            total += (2 if setup.lora_dropout else 1) * s * fan_in + s * setup.lora_r
+    shapes = shape.projection_shapes()
+    adapted = set(setup.lora_targets) if setup.lora_r else set()
+    if setup.backend == "torch":
+        # Measured (tests): each adapted linear saves its input and its dropout output (the keep
+        # mask, in the input's dtype, with dropout on) besides T.
+        for name in adapted:
+            total += (2 if setup.lora_dropout else 1) * s * shapes[name][1] + s * setup.lora_r
+        if setup.train_values:  # dW needs the other linears' inputs too
+            total += sum(s * shapes[name][1] for name in set(PROJECTIONS) - adapted)
+        return total
+    # Triton (the op's saved tensors, measured in the interpreter): the dropout mask is
+    # regenerated from its seed; a linear keeps its input only when dA or dW needs it, once
+    # per shared input (down's input is the MLP product, counted above), and T (input dtype).
+    needs_input = adapted | (set(PROJECTIONS) if setup.train_values else set())
+    for group in SHARED_INPUTS:
+        if needs_input & set(group) and group != ("down_proj",):
+            total += s * shapes[group[0]][1]
+    total += s * setup.lora_r * len(adapted)
     return total
 
 
 def estimate(shape: Shape, setup: Setup) -> dict[str, float]:
-    """Bytes per rank, by component (module docstring); "total" is their sum."""
-    s, w = setup.dtype_bytes, setup.world_size
+    """Bytes per rank, by component (module docstring); "total" is their sum. Several ranks
+    without `fsdp` are DDP: every rank holds everything."""
+    s = setup.dtype_bytes
+    w = setup.world_size if setup.fsdp else 1  # what sharding divides by
     shapes = shape.projection_shapes()
     layer_params = sum(n * k for n, k in shapes.values())
     kept = (1.0 - setup.sparsity) * layer_params * shape.layers
@@ -137,13 +169,14 @@ def estimate(shape: Shape, setup: Setup) -> dict[str, float]:
     else:
         layer_acts = tokens * shape.layers * per_layer_token
     out = {
-        "dense weights (embeddings, head, norms)": dense * s / w,
+        # Under FSDP the root unit (embeddings, head, final norm) is gathered for the whole step.
+        "dense weights (embeddings, head, norms)": dense * s,
         "kept block values": kept * s / w,
         "block index (replicated)": kept / setup.block_size ** 2 * INDEX_BYTES_PER_BLOCK,
         "LoRA parameters (fp32)": lora * 4 / w,
         "LoRA gradients + Adam (fp32)": lora * 4 * (1 + ADAM_STATES) / w,
         "trained values: gradients + Adam": kept * s * (1 + ADAM_STATES) / w if setup.train_values else 0.0,
-        "FSDP gathered layers (2)": 2 * (1.0 - setup.sparsity) * layer_params * s if w > 1 else 0.0,
+        "FSDP gathered layers (2)": 2 * (1.0 - setup.sparsity) * layer_params * s if setup.fsdp else 0.0,
         "activations (decoder layers)": layer_acts,
         "logits (fp32 log-softmax + gradient)": tokens * shape.vocab * 8,
     }

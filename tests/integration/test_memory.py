@@ -1,6 +1,7 @@
 """The memory model (blocksparse.integration.memory) against what tiny models really hold."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -43,16 +44,23 @@ def saved_for_backward(model) -> int:
     return sum(n for ptr, n in seen.items() if ptr not in params)
 
 
-@pytest.mark.parametrize("hidden, intermediate, heads, kv_heads, lora_r, dtype", [
-    (64, 128, 4, 2, 8, torch.float32), (96, 192, 6, 3, 12, torch.float32), (128, 256, 8, 2, 0, torch.float32),
-    (96, 160, 6, 6, 8, torch.bfloat16), (64, 128, 4, 2, 0, torch.bfloat16)])
-def test_activations_per_layer_are_what_autograd_saves(hidden, intermediate, heads, kv_heads, lora_r, dtype):
+@pytest.mark.parametrize("backend, hidden, intermediate, heads, kv_heads, lora_r, dtype", [
+    ("torch", 64, 128, 4, 2, 8, torch.float32), ("torch", 96, 192, 6, 3, 12, torch.float32),
+    ("torch", 96, 160, 6, 6, 8, torch.bfloat16), ("triton", 64, 128, 4, 2, 8, torch.float32),
+    ("triton", 96, 160, 6, 6, 8, torch.float32), ("triton", 96, 192, 6, 3, 12, torch.bfloat16)])
+def test_activations_per_layer_are_what_autograd_saves(monkeypatch, backend, hidden, intermediate, heads, kv_heads,
+                                                       lora_r, dtype):
     # One more decoder layer adds exactly one layer's saved tensors (the first layer saves less: its
-    # input, the frozen embeddings' output, needs no gradient).
+    # input, the frozen embeddings' output, needs no gradient). The Triton op runs in the interpreter.
+    if backend == "triton":
+        if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
+            pytest.skip("the Triton op needs a GPU or TRITON_INTERPRET=1 (make test sets it)")
+        monkeypatch.setenv("BLOCKSPARSE_BACKEND", "triton")
     measured = (saved_for_backward(tiny(2, hidden, intermediate, heads, kv_heads, lora_r, dtype))
                 - saved_for_backward(tiny(1, hidden, intermediate, heads, kv_heads, lora_r, dtype))) / TOKENS
     shape = Shape(hidden, intermediate, 1, heads, kv_heads, 256)
-    setup = Setup(lora_r=lora_r, seqlen=TOKENS, dtype_bytes=torch.empty((), dtype=dtype).element_size())
+    setup = Setup(lora_r=lora_r, seqlen=TOKENS, dtype_bytes=torch.empty((), dtype=dtype).element_size(),
+                  backend=backend)
     modeled = estimate(shape, setup)["activations (decoder layers)"] / TOKENS
     assert abs(modeled / measured - 1) < 0.15, (modeled, measured)
 
@@ -70,10 +78,11 @@ def test_weights_and_trainable_parameters_are_the_models_own():
 
 def test_fsdp_shards_what_it_shards_and_gathers_two_layers():
     shape, one = PRESETS["llama-2-70b"], Setup(train_values=True)
-    alone, sharded = estimate(shape, one), estimate(shape, Setup(train_values=True, world_size=8))
-    for part in ("kept block values", "dense weights (embeddings, head, norms)", "LoRA parameters (fp32)",
-                 "trained values: gradients + Adam"):
+    alone, sharded = estimate(shape, one), estimate(shape, Setup(train_values=True, world_size=8, fsdp=True))
+    assert estimate(shape, Setup(train_values=True, world_size=8)) == alone  # DDP: every rank holds everything
+    for part in ("kept block values", "LoRA parameters (fp32)", "trained values: gradients + Adam"):
         assert sharded[part] == pytest.approx(alone[part] / 8)
+    assert sharded["dense weights (embeddings, head, norms)"] == alone["dense weights (embeddings, head, norms)"]
     assert sharded["block index (replicated)"] == alone["block index (replicated)"]
     assert alone["FSDP gathered layers (2)"] == 0 and sharded["FSDP gathered layers (2)"] > 0
     checkpointed = estimate(shape, Setup(gradient_checkpointing=True))
@@ -91,7 +100,7 @@ def test_a_config_file_gives_its_shape(tmp_path):
 
 
 def test_cli_prints_the_table_and_the_verdict(capsys):
-    assert main(["memory", "--model", "llama-2-70b", "--world-size", "8", "--gradient-checkpointing",
+    assert main(["memory", "--model", "llama-2-70b", "--world-size", "8", "--fsdp", "--gradient-checkpointing",
                  "--device-memory", "80"]) == 0
     out = capsys.readouterr().out
     assert "| kept block values |" in out and "**total per rank**" in out and "fits in 80 GiB" in out
@@ -100,7 +109,8 @@ def test_cli_prints_the_table_and_the_verdict(capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--sparsity", "1"], "--sparsity must be in [0, 1)"), (["--world-size", "0"], "--world-size must be >= 1"),
     (["--block-size", "7"], "--block-size must be one of"), (["--model", "nowhere"], "neither a preset"),
-    (["--device-memory", "nan"], "--device-memory must be a finite number")])
+    (["--device-memory", "nan"], "--device-memory must be a finite number"),
+    (["--fsdp"], "give --world-size >= 2 with it")])
 def test_cli_bad_input_is_one_line(capsys, extra, message):
     assert main(["memory"] + extra) == 2
     err = capsys.readouterr().err.strip().splitlines()
