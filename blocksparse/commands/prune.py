@@ -18,12 +18,13 @@ import time
 from pathlib import Path
 
 
+from ..dtypes import DTYPES
 from ..format import SUPPORTED_BLOCK_SIZES
 from ..masks import COMPARISON_GROUPS, SCORES
 from ..prune import METHODS, RECONSTRUCT_TARGETS, PruneOptions
 from ..prune.allocation import ALLOCATIONS
 from ..prune.calibration import DEFAULT_SINK_TOKENS, DEFAULT_SINK_WEIGHT
-from .args import CLIError, add_dataset_flag, add_flag, check_finite, resolve_device
+from .args import CLIError, add_dataset_flag, add_dtype_flag, add_flag, check_finite, resolve_device
 
 _METHOD_HELP = "; ".join([f"{name}: {score.help}" for name, score in SCORES.items()]
                          + ["obc: greedy block OBS, drops the block costing least output error after "
@@ -99,6 +100,7 @@ def add_parser(subparsers):
     add_flag(parser, "--out", required=True, metavar="DIR", help="output directory (sparse checkpoint)")
     add_flag(parser, "--overwrite", action="store_true", help="write into --out even if it is not empty")
     add_flag(parser, "--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_dtype_flag(parser, "dtype the model is loaded, pruned and saved in")
     add_flag(parser, "--offload", choices=["cpu"], default=None,
              help="keep the model on the CPU and move one decoder layer at a time to --device: for models "
                   "larger than the device (docs/DESIGN.md: the peak memory)")
@@ -181,7 +183,7 @@ def run(args) -> int:
     device = resolve_device(args.device)
     started = time.perf_counter()
     try:
-        model, tokenizer = load_model(args.model, device=args.offload or device)
+        model, tokenizer = load_model(args.model, device=args.offload or device, dtype=DTYPES[args.dtype])
         check_block_divisible(target_linears(model), args.block_size)
         calib = calibration_samples(tokenizer, args.calib, args.nsamples, args.seqlen, seed=args.seed)
         eval_tokens = None
@@ -219,7 +221,7 @@ def run(args) -> int:
     if eval_tokens is not None:
         after = perplexity(model, eval_tokens, args.eval_seqlen, args.eval_max_windows, progress=progress)
         del model
-        dense_model, _ = load_model(args.model, device=device)
+        dense_model, _ = load_model(args.model, device=device, dtype=DTYPES[args.dtype])
         before = perplexity(dense_model, eval_tokens, args.eval_seqlen, args.eval_max_windows, progress=progress)
         report["perplexity"] = {"dataset": args.eval_dataset, "seqlen": args.eval_seqlen,
                                 "windows": after["windows"], "dense": before["ppl"], "pruned": after["ppl"],

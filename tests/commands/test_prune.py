@@ -64,6 +64,14 @@ def test_cli_offload_prunes_the_same_checkpoint(tiny_dir, text_file, tmp_path):
     assert json.loads((tmp_path / "b" / "prune_report.json").read_text())["cli_args"]["offload"] == "cpu"
 
 
+def test_cli_prunes_and_saves_in_the_dtype_asked(tiny_dir, text_file, tmp_path):
+    out = tmp_path / "bf16"
+    assert main(["prune", "--model", str(tiny_dir), "--calib", str(text_file), "--nsamples", "2", "--seqlen", "32",
+                 "--method", "wanda", "--dtype", "bfloat16", "--offload", "cpu", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert json.loads((out / "blocksparse_config.json").read_text())["dtype"] == "bfloat16"
+
+
 def test_cli_pushes_the_checkpoint_with_its_marker_and_card(tiny_dir, text_file, tmp_path, monkeypatch, capsys):
     # The hub is replaced by a recorder: what would be uploaded is the file list upload_folder gets.
     from huggingface_hub import HfApi

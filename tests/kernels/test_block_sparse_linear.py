@@ -305,8 +305,18 @@ def test_pruned_weights_do_not_exist_for_a_non_finite_input(dtype, group_size, s
     # output equals the torch backend's.
     weight = make_weight(96, 160, 0.4, dtype, row_group=1)
     mask = weight.block_mask.cpu()
-    col = int(torch.nonzero(~mask.all(0) & mask.any(0))[0])  # read by some block rows, not all
-    row = int(torch.nonzero(~mask.all(1) & mask.any(1))[0])
+
+    def mixed_groups(m, g):  # groups (of the schedule's rows) where some rows have the block and some lack it
+        rows = get_schedule(weight, g, transposed=m is not mask).group_rows.cpu()
+        return lambda c: any(m[r[r >= 0].long(), c].any() and not m[r[r >= 0].long(), c].all() for r in rows)
+
+    # A column some group's union holds while one of its rows lacks the block: the 0 * NaN case.
+    forward_case = mixed_groups(mask, group_size)
+    col = next(c for c in range(mask.shape[1]) if forward_case(c) or group_size == 1 and not mask[:, c].all()
+               and mask[:, c].any())
+    backward_case = mixed_groups(mask.T, group_size)
+    row = next(r for r in range(mask.shape[0]) if backward_case(r) or group_size == 1 and not mask[r].all()
+               and mask[r].any())
     m = 130
     x = torch.randn(m, 160, device=DEVICE, dtype=dtype)
     x[1, col * 16 + 3] = bad

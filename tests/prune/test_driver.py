@@ -273,13 +273,13 @@ def test_a_model_on_the_cpu_prunes_on_the_gpu_one_layer_at_a_time():
     on_gpu = make_tiny_llama(num_layers=4).cuda()
     prune_model(on_gpu, CALIB, progress=False, batch_size=4, **LAYERWISE)
     model = make_tiny_llama(num_layers=4)
-    layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
-    outside_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) - 4 * layer_bytes
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+    layers = list(model.model.layers)
+    on_device = []
+    for layer in layers:  # which decoder layers have parameters on the GPU whenever one runs
+        layer.register_forward_pre_hook(lambda module, args: on_device.append(
+            sum(next(other.parameters()).is_cuda for other in layers)))
     prune_model(model, CALIB, progress=False, batch_size=4, execution_device="cuda", **LAYERWISE)
-    assert next(model.parameters()).device.type == "cpu"
-    # One layer and its dense copy, the modules outside the layers, activations: never all 4 layers.
-    assert torch.cuda.max_memory_allocated() - base < outside_bytes + 3.5 * layer_bytes + 64 * 2 ** 20
+    assert on_device and max(on_device) == 1
+    assert all(p.device.type == "cpu" for p in model.parameters())
     for name, value in model.state_dict().items():
         assert torch.equal(value, on_gpu.state_dict()[name].cpu()), name
