@@ -21,6 +21,7 @@ which checks index ranges, ordering and counts). Anything malformed raises
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from pathlib import Path
@@ -144,7 +145,10 @@ def push_sparse_checkpoint(path: str | os.PathLike, repo_id: str, *, private: bo
                                         f"save_sparse_pretrained (or blocksparse prune) first")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    api.upload_folder(repo_id=repo_id, folder_path=str(path), allow_patterns=files,
+    if private and not api.repo_info(repo_id).private:
+        raise SparseCheckpointError(f"{repo_id} exists and is public; private was asked: nothing uploaded")
+    # Exact names: upload_folder matches patterns, and a name may hold * ? [.
+    api.upload_folder(repo_id=repo_id, folder_path=str(path), allow_patterns=[glob.escape(f) for f in files],
                       commit_message=f"blocksparse checkpoint ({block}x{block} blocks)")
     return files
 

@@ -79,6 +79,7 @@ def test_cli_pushes_the_checkpoint_with_its_marker_and_card(tiny_dir, text_file,
     calls = []
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)))
     monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.append(("upload", kw)))
+    monkeypatch.setattr(HfApi, "repo_info", lambda self, repo_id, **kw: type("Info", (), {"private": True})())
     out = tmp_path / "pruned"
     assert main(["prune", "--model", str(tiny_dir), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "64",
                  "--method", "wanda", "--out", str(out), "--no-progress", "--push-to-hub", "me/tiny-bs50",

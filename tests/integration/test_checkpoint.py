@@ -173,3 +173,15 @@ def test_push_refuses_what_is_not_a_whole_sparse_checkpoint(saved, tmp_path, mon
     (path / "README.md").unlink()
     with pytest.raises(SparseCheckpointError, match="README.md is missing"):
         push_sparse_checkpoint(path, "me/x")
+
+
+def test_push_private_to_an_existing_public_repository_uploads_nothing(saved, monkeypatch):
+    from huggingface_hub import HfApi
+
+    from blocksparse.integration.checkpoint import push_sparse_checkpoint
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: None)
+    monkeypatch.setattr(HfApi, "repo_info", lambda self, repo_id, **kw: type("Info", (), {"private": False})())
+    monkeypatch.setattr(HfApi, "upload_folder", lambda *a, **k: pytest.fail("nothing may be uploaded"))
+    with pytest.raises(SparseCheckpointError, match="exists and is public; private was asked"):
+        push_sparse_checkpoint(saved[1], "me/x", private=True)
