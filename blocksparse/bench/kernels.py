@@ -43,11 +43,12 @@ import torch
 import torch.nn.functional as F
 
 from .. import BlockSparseWeight, block_sparse_linear
+from ..kernels import roofline
 from ..ops import torch_schedule
 from . import common
 
 
-LLAMA2_7B_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # (N, K): q/k/v/o, gate/up, down
+LLAMA2_7B_SHAPES = tuple((n, k) for _, n, k in roofline.LLAMA2_7B_SHAPES)  # (N, K): q/k/v/o, gate/up, down
 FULL_M = (1, 16, 64, 256, 1024, 2048, 4096)
 FULL_SPARSITY = (0.5, 0.75, 0.9)
 MODES = ("fwd", "fwd+bwd")

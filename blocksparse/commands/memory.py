@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..dtypes import DTYPES
 from .args import CLIError, add_flag, check_finite
-
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 def add_parser(subparsers):
@@ -37,7 +36,7 @@ def add_parser(subparsers):
     add_flag(parser, "--backend", choices=["triton", "torch"], default="triton",
              help="whose saved tensors: the GPU's Triton op or the CPU's torch backend (default: %(default)s)")
     add_flag(parser, "--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    add_flag(parser, "--dtype", choices=sorted(DTYPE_BYTES), default="bfloat16", help="(default: %(default)s)")
+    add_flag(parser, "--dtype", choices=sorted(DTYPES), default="bfloat16", help="(default: %(default)s)")
     add_flag(parser, "--device-memory", type=float, default=None, metavar="GIB",
              help="say whether the total fits in this much memory per device")
     parser.set_defaults(func=run)
@@ -70,7 +69,7 @@ def run(args) -> int:
                   lora_targets=PROJECTIONS if args.lora_targets == "all" else SEED_TARGETS,
                   lora_dropout=not args.no_lora_dropout, train_values=args.train_sparse_values,
                   seqlen=args.seqlen, batch_size=args.batch_size, world_size=args.world_size, fsdp=args.fsdp,
-                  gradient_checkpointing=args.gradient_checkpointing, dtype_bytes=DTYPE_BYTES[args.dtype],
+                  gradient_checkpointing=args.gradient_checkpointing, dtype_bytes=DTYPES[args.dtype].itemsize,
                   backend=args.backend)
     parts = estimate(shape, setup)
     gib = 2.0 ** 30

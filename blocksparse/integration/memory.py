@@ -26,8 +26,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-SEED_TARGETS = ("q_proj", "v_proj")
+from ..families import FAMILIES
+
+# The Llama row of the families table: the projections pruned, and the seed's LoRA targets.
+PROJECTIONS = FAMILIES["llama"].projections
+SEED_TARGETS = FAMILIES["llama"].lora_targets
 # Bytes per stored block besides its values: col (int32) and the two orientations'
 # schedule tables (a block index each), as the kernels and the torch backend keep them.
 INDEX_BYTES_PER_BLOCK = 12

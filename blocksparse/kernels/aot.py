@@ -45,13 +45,13 @@ import time
 import torch
 
 from ..dtypes import SHORT_NAMES, short_name, to_dtype
-from .configs import (DECODE_MAX_M, GROUP_SIZES, SMEM_BYTES, dot_precision, grad_a_config,
+from . import roofline
+from .configs import (DECODE_MAX_M, GROUP_SIZES, NUM_SMS, SMEM_BYTES, dot_precision, grad_a_config,
                       matmul_candidates, matmul_config, matmul_constexprs, matmul_plan, nonfinite_passes,
                       sdd_config, shrink_config)
 
 ARCHS = (80, 90)
-NUM_SMS = {80: 108, 90: 132}  # A100, H100 / H200: what the launchers plan splits with
-LLAMA2_7B_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # (N, K): q/k/v/o, gate/up, down
+LLAMA2_7B_SHAPES = tuple((n, k) for _, n, k in roofline.LLAMA2_7B_SHAPES)  # (N, K)
 LAUNCH_M = (1, 16, 32, 64, 96, 256, 2048, 4096)  # every decode BM, prefill's BM = 64 and 128
 LAUNCH_DENSITY = 0.5
 # Compute-bound regimes: on Hopper their configs with BM >= 64 token rows (one

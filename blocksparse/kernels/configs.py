@@ -19,7 +19,8 @@ GROUP_SIZES = (1, 2, 4, 8)
 # Relative MMA efficiency of a [BM, BN] tile vs BN=128, a rough model used only
 # to choose G: cost(G) ~ union_density(G) / efficiency(b * G).
 TILE_EFFICIENCY = {16: 0.45, 32: 0.7, 64: 0.9, 128: 1.0}
-DEFAULT_NUM_SMS = 132  # H100 / H200; used when no GPU can be asked (interpreter)
+NUM_SMS = {80: 108, 90: 132}  # A100, H100 / H200
+DEFAULT_NUM_SMS = NUM_SMS[90]  # used when no GPU can be asked (interpreter)
 
 
 def next_pow2(value: int) -> int:
