@@ -67,20 +67,20 @@ def _matmul_signature(kernel, dt: str) -> dict:
     sig = {name: f"*{dt}" for name in ("X", "VALUES", "Y", "BIAS", "LORA_E")}
     sig.update({name: "*i32" for name in ("GROUP_PTR", "UNION_COL", "UNION_BLOCK", "GROUP_ROWS", "COUNTER",
                                          "NONFINITE")})
-    sig.update({"LORA_T": "*fp32", "PARTIAL": "*fp32", "SEED": "*i64"})
+    sig.update({"LORA_T": f"*{dt}", "PARTIAL": "*fp32", "SEED": "*i64"})
     sig.update({name: "i32" for name in ("M", "N_OUT", "num_groups", "stride_xm", "stride_ym",
                                           "stride_e_out", "stride_e_r", "lora_rank")})
     sig.update({"scaling": "fp32", "dropout_p": "fp32"})
     sig.update({name: "constexpr" for name in (
-        "BS", "G", "KC", "BM", "SPLIT_K", "TRANS_W", "DIRECT_W", "HAS_BIAS", "LORA_SPLITS", "RP",
+        "BS", "G", "KC", "BM", "SPLIT_K", "TRANS_W", "DIRECT_W", "HAS_BIAS", "HAS_LORA", "RP",
         "LORA_OUT_DROPOUT", "DOT_PRECISION", "NONFINITE_PASS")})
     return {name: sig[name] for name in kernel.arg_names}
 
 
 def _lora_signature(kernel, dt: str, ones: tuple[str, ...] = ()) -> dict:
     """Signature of the LoRA kernels; `ones` are int strides the JIT specializes to 1."""
-    types = {"X": f"*{dt}", "A": f"*{dt}", "GS": f"*{dt}", "T": "*fp32", "PARTIAL": "*fp32",
-             "SEED": "*i64", "dropout_p": "fp32"}
+    types = {"X": f"*{dt}", "A": f"*{dt}", "GS": f"*{dt}", "T": f"*{dt}", "PARTIAL": "*fp32",
+             "COUNTER": "*i32", "SEED": "*i64", "dropout_p": "fp32"}
     constexprs = ("BM", "BK", "RP", "SPLITS", "HAS_DROPOUT", "DOT_PRECISION") + ones
     return {name: "constexpr" if name in constexprs else types.get(name, "i32")
             for name in kernel.arg_names}
@@ -124,20 +124,18 @@ def compile_specs(dtype: torch.dtype = torch.bfloat16, arch: int = 90) -> list[d
             groups = -(-n_out // (16 * g))
             entries = round(groups * LAUNCH_DENSITY * (k_in // 16))
             out_dropout = transposed and lora == "lora_dropout"
-            # The forward's shrink runs over X [M, K], the backward's over dY [M, N].
-            lora_splits = shrink_config(m, n if transposed else k, 16, NUM_SMS[arch])[1] if lora else 0
             cfg, split_k, steps = matmul_plan(m, 16, g, elt, groups, entries, out_dropout=out_dropout,
-                                              smem_bytes=smem, num_sms=NUM_SMS[arch])
+                                              smem_bytes=smem, num_sms=NUM_SMS[arch], arch=arch)
             plans = matmul_candidates(cfg, split_k, steps, elt, smem) if groups else [(cfg, split_k)]
             for (plan, split), npass in itertools.product(plans, nonfinite_passes(g)):
                 regime = "repair" if npass == 2 else "backward" if transposed else plan.regime
                 add_matmul(regime, plan, matmul_constexprs(
-                    plan, split_k=split, transposed=transposed, has_bias=has_bias, lora_splits=lora_splits,
+                    plan, split_k=split, transposed=transposed, has_bias=has_bias, has_lora=lora is not None,
                     rank_padded=16, out_dropout=out_dropout, precision=precision, nonfinite_pass=npass))
     for bs, g in ((32, 2), (64, 1)):  # the other block edges the kernels take, at prefill
-        cfg = matmul_config(2048, bs, g, elt, smem_bytes=smem)
+        cfg = matmul_config(2048, bs, g, elt, smem_bytes=smem, arch=arch)
         add_matmul("prefill", cfg, matmul_constexprs(
-            cfg, split_k=1, transposed=False, has_bias=False, lora_splits=0, rank_padded=16, out_dropout=False,
+            cfg, split_k=1, transposed=False, has_bias=False, has_lora=False, rank_padded=16, out_dropout=False,
             precision=precision, nonfinite_pass=nonfinite_passes(g)[0]))
     # The shrink runs on X with A [r, K] (stride_a_k = 1) and, in backward, on dY with B^T
     # (B [N, r]: stride_a_r = 1); dA with dropout regenerates the mask over X [M, K].

@@ -27,13 +27,13 @@ block row at its true place, so the numerics do not depend on the order.
   the epilogue: one kernel, deterministic.
 - LoRA: a small "shrink" kernel computes T = drop(X) A^T first (dropout from a
   Philox seed keyed by the element's linear index m*K + k, one four-output call
-  per four neighbours: `_dropout_keep`); the
-  expand s * T B^T is one extra MMA in the main kernel's epilogue, before the
-  single store of Y.
+  per four neighbours: `_dropout_keep`), its K-split partials summed once, by
+  the split that finishes last; the main kernel's accumulator starts at the
+  expand s * T B^T (one MMA before the main loop), so the LoRA term costs no
+  second accumulator and no extra pass over Y.
 - Backward: dX = dY W + s * drop'((dY B) A) is the same kernel over
   the transposed block structure (it reads the same `values` tiles
-  transposed) with the LoRA term and the regenerated dropout mask in its
-  epilogue; dA is a skinny Triton GEMM when dropout is on (it regenerates the
+  transposed) starting from the LoRA term with the regenerated dropout mask; dA is a skinny Triton GEMM when dropout is on (it regenerates the
   mask instead of storing it) and torch otherwise; dB = s * dY^T T and
   dbias = dY.sum(0) are torch (cuBLAS handles those skinny GEMMs well). When
   the kept blocks are trained, dW at the stored blocks (X^T dY restricted to
@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from ..format import BlockSparseWeight
-from .configs import (DECODE_MAX_M, DEFAULT_NUM_SMS, SMEM_BYTES, TRITON_BLOCK_SIZES, KernelConfig,
+from .configs import (DECODE_MAX_M, DEFAULT_ARCH, DEFAULT_NUM_SMS, SMEM_BYTES, TRITON_BLOCK_SIZES, KernelConfig,
                       dot_precision, grad_a_config, matmul_candidates, matmul_constexprs, matmul_plan,
                       nonfinite_passes, sdd_config, shrink_config)
 from .schedule import Schedule, choose_group_size, get_schedule
@@ -93,33 +93,36 @@ def _dropout_keep(seed, row_start, cols, dropout_p, BC: tl.constexpr):
 
 
 @triton.jit
-def _epilogue_store(acc, rm, m_mask, group, Y, GROUP_ROWS, BIAS, LORA_T, LORA_E, SEED,
-                    M, N_OUT, stride_ym, stride_e_out, stride_e_r, lora_rank, scaling, dropout_p,
-                    BS: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    LORA_SPLITS: tl.constexpr, RP: tl.constexpr, LORA_OUT_DROPOUT: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
-    """acc [BM, G*b] (+ bias) (+ s * T E^T), stored once at the group's true block rows."""
+def _out_columns(group, GROUP_ROWS, BS: tl.constexpr, G: tl.constexpr):
+    """(output columns, valid) of a group's [*, G*b] tile: its block rows' true places."""
     nn = tl.arange(0, BS * G)
     out_row = tl.load(GROUP_ROWS + group * G + nn // BS)  # -1 pads the last group
-    n_mask = out_row >= 0
     out_col = tl.max_contiguous(tl.multiple_of(out_row * BS + nn % BS, BS), BS)
+    return out_col, out_row >= 0
+
+
+@triton.jit
+def _lora_expand(rm, m_mask, out_col, n_mask, LORA_T, LORA_E, SEED, N_OUT, stride_e_out, stride_e_r,
+                 lora_rank, scaling, dropout_p, BS: tl.constexpr, G: tl.constexpr, RP: tl.constexpr,
+                 LORA_OUT_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """s * T E^T [BM, G*b] in fp32: the LoRA term the accumulator starts from (T [M, RP] is
+    the shrink's output, already in the input dtype as the unfused PyTorch path rounds it)."""
+    rr = tl.arange(0, RP)
+    t = tl.load(LORA_T + rm.to(tl.int64)[:, None] * RP + rr[None, :], mask=m_mask[:, None], other=0.0)
+    e = tl.load(LORA_E + out_col[None, :] * stride_e_out + rr[:, None] * stride_e_r,
+                mask=n_mask[None, :] & (rr < lora_rank)[:, None], other=0.0)
+    lora = _mma(t, e, tl.zeros((t.shape[0], BS * G), dtype=tl.float32), DOT_PRECISION)
+    if LORA_OUT_DROPOUT:  # backward: the dropout mask of the forward input, regenerated
+        keep = _dropout_keep(tl.load(SEED), rm.to(tl.int64) * N_OUT, out_col, dropout_p, BS * G)
+        lora = tl.where(keep, lora / (1.0 - dropout_p), 0.0)
+    return scaling * lora
+
+
+@triton.jit
+def _epilogue_store(acc, rm, m_mask, out_col, n_mask, Y, BIAS, stride_ym, HAS_BIAS: tl.constexpr):
+    """acc [BM, G*b] (+ bias), stored once at the group's true block rows."""
     if HAS_BIAS:
         acc += tl.load(BIAS + out_col, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if LORA_SPLITS > 0:
-        rr = tl.arange(0, RP)
-        t = tl.zeros((acc.shape[0], RP), dtype=tl.float32)
-        for s in tl.static_range(LORA_SPLITS):  # the shrink's split-K partials, fixed order
-            t += tl.load(LORA_T + (s * M + rm.to(tl.int64))[:, None] * RP + rr[None, :],
-                         mask=m_mask[:, None], other=0.0)
-        e = tl.load(LORA_E + out_col[None, :] * stride_e_out + rr[:, None] * stride_e_r,
-                    mask=n_mask[None, :] & (rr < lora_rank)[:, None], other=0.0)
-        # T is rounded to the input dtype first, as the unfused PyTorch path does.
-        lora = _mma(t.to(e.dtype), e, tl.zeros(acc.shape, dtype=tl.float32), DOT_PRECISION)
-        if LORA_OUT_DROPOUT:  # backward: the dropout mask of the forward input, regenerated
-            seed = tl.load(SEED)
-            keep = _dropout_keep(seed, rm.to(tl.int64) * N_OUT, out_col, dropout_p, BS * G)
-            lora = tl.where(keep, lora / (1.0 - dropout_p), 0.0)
-        acc += scaling * lora
     y_ptrs = Y + rm.to(tl.int64)[:, None] * stride_ym + out_col[None, :]
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -133,7 +136,7 @@ def _bsl_matmul_kernel(
     scaling, dropout_p,
     BS: tl.constexpr, G: tl.constexpr, KC: tl.constexpr, BM: tl.constexpr,
     SPLIT_K: tl.constexpr, TRANS_W: tl.constexpr, DIRECT_W: tl.constexpr, HAS_BIAS: tl.constexpr,
-    LORA_SPLITS: tl.constexpr, RP: tl.constexpr, LORA_OUT_DROPOUT: tl.constexpr,
+    HAS_LORA: tl.constexpr, RP: tl.constexpr, LORA_OUT_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, NONFINITE_PASS: tl.constexpr,
 ):
     """Y[:, rows of group] = X[:, union columns] @ packed W tile^T, then the epilogue.
@@ -144,6 +147,8 @@ def _bsl_matmul_kernel(
     tiles as one contiguous stream with no block-index LUT: the decode path.
     NONFINITE_PASS (grouped schedules, see `_sparse_matmul`): 1 flags the tiles
     that came out non-finite in NONFINITE; 2 recomputes only the flagged ones.
+    HAS_LORA starts the accumulator at the LoRA term (split 0 of a split union): one
+    MMA before the main loop, so no second [BM, G*b] accumulator is live at any time.
     """
     BN: tl.constexpr = BS * G
     BK: tl.constexpr = BS * KC
@@ -192,7 +197,17 @@ def _bsl_matmul_kernel(
             present = tl.load(UNION_BLOCK + (u + cc)[:, None] * G + gg[None, :],
                               mask=c_valid[:, None], other=-1) >= 0
             hit = tl.maximum(hit, tl.max(bad_col[:, :, None] * present.to(tl.int32)[None, :, :], axis=1))
+    out_col, n_mask = _out_columns(group, GROUP_ROWS, BS, G)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if HAS_LORA:
+        if SPLIT_K == 1:
+            acc = _lora_expand(rm, m_mask, out_col, n_mask, LORA_T, LORA_E, SEED, N_OUT, stride_e_out,
+                               stride_e_r, lora_rank, scaling, dropout_p, BS, G, RP, LORA_OUT_DROPOUT,
+                               DOT_PRECISION)
+        elif pid_k == 0:
+            acc = _lora_expand(rm, m_mask, out_col, n_mask, LORA_T, LORA_E, SEED, N_OUT, stride_e_out,
+                               stride_e_r, lora_rank, scaling, dropout_p, BS, G, RP, LORA_OUT_DROPOUT,
+                               DOT_PRECISION)
     for u in range(u_begin, u_end, KC):
         # The LUT entries of this step: KC union columns x G rows, expanded to
         # the [BK, BN] tile by broadcasting (no per-element gather).
@@ -243,25 +258,22 @@ def _bsl_matmul_kernel(
                 acc += tl.load(PARTIAL + (s * n_tiles + tile).to(tl.int64) * (BM * BN) + local,
                                cache_modifier=".cg")
             tl.atomic_xchg(COUNTER + tile, 0)
-            _epilogue_store(acc, rm, m_mask, group, Y, GROUP_ROWS, BIAS, LORA_T, LORA_E, SEED,
-                            M, N_OUT, stride_ym, stride_e_out, stride_e_r, lora_rank, scaling,
-                            dropout_p, BS, G, HAS_BIAS, LORA_SPLITS, RP, LORA_OUT_DROPOUT,
-                            DOT_PRECISION)
+            _epilogue_store(acc, rm, m_mask, out_col, n_mask, Y, BIAS, stride_ym, HAS_BIAS)
     else:
-        _epilogue_store(acc, rm, m_mask, group, Y, GROUP_ROWS, BIAS, LORA_T, LORA_E, SEED,
-                        M, N_OUT, stride_ym, stride_e_out, stride_e_r, lora_rank, scaling,
-                        dropout_p, BS, G, HAS_BIAS, LORA_SPLITS, RP, LORA_OUT_DROPOUT,
-                        DOT_PRECISION)
+        _epilogue_store(acc, rm, m_mask, out_col, n_mask, Y, BIAS, stride_ym, HAS_BIAS)
 
 
 @triton.jit
-def _lora_shrink_kernel(X, A, T, SEED, M, K, lora_rank, stride_xm, stride_a_r, stride_a_k, dropout_p,
-                        BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, SPLITS: tl.constexpr,
-                        HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """T[split] = drop(X)[:, split's K range] @ A^T, fp32 partials [SPLITS, M, RP].
+def _lora_shrink_kernel(X, A, T, PARTIAL, COUNTER, SEED, M, K, lora_rank, stride_xm, stride_a_r, stride_a_k,
+                        dropout_p, BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
+                        SPLITS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """T = drop(X) @ A^T [M, RP] in X's dtype (columns past the rank are zero).
 
-    The main kernel's epilogue sums the partials; splitting K fills the GPU
-    when M is small. Dropout keeps element (m, k) iff rand(seed, m*K + k) >= p.
+    K is split SPLITS ways to fill the GPU when M is small; each split stores
+    an fp32 partial and the last to arrive at its token tile (an atomic
+    counter) sums them in split order and stores T once, so every program of
+    the main kernel reads one T tile. Dropout keeps element (m, k) iff
+    rand(seed, m*K + k) >= p.
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -285,7 +297,21 @@ def _lora_shrink_kernel(X, A, T, SEED, M, K, lora_rank, stride_xm, stride_a_r, s
         a = tl.load(A + rr[None, :] * stride_a_r + rk[:, None] * stride_a_k,
                     mask=(rr < lora_rank)[None, :] & k_mask[:, None], other=0.0)
         acc = _mma(x, a, acc, DOT_PRECISION)
-    tl.store(T + (pid_s * M + rm.to(tl.int64))[:, None] * RP + rr[None, :], acc, mask=m_mask[:, None])
+    t_ptrs = T + rm.to(tl.int64)[:, None] * RP + rr[None, :]
+    if SPLITS == 1:
+        tl.store(t_ptrs, acc.to(T.dtype.element_ty), mask=m_mask[:, None])
+    else:
+        local = rm.to(tl.int64)[:, None] * RP + rr[None, :]
+        split_rows = tl.cdiv(M, BM) * BM  # the partial buffer is [SPLITS, M tiles * BM, RP]
+        tl.store(PARTIAL + pid_s * split_rows * RP + local, acc)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(COUNTER + pid_m, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLITS - 1:
+            acc = tl.zeros((BM, RP), dtype=tl.float32)
+            for s in tl.static_range(SPLITS):
+                acc += tl.load(PARTIAL + s * split_rows * RP + local, cache_modifier=".cg")
+            tl.atomic_xchg(COUNTER + pid_m, 0)
+            tl.store(t_ptrs, acc.to(T.dtype.element_ty), mask=m_mask[:, None])
 
 
 @triton.jit
@@ -370,13 +396,14 @@ def _dropout_keep_kernel(SEED, KEEP, numel, dropout_p, BLOCK: tl.constexpr):
 # --------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def _device_limits(device: torch.device) -> tuple[int, int]:
-    """(SM count, opt-in shared memory per block) of a CUDA device; H100-like in the interpreter."""
+def _device_limits(device: torch.device) -> tuple[int, int, int]:
+    """(SM count, opt-in shared memory per block, compute capability as 80/90) of a CUDA device;
+    an H100's SMs and capability in the interpreter (A100's shared memory: the smaller)."""
     if device.type != "cuda":
-        return DEFAULT_NUM_SMS, SMEM_BYTES[80]
+        return DEFAULT_NUM_SMS, SMEM_BYTES[80], DEFAULT_ARCH
     props = torch.cuda.get_device_properties(device)
     smem = getattr(props, "shared_memory_per_block_optin", SMEM_BYTES[80])
-    return props.multi_processor_count, int(smem)
+    return props.multi_processor_count, int(smem), props.major * 10 + props.minor
 
 
 # Autotuning, opt-in (BLOCKSPARSE_AUTOTUNE=1, CUDA only): the first call of a
@@ -400,19 +427,25 @@ def _fastest(candidates: list, run) -> object:
 # --------------------------------------------------------------------------
 def _lora_shrink(x: torch.Tensor, a: torch.Tensor, stride_a_r: int, stride_a_k: int, rank: int,
                  seed: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
-    """fp32 partials [splits, M, RP] of drop(x) @ A^T, A given by strides as [rank, K]."""
+    """T = drop(x) @ A^T [M, RP] in x's dtype (RP = the rank padded to a power of two >= 16),
+    A given by strides as [rank, K]."""
     m, k = x.shape
     rp = max(16, triton.next_power_of_2(rank))
-    num_sms, _ = _device_limits(x.device)
+    num_sms, _, _ = _device_limits(x.device)
     cfg, splits = shrink_config(m, k, rp, num_sms)
-    partial = torch.empty((splits, m, rp), dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(m, cfg.constexprs["BM"]), splits)
-    _lora_shrink_kernel[grid](
-        x, a, partial, seed if seed is not None else partial, m, k, rank, x.stride(0),
+    bm = cfg.constexprs["BM"]
+    m_tiles = triton.cdiv(m, bm)
+    t = torch.empty((m, rp), dtype=x.dtype, device=x.device)
+    partial = counter = t
+    if splits > 1:
+        partial = torch.empty((splits, m_tiles * bm, rp), dtype=torch.float32, device=x.device)
+        counter = torch.zeros(m_tiles, dtype=torch.int32, device=x.device)
+    _lora_shrink_kernel[(m_tiles, splits)](
+        x, a, t, partial, counter, seed if seed is not None else t, m, k, rank, x.stride(0),
         stride_a_r, stride_a_k, float(dropout_p), HAS_DROPOUT=dropout_p > 0,
         DOT_PRECISION=dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **cfg.constexprs)
-    return partial
+    return t
 
 
 def _sparse_matmul(x: torch.Tensor, values: torch.Tensor, luts: list[torch.Tensor], n_out: int,
@@ -429,13 +462,12 @@ def _sparse_matmul(x: torch.Tensor, values: torch.Tensor, luts: list[torch.Tenso
     y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    num_sms, smem = _device_limits(x.device)
+    num_sms, smem, arch = _device_limits(x.device)
     forced_split = split_k > 0
     cfg, split_k, union_steps = matmul_plan(m, bs, g, x.element_size(), groups, union_col.numel() - 1,
                                             out_dropout=out_dropout_p > 0, smem_bytes=smem, num_sms=num_sms,
-                                            split_k=split_k)
-    lora_splits = lora_t.shape[0] if lora_t is not None else 0
-    rp = lora_t.shape[2] if lora_t is not None else 16
+                                            arch=arch, split_k=split_k)
+    rp = lora_t.shape[1] if lora_t is not None else 16
 
     def launch(cfg: KernelConfig, split_k: int) -> None:
         bm = cfg.constexprs["BM"]
@@ -457,12 +489,12 @@ def _sparse_matmul(x: torch.Tensor, values: torch.Tensor, luts: list[torch.Tenso
                 nonfinite, m, n_out, groups, x.stride(0), y.stride(0), e_strides[0], e_strides[1], lora_rank,
                 float(scaling), float(out_dropout_p), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 **matmul_constexprs(cfg, split_k=split_k, transposed=transposed, has_bias=bias is not None,
-                                    lora_splits=lora_splits, rank_padded=rp, out_dropout=out_dropout_p > 0,
+                                    has_lora=lora_t is not None, rank_padded=rp, out_dropout=out_dropout_p > 0,
                                     precision=dot_precision(x.dtype), nonfinite_pass=nonfinite_pass))
 
     if not forced_split and _autotune_enabled(x.device) and groups:
         key = (cfg.regime, triton.next_power_of_2(m), n_out, x.shape[1], union_col.numel(), g,
-               transposed, x.dtype, bias is not None, lora_splits, out_dropout_p > 0)
+               transposed, x.dtype, bias is not None, lora_t is not None, out_dropout_p > 0)
         if key not in _TUNED:
             candidates = matmul_candidates(cfg, split_k, union_steps, x.element_size(), smem)
             _TUNED[key] = _fastest(candidates, lambda c: launch(*c))
@@ -477,7 +509,7 @@ def _lora_grad_a_dropout(gs: torch.Tensor, x: torch.Tensor, seed: torch.Tensor,
     m, k = x.shape
     rank = gs.shape[1]
     rp = max(16, triton.next_power_of_2(rank))
-    num_sms, _ = _device_limits(x.device)
+    num_sms, _, _ = _device_limits(x.device)
     cfg = grad_a_config(m, k, rp, num_sms, x.element_size())
     splits = cfg.constexprs["SPLITS"]
     partial = torch.empty((splits, rp, k), dtype=torch.float32, device=x.device)
@@ -561,7 +593,7 @@ def _linear_op(x: torch.Tensor, values: torch.Tensor, luts: list[torch.Tensor],
         lora_t = _lora_shrink(x, lora_a, lora_a.stride(0), lora_a.stride(1), rank, seed, dropout_p)
         lora_e = lora_b
         if save_shrink:
-            shrink = lora_t.sum(0)[:, :rank].to(x.dtype).contiguous()
+            shrink = lora_t[:, :rank].contiguous()
     y = _sparse_matmul(x, values, luts, n_out, transposed=False, bias=bias, lora_t=lora_t,
                        lora_e=lora_e,
                        e_strides=(lora_b.stride(0), lora_b.stride(1)) if lora_b is not None else (0, 0),
@@ -603,7 +635,7 @@ def _linear_backward_op(grad_y: torch.Tensor, x: torch.Tensor, values: torch.Ten
             e_strides=(lora_a.stride(1), lora_a.stride(0)) if lora_a is not None else (0, 0),
             lora_rank=rank, scaling=scaling, out_dropout_p=dropout_p, seed=seed, split_k=split_k)
     if need_a:
-        gs = lora_u.sum(0)[:, :rank].to(x.dtype) * scaling
+        gs = lora_u[:, :rank] * scaling
         if dropout_p > 0:
             grad_a = _lora_grad_a_dropout(gs, x, seed, dropout_p)
         else:

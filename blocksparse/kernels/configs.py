@@ -20,7 +20,9 @@ GROUP_SIZES = (1, 2, 4, 8)
 # to choose G: cost(G) ~ union_density(G) / efficiency(b * G).
 TILE_EFFICIENCY = {16: 0.45, 32: 0.7, 64: 0.9, 128: 1.0}
 NUM_SMS = {80: 108, 90: 132}  # A100, H100 / H200
-DEFAULT_NUM_SMS = NUM_SMS[90]  # used when no GPU can be asked (interpreter)
+# Used when no GPU can be asked (the interpreter): an H100's SMs and compute capability.
+DEFAULT_ARCH = 90
+DEFAULT_NUM_SMS = NUM_SMS[DEFAULT_ARCH]
 
 
 def next_pow2(value: int) -> int:
@@ -60,13 +62,18 @@ def fit_stages(stage_bytes: int, smem_bytes: int, wanted: int) -> int:
 
 
 def matmul_config(m: int, block_size: int, group_size: int, element_size: int, *,
-                  dropout_epilogue: bool = False, smem_bytes: int = SMEM_BYTES[80]) -> KernelConfig:
-    """Tile config of `_bsl_matmul_kernel` for M tokens (the regime follows from M).
+                  dropout_epilogue: bool = False, smem_bytes: int = SMEM_BYTES[80],
+                  arch: int = DEFAULT_ARCH) -> KernelConfig:
+    """Tile config of `_bsl_matmul_kernel` for M tokens (the regime follows from M) on compute
+    capability `arch` (80 for 8.0, 90 for 9.0).
 
-    `dropout_epilogue`: the backward's regenerated LoRA dropout mask (Philox in
-    the epilogue) takes 8 warps from a 128x64 tile on, and BM=64 above it, to
+    `dropout_epilogue`: the backward's regenerated LoRA dropout mask (Philox on
+    the LoRA term) takes 8 warps from a 128x64 tile on, and BM=64 above it, to
     keep two CTAs per SM (compile report: 4 warps at G=4 took 235-252
     registers, BM=128 at G=8 224-238 and one CTA; as chosen, 118-124).
+    Before Hopper (mma.sync, no wgmma) a 128-wide group tile takes BM=64: the
+    128x128 tile compiled to 191-197 registers at 8 warps on sm_80, one CTA per
+    SM; 64x128 at 4 warps is 168 and three.
     """
     bs = block_size
     if m <= DECODE_MAX_M:
@@ -78,7 +85,7 @@ def matmul_config(m: int, block_size: int, group_size: int, element_size: int, *
         regime, bk, warps, wanted_stages = "decode", 256 if bm <= 32 else 128, 4, 5
     else:
         regime, bm, bk, wanted_stages = "prefill", 128 if m >= 128 else 64, 64, 5
-        if dropout_epilogue and bm * bs * group_size > 128 * 64:
+        if (dropout_epilogue or arch < 90) and bm * bs * group_size > 128 * 64:
             bm = 64
         tile = bm * bs * group_size
         # fp32 inputs take the ieee (FMA) dot: twice the registers per element.
@@ -91,14 +98,14 @@ def matmul_config(m: int, block_size: int, group_size: int, element_size: int, *
 
 
 def matmul_plan(m: int, block_size: int, group_size: int, element_size: int, groups: int, union_entries: int, *,
-                out_dropout: bool, smem_bytes: int, num_sms: int,
+                out_dropout: bool, smem_bytes: int, num_sms: int, arch: int = DEFAULT_ARCH,
                 split_k: int = 0) -> tuple[KernelConfig, int, float]:
     """(config, split_k, union steps per group) of one `_bsl_matmul_kernel` call: M tokens over
     `groups` row groups whose unions hold `union_entries` (group, block column) pairs in all.
     split_k > 0 forces the split; else decode splits to fill the GPU. The launcher and the
     compile report both plan with this."""
     cfg = matmul_config(m, block_size, group_size, element_size, dropout_epilogue=out_dropout,
-                        smem_bytes=smem_bytes)
+                        smem_bytes=smem_bytes, arch=arch)
     union_steps = union_entries / max(groups, 1) / cfg.constexprs["KC"]
     if split_k <= 0:
         split_k = 1
@@ -107,12 +114,12 @@ def matmul_plan(m: int, block_size: int, group_size: int, element_size: int, gro
     return cfg, split_k, union_steps
 
 
-def matmul_constexprs(cfg: KernelConfig, *, split_k: int, transposed: bool, has_bias: bool, lora_splits: int,
+def matmul_constexprs(cfg: KernelConfig, *, split_k: int, transposed: bool, has_bias: bool, has_lora: bool,
                       rank_padded: int, out_dropout: bool, precision: str, nonfinite_pass: int) -> dict:
     """Every constexpr of a `_bsl_matmul_kernel` launch (the launcher's and the compile report's)."""
     g = cfg.constexprs["G"]
     return dict(cfg.constexprs, SPLIT_K=split_k, TRANS_W=transposed, DIRECT_W=g == 1 and not transposed,
-                HAS_BIAS=has_bias, LORA_SPLITS=lora_splits, RP=rank_padded, LORA_OUT_DROPOUT=out_dropout,
+                HAS_BIAS=has_bias, HAS_LORA=has_lora, RP=rank_padded, LORA_OUT_DROPOUT=out_dropout,
                 DOT_PRECISION=precision, NONFINITE_PASS=nonfinite_pass)
 
 

@@ -12,13 +12,13 @@ Providers (Y = X W^T, X [M, K], W [N, K], LoRA A [r, K], B [N, r]):
                   prefill uses the grouped schedule (G block rows per program, BN = 16 G) and
                   executes union_density x dense FLOPs.
 - "sparse_lora":  our kernel with fused LoRA: a shrink kernel T = drop(X) A^T, then the
-                  main kernel with the expand T B^T as one more MMA (rank padded to 16) in
-                  its epilogue.
+                  main kernel whose accumulator starts at the expand T B^T (one more MMA,
+                  rank padded to 16, before its main loop).
 
 `backward=True` adds the backward of a frozen W (LoRA fine-tuning): dX = dY W (the same
 kernel over the transposed mask, union density `union_density_bwd`) plus the LoRA
 gradients dT = s dY B, dB = s dY^T T, dA = dT^T drop(X) as skinny GEMMs; unfused, dX
-gets the LoRA term as a second pass (`dX.addmm_(dT, A)`), fused it is the epilogue MMA.
+gets the LoRA term as a second pass (`dX.addmm_(dT, A)`), fused it is the MMA the accumulator starts from.
 
 Time of each kernel = max(HBM bytes / (HBM bandwidth x memory efficiency),
 L2->SM bytes / L2 bandwidth, FLOPs / (peak x compute efficiency)) + one launch gap;
@@ -200,16 +200,16 @@ def _sparse_kernel(name: str, M: int, N: int, K: int, e: int, density: float, un
 
     Decode (M <= 64): every present block once, the X slab of each block re-read per
     block row from L2. Grouped (M > 64): programs of block_m x 16G walk the union.
-    rank_pad > 0 adds the fused LoRA expand (T [M, rank_pad] in fp32, B [N, rank_pad]).
+    rank_pad > 0 adds the fused LoRA expand (T [M, rank_pad] and B [N, rank_pad], input dtype).
     """
     nnz = density * (N // BLOCK) * (K // BLOCK)
     w = nnz * BLOCK * BLOCK * e
     x, y = M * K * e, M * N * e
-    lora = M * rank_pad * 4 + N * rank_pad * e
+    lora = (M + N) * rank_pad * e
     if M <= DECODE_MAX_M:
         m_pad = math.ceil(M / BLOCK) * BLOCK
         meta = nnz * 4 + (N // BLOCK + 1) * 4
-        l2 = w + meta + (N // BLOCK) * (density * K * e + rank_pad * 4) * m_pad + y + N * rank_pad * e
+        l2 = w + meta + (N // BLOCK) * (density * K + rank_pad) * e * m_pad + y + N * rank_pad * e
         flops = 2.0 * m_pad * N * K * density + 2.0 * m_pad * N * rank_pad
         return KernelCost(name, _hbm(x, w, y + meta + lora, device), l2, flops)
     bn = BLOCK * group_size
@@ -219,7 +219,7 @@ def _sparse_kernel(name: str, M: int, N: int, K: int, e: int, density: float, un
     meta = groups * union * (K // BLOCK) * 4 * (1 + group_size)  # union_col + union_block[U, G], int32
     l2 = (m_pad * union * K * e * groups                 # X slab per union column, per group
           + m_tiles * (w + meta)                           # present blocks per M tile
-          + y + m_tiles * N * rank_pad * e + m_pad * rank_pad * 4 * groups)
+          + y + m_tiles * N * rank_pad * e + m_pad * rank_pad * e * groups)
     flops = 2.0 * m_pad * N * K * union + 2.0 * m_pad * N * rank_pad
     return KernelCost(name, _hbm(x, w, y + meta + lora, device), l2, flops)
 

@@ -151,22 +151,30 @@ def test_decode_split_k_matches_torch(dtype, m, split_k, dropout):
 
 @pytest.fixture
 def program_order(monkeypatch):
-    """Set how the interpreter hands out axis-0 program ids: it runs programs 0..n-1 in turn,
-    so without this the split-K part arriving last is always the last split."""
+    """Set how the interpreter hands out program ids: it runs programs in turn, so without this
+    the split-K part arriving last is always the last split. `order(n)` permutes the flat ids
+    x * ny * nz + y * nz + z of an (nx, ny, nz) grid (1-D grids: the axis-0 id)."""
     if DEVICE != "cpu":
         pytest.skip("the GPU's program order is not ours to choose")
     from triton.runtime.interpreter import interpreter_builder as builder
 
     set_dim, set_idx = builder.set_grid_dim, builder.set_grid_idx
-    state = {"order": None, "perm": []}
+    state = {"order": None, "perm": [], "dims": (1, 1, 1)}
 
     def dim(x, y, z):
-        state["perm"] = list(state["order"](x)) if state["order"] else list(range(x))
-        assert sorted(state["perm"]) == list(range(x))
+        n = x * y * z
+        state["perm"] = list(state["order"](n)) if state["order"] else list(range(n))
+        state["dims"] = (x, y, z)
+        assert sorted(state["perm"]) == list(range(n))
         set_dim(x, y, z)
 
+    def idx(x, y, z):
+        _, ny, nz = state["dims"]
+        flat = state["perm"][(x * ny + y) * nz + z]
+        set_idx(flat // (ny * nz), flat // nz % ny, flat % nz)
+
     monkeypatch.setattr(builder, "set_grid_dim", dim)
-    monkeypatch.setattr(builder, "set_grid_idx", lambda x, y, z: set_idx(state["perm"][x], y, z))
+    monkeypatch.setattr(builder, "set_grid_idx", idx)
     return lambda order: state.__setitem__("order", order)
 
 
@@ -256,7 +264,8 @@ def test_a_misaligned_view_is_copied_to_an_aligned_one(monkeypatch, view):
 def test_split_k_sums_the_same_whichever_split_arrives_last(program_order, last):
     # M=7 is one token tile and N=32 two block rows at G=1, so program p is split p % 3 of row
     # p // 3; the third split of each row is empty (two K steps). Every kernel of the call, the
-    # backward's included, runs in the order given.
+    # backward's included, runs in the order given: the LoRA shrinks' K splits (grid (1, 8) at
+    # M=7, K=512 and (1, 1) at N=32) arrive in the orders p % 3 == last puts last, or shuffled.
     if last == "shuffled":
         program_order(lambda n: torch.randperm(n, generator=torch.Generator().manual_seed(n)).tolist())
     else:
