@@ -143,7 +143,7 @@ try:
         print("  GPU: none visible to torch")
 except Exception as err:
     print(f"  torch.cuda check failed: {err}")
-for module in ("blocksparse", "blocksparse.kernels", "blocksparse.roofline", "blocksparse.integration.peft"):
+for module in ("blocksparse", "blocksparse.kernels", "blocksparse.kernels.roofline", "blocksparse.integration.peft"):
     try:
         importlib.import_module(module)
         print(f"  import {module}: ok")

@@ -1,8 +1,11 @@
-"""Roofline model: exact bytes and FLOPs of small cases, regime behaviour, errors."""
+"""Roofline model: exact bytes and FLOPs of small cases, regime behaviour, errors; the ideal model's
+formulas and what the honest one adds."""
 
 import pytest
 
-from blocksparse.kernels.roofline import DEVICES, default_union_density, llama2_7b_table, main, predict
+from blocksparse.kernels.configs import TILE_EFFICIENCY
+from blocksparse.kernels.roofline import (DEVICES, PHILOX_OPS_PER_ELEMENT, compare_table, default_union_density,
+                                         llama2_7b_table, llama_union, main, predict)
 
 H200 = DEVICES["h200"]
 LAUNCH = H200.launch_us * 1e-6
@@ -18,7 +21,7 @@ def test_dense_decode_is_memory_bound_on_w():
 
 
 def test_dense_prefill_is_compute_bound():
-    p = predict("dense", 2048, 4096, 4096, device="h100")
+    p = predict("dense", 2048, 4096, 4096, device="h100", model="ideal")
     assert p.flops == 2 * 2048 * 4096 * 4096
     assert p.time_s == pytest.approx(p.flops / (989.4e12 * 0.80) + LAUNCH)
     assert p.bound == "compute"
@@ -45,8 +48,9 @@ def test_grouped_prefill_computes_the_union():
 
 
 def test_group_size_none_picks_the_fastest_measured_g():
-    best = predict("sparse", 2048, 11008, 4096, density=0.5)
-    times = [predict("sparse", 2048, 11008, 4096, density=0.5, group_size=g).time_s for g in (1, 2, 4, 8)]
+    best = predict("sparse", 2048, 11008, 4096, density=0.5, model="ideal")
+    times = [predict("sparse", 2048, 11008, 4096, density=0.5, group_size=g, model="ideal").time_s
+             for g in (1, 2, 4, 8)]
     assert best.time_s == min(times)
     assert best.union_density == pytest.approx(default_union_density(0.5, best.group_size))
 
@@ -95,6 +99,8 @@ def test_fp32_moves_twice_the_bytes():
     (dict(union_density=0.6), "pass group_size too"),
     (dict(union_density=0.3, group_size=4), "union_density must lie in"),
     (dict(dtype="int8"), "dtype must be one of"),
+    (dict(model="optimistic"), "model must be one of"),
+    (dict(masks="striped"), "masks must be one of"),
 ])
 def test_bad_arguments(kwargs, message):
     args = dict(provider="sparse", M=2048, N=4096, K=4096, density=0.5)
@@ -110,3 +116,68 @@ def test_llama_table_and_main(capsys):
     assert main(["--device", "a100", "--sparsity", "0.75"]) == 0
     out = capsys.readouterr().out
     assert "A100" in out and "Per Llama-2-7B decoder layer" in out
+
+
+def test_honest_prefill_charges_triton_efficiency_narrow_tiles_and_waves():
+    # 4096 x 4096 at G=2 (n32 MMA): 16 M tiles x 128 groups = 2048 programs on 264 CTA slots.
+    p = predict("sparse", 2048, 4096, 4096, density=0.5, union_density=0.5, group_size=2)
+    main_kernel, = p.kernels
+    assert (main_kernel.triton, main_kernel.mma_n) == (True, 32)
+    waves = (-(-2048 // 264) - 1 + 1.0) * 264 / 2048
+    assert main_kernel.waves == pytest.approx(waves)
+    compute = main_kernel.flops / (989.4e12 * 0.62 * TILE_EFFICIENCY[32]) * waves
+    assert main_kernel.times(H200, "bf16")["compute"] == pytest.approx(compute)
+    assert main_kernel.times(H200, "bf16")["l2"] == pytest.approx(main_kernel.l2_bytes / (5.5e12 * 132 / 114))
+    assert p.time_s > predict("sparse", 2048, 4096, 4096, density=0.5, union_density=0.5, group_size=2,
+                              model="ideal").time_s
+
+
+def test_cublas_keeps_its_measured_efficiency():
+    p = predict("dense", 2048, 4096, 4096)
+    gemm, = p.kernels
+    assert "l2" not in gemm.times(H200, "bf16")
+    waves = 2 * 132 / 256                      # 16 x 16 tiles of 128 x 256 on 132 SMs
+    assert p.time_s == pytest.approx(p.flops / (989.4e12 * 0.80) * waves + LAUNCH)
+
+
+def test_unequal_unions_stretch_the_last_wave():
+    free = predict("sparse", 2048, 4096, 4096, density=0.5, group_size=8, masks="free", backward=True)
+    dx = next(k for k in free.kernels if k.name.startswith("dX"))
+    union_bwd, tail = llama_union("free", 0.5, 8, backward=True)
+    assert tail > 1.5                           # a transposed group holding the outlier columns
+    programs = 16 * 32
+    assert dx.waves == pytest.approx((-(-programs // 264) - 1 + tail) * 264 / programs)
+    assert dx.flops == pytest.approx(2 * 2048 * 4096 * 4096 * union_bwd)
+
+
+def test_grouped_masks_make_the_forward_union_the_density():
+    for g in (2, 4, 8):
+        assert llama_union("grouped", 0.5, g) == (0.5, 1.0)
+        assert llama_union("free", 0.5, g)[0] > 0.5
+        assert llama_union("grouped", 0.5, g, backward=True)[0] > 0.5
+    u25, u375, u50 = (llama_union("free", d, 4)[0] for d in (0.25, 0.375, 0.5))
+    assert u375 == pytest.approx((u25 + u50) / 2)
+
+
+def test_dropout_costs_philox_three_times_fused_and_once_unfused():
+    m, n, k, r = 2048, 4096, 4096, 8
+    kw = dict(lora_rank=r, dropout=True, backward=True)
+    fused = predict("sparse_lora", m, n, k, density=0.5, group_size=8, **kw)
+    unfused = predict("dense_lora", m, n, k, **kw)
+    per_pass = m * k * PHILOX_OPS_PER_ELEMENT
+    assert sum(c.alu_ops for c in fused.kernels) == 3 * per_pass   # shrink, dX's LoRA term, dA
+    assert sum(c.alu_ops for c in unfused.kernels) == per_pass     # PyTorch's dropout stores its mask
+    assert {c.name for c in unfused.kernels} >= {"drop(X)", "dropout backward"}
+    plain = predict("sparse_lora", m, n, k, density=0.5, group_size=8, lora_rank=r, backward=True)
+    assert fused.time_s > plain.time_s
+    # the ideal model charged no Philox at all
+    ideal = predict("sparse_lora", m, n, k, density=0.5, group_size=8, model="ideal", **kw)
+    assert ideal.time_s == pytest.approx(predict("sparse_lora", m, n, k, density=0.5, group_size=8,
+                                                 lora_rank=r, backward=True, model="ideal").time_s)
+
+
+def test_compare_table_puts_both_models_side_by_side():
+    table = compare_table("h200", sparsities=(0.5,))
+    assert "ideal model" in table and "honest, grouped masks" in table
+    assert table.count("| fine-tune step M=2048, dropout 0.05 | 50% |") == 1
+    assert main(["--device", "h100", "--compare"]) == 0
