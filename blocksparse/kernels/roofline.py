@@ -62,9 +62,11 @@ compute efficiency)) + one launch gap; a call sums its kernels.
   its L2 traffic (Hopper's cuBLAS multicasts tiles across CTA clusters, which our
   kernels do not; with our L2 accounting and no multicast it would be L2-bound).
 - Waves: programs = M tiles x groups over SMs x 2 CTA slots (the compile report's
-  floor for compute-bound configs, which every launched config meets), and unequal
-  unions: the last wave lasts max/mean of the groups' union sizes (measured), as the
-  launch order does not sort groups by size. cuBLAS: 128x256 tiles, one per SM.
+  floor for compute-bound configs, which every launched config meets), modeled as
+  equal programs: groups launch largest union first (kernels/schedule.py), so the
+  last wave holds the shortest ones (without that order, the transposed grouped
+  masks' largest union, ~1.8x the mean, would stretch the last wave by as much).
+  cuBLAS: 128x256 tiles, one per SM.
 - Union densities measured on Llama-2-7B-shaped masks (256 / 688 block columns,
   synthetic Wanda-like scores; `blocksparse.bench.llama_union`): "free" masks
   (clustered) and "grouped" masks (G rows sharing their block columns, `prune
@@ -109,20 +111,16 @@ MEASURED_UNION_DENSITY_BWD = {
 }
 
 # Llama-2-7B-shaped 16x16 masks (`python -m blocksparse.bench.llama_union`, seed 0; the
-# three linear shapes weighted by N*K): masks -> density -> {G: (union, max/mean of the
-# groups' union sizes, the same two for the transposed mask)}.
+# three linear shapes weighted by N*K; docs/results/llama_union.md): masks -> density ->
+# {G: (union density, union density of the transposed mask)}.
 LLAMA_UNION = {
     "free": {
-        0.50: {1: (0.5, 1.0, 0.5, 2.0), 2: (0.533, 1.025, 0.543, 1.842), 4: (0.562, 1.037, 0.579, 1.727),
-               8: (0.586, 1.039, 0.611, 1.637)},
-        0.25: {1: (0.25, 1.0, 0.25, 4.0), 2: (0.276, 1.041, 0.285, 3.503), 4: (0.301, 1.058, 0.319, 3.139),
-               8: (0.323, 1.077, 0.35, 2.862)},
+        0.50: {1: (0.5, 0.5), 2: (0.533, 0.543), 4: (0.562, 0.579), 8: (0.586, 0.611)},
+        0.25: {1: (0.25, 0.25), 2: (0.276, 0.285), 4: (0.301, 0.319), 8: (0.323, 0.35)},
     },
     "grouped": {
-        0.50: {1: (0.5, 1.0, 0.5, 2.0), 2: (0.5, 1.0, 0.532, 1.879), 4: (0.5, 1.0, 0.545, 1.835),
-               8: (0.5, 1.0, 0.548, 1.825)},
-        0.25: {1: (0.25, 1.0, 0.25, 4.0), 2: (0.25, 1.0, 0.277, 3.613), 4: (0.25, 1.0, 0.287, 3.486),
-               8: (0.25, 1.0, 0.288, 3.472)},
+        0.50: {1: (0.5, 0.5), 2: (0.5, 0.532), 4: (0.5, 0.545), 8: (0.5, 0.548)},
+        0.25: {1: (0.25, 0.25), 2: (0.25, 0.277), 4: (0.25, 0.287), 8: (0.25, 0.288)},
     },
 }
 # Integer instructions per element of the dropout keep bits (`_dropout_keep`: one randint4x
@@ -132,17 +130,14 @@ PHILOX_OPS_PER_ELEMENT = 46
 CTA_SLOTS_PER_SM = 2
 
 
-def llama_union(masks: str, density: float, group_size: int, backward: bool = False) -> tuple[float, float]:
-    """(union density, max/mean of the groups' union sizes) of Llama-2-7B-shaped masks,
-    interpolated linearly in density between the measured points (0 -> 0, 1 -> 1; max/mean 1)."""
+def llama_union(masks: str, density: float, group_size: int, backward: bool = False) -> float:
+    """Union density of Llama-2-7B-shaped masks, interpolated linearly in density between
+    the measured points (0 -> 0, 1 -> 1)."""
     table = LLAMA_UNION[masks]
-    pick = (2, 3) if backward else (0, 1)
-    points = sorted([(0.0, 0.0, 1.0), (1.0, 1.0, 1.0)]
-                    + [(d, t[group_size][pick[0]], t[group_size][pick[1]]) for d, t in table.items()])
-    for (d0, u0, r0), (d1, u1, r1) in zip(points, points[1:]):
+    points = sorted([(0.0, 0.0), (1.0, 1.0)] + [(d, t[group_size][int(backward)]) for d, t in table.items()])
+    for (d0, u0), (d1, u1) in zip(points, points[1:]):
         if d0 <= density <= d1:
-            f = (density - d0) / (d1 - d0)
-            return u0 + (u1 - u0) * f, r0 + (r1 - r0) * f
+            return u0 + (u1 - u0) * (density - d0) / (d1 - d0)
     raise ValueError(f"density must lie in [0, 1], got {density}")
 
 
@@ -278,12 +273,12 @@ def _hbm(x_bytes: float, w_bytes: float, other_bytes: float, device: Device) -> 
     return small + large * chunks + other_bytes
 
 
-def _wave_factor(programs: int, slots: int, max_over_mean: float = 1.0) -> float:
-    """How much longer than perfectly balanced work `programs` take on `slots` concurrent
-    CTAs when the last wave lasts max/mean of the programs' lengths."""
+def _wave_factor(programs: int, slots: int) -> float:
+    """How much longer than perfectly balanced work `programs` equal programs take on
+    `slots` concurrent CTAs (the last wave runs part full)."""
     if programs <= 0:
         return 1.0
-    return (math.ceil(programs / slots) - 1 + max_over_mean) * slots / programs
+    return math.ceil(programs / slots) * slots / programs
 
 
 def _dense_gemm(name: str, M: int, N: int, K: int, e: int, device: Device) -> KernelCost:
@@ -305,8 +300,7 @@ def _skinny(name: str, rows: int, cols: int, inner: int, e: int, extra_bytes: fl
 
 
 def _sparse_kernel(name: str, M: int, N: int, K: int, e: int, density: float, union: float, group_size: int,
-                   rank_pad: int, device: Device, block_m: int, max_over_mean: float = 1.0,
-                   alu_ops: float = 0.0) -> KernelCost:
+                   rank_pad: int, device: Device, block_m: int, alu_ops: float = 0.0) -> KernelCost:
     """Our kernel computing M x N outputs over K with `density` of the blocks present.
 
     Decode (M <= 64): every present block once, the X slab of each block re-read per
@@ -335,7 +329,7 @@ def _sparse_kernel(name: str, M: int, N: int, K: int, e: int, density: float, un
           + m_tiles * (w + meta)                           # present blocks per M tile
           + y + m_tiles * N * rank_pad * e + m_pad * rank_pad * e * groups)
     flops = 2.0 * m_pad * N * K * union + 2.0 * m_pad * N * rank_pad
-    waves = _wave_factor(m_tiles * groups, device.sms * CTA_SLOTS_PER_SM, max_over_mean)
+    waves = _wave_factor(m_tiles * groups, device.sms * CTA_SLOTS_PER_SM)
     return KernelCost(name, _hbm(x, w, y + meta + lora, device), l2, flops, triton=True, mma_n=bn,
                       alu_ops=alu_ops, alu_serial=True, waves=waves)
 
@@ -408,30 +402,29 @@ def predict(provider: str, M: int, N: int, K: int, *, density: float = 1.0, unio
         if g not in GROUP_SIZES and union_density is None:
             raise ValueError(f"group_size must be one of {GROUP_SIZES} without union_density, got {group_size}")
 
-        def measured(backward_mask: bool) -> tuple[float, float]:
+        def measured(backward_mask: bool) -> float:
             if g == 1:
-                return density, 1.0
+                return density
             if model == "ideal":
-                return default_union_density(density, g, backward_mask), 1.0
+                return default_union_density(density, g, backward_mask)
             return llama_union(masks, density, g, backward_mask)
 
-        union, tail = (union_density, 1.0) if union_density is not None else measured(False)
+        union = union_density if union_density is not None else measured(False)
         if not density - 1e-9 <= union <= 1.0:
             raise ValueError(f"union_density must lie in [density, 1] = [{density}, 1], got {union}")
         rank_pad = math.ceil(r / BLOCK) * BLOCK
         if r:
             kernels.append(_skinny("T = drop(X) A^T", M, r, K, e, triton=True, alu_ops=philox))
-        kernels.append(_sparse_kernel("Y = X W^T (+T B^T)", M, N, K, e, density, union, g, rank_pad, dev, block_m,
-                                      tail))
+        kernels.append(_sparse_kernel("Y = X W^T (+T B^T)", M, N, K, e, density, union, g, rank_pad, dev, block_m))
         if backward:
             if union_density_bwd is not None:
-                union_bwd, tail_bwd = union_density_bwd, 1.0
+                union_bwd = union_density_bwd
             elif union_density is not None:
-                union_bwd, tail_bwd = union_density, 1.0
+                union_bwd = union_density
             else:
-                union_bwd, tail_bwd = measured(True)
+                union_bwd = measured(True)
             kernels.append(_sparse_kernel("dX = dY W (+dT A)", M, K, N, e, density, union_bwd, g, rank_pad,
-                                          dev, block_m, tail_bwd, alu_ops=philox))
+                                          dev, block_m, alu_ops=philox))
     if backward and r:
         ours = provider == "sparse_lora"
         kernels.append(_skinny("dT = s dY B", M, r, N, e, triton=ours))

@@ -123,7 +123,7 @@ def test_honest_prefill_charges_triton_efficiency_narrow_tiles_and_waves():
     p = predict("sparse", 2048, 4096, 4096, density=0.5, union_density=0.5, group_size=2)
     main_kernel, = p.kernels
     assert (main_kernel.triton, main_kernel.mma_n) == (True, 32)
-    waves = (-(-2048 // 264) - 1 + 1.0) * 264 / 2048
+    waves = -(-2048 // 264) * 264 / 2048
     assert main_kernel.waves == pytest.approx(waves)
     compute = main_kernel.flops / (989.4e12 * 0.62 * TILE_EFFICIENCY[32]) * waves
     assert main_kernel.times(H200, "bf16")["compute"] == pytest.approx(compute)
@@ -140,22 +140,19 @@ def test_cublas_keeps_its_measured_efficiency():
     assert p.time_s == pytest.approx(p.flops / (989.4e12 * 0.80) * waves + LAUNCH)
 
 
-def test_unequal_unions_stretch_the_last_wave():
-    free = predict("sparse", 2048, 4096, 4096, density=0.5, group_size=8, masks="free", backward=True)
-    dx = next(k for k in free.kernels if k.name.startswith("dX"))
-    union_bwd, tail = llama_union("free", 0.5, 8, backward=True)
-    assert tail > 1.5                           # a transposed group holding the outlier columns
-    programs = 16 * 32
-    assert dx.waves == pytest.approx((-(-programs // 264) - 1 + tail) * 264 / programs)
-    assert dx.flops == pytest.approx(2 * 2048 * 4096 * 4096 * union_bwd)
+def test_dx_walks_the_transposed_union():
+    p = predict("sparse", 2048, 4096, 4096, density=0.5, group_size=8, masks="grouped", backward=True)
+    dx = next(k for k in p.kernels if k.name.startswith("dX"))
+    assert dx.flops == pytest.approx(2 * 2048 * 4096 * 4096 * llama_union("grouped", 0.5, 8, backward=True))
+    assert dx.waves == pytest.approx(2 * 264 / (16 * 32))     # 512 programs on 264 CTA slots
 
 
 def test_grouped_masks_make_the_forward_union_the_density():
     for g in (2, 4, 8):
-        assert llama_union("grouped", 0.5, g) == (0.5, 1.0)
-        assert llama_union("free", 0.5, g)[0] > 0.5
-        assert llama_union("grouped", 0.5, g, backward=True)[0] > 0.5
-    u25, u375, u50 = (llama_union("free", d, 4)[0] for d in (0.25, 0.375, 0.5))
+        assert llama_union("grouped", 0.5, g) == 0.5
+        assert llama_union("free", 0.5, g) > 0.5
+        assert llama_union("grouped", 0.5, g, backward=True) > 0.5
+    u25, u375, u50 = (llama_union("free", d, 4) for d in (0.25, 0.375, 0.5))
     assert u375 == pytest.approx((u25 + u50) / 2)
 
 

@@ -32,3 +32,20 @@ def test_schedule_is_cached_on_the_weight_and_not_saved():
     assert moved.values.dtype == torch.float64
     again = get_schedule(moved, 2, transposed=True)
     assert again.group_ptr.dtype == torch.int32 and torch.equal(again.union_col, first.union_col)
+
+
+def test_groups_launch_largest_union_first_with_a_partial_group_last():
+    # 7 block rows (the last group of G=2 is partial) with unions of very different sizes.
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(7, 12, generator=gen) < torch.linspace(0.1, 0.9, 7)[:, None]
+    mask[:, 0] = True
+    weight = BlockSparseWeight.from_dense(torch.randn(112, 192), mask)
+    for transposed in (False, True):
+        schedule = get_schedule(weight, 2, transposed=transposed)
+        sizes = (schedule.group_ptr[1:] - schedule.group_ptr[:-1]).tolist()
+        full = [s for s, rows in zip(sizes, schedule.group_rows.tolist()) if -1 not in rows]
+        assert full == sorted(full, reverse=True) and len(full) >= 3, sizes
+        if not transposed:
+            assert -1 in schedule.group_rows[-1].tolist()          # the partial group stays last
+        rows = mask.shape[1 if transposed else 0]
+        assert sorted(r for r in schedule.group_rows.flatten().tolist() if r >= 0) == list(range(rows))
