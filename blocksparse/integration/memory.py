@@ -16,8 +16,8 @@ v repeated to the query heads under GQA), the rotary tables, the MLP's gate, up 
 their product, and the LoRA terms of the backend: the torch backend (CPU) keeps per
 adapted linear its input, its dropout output and T = x A^T (checked against the
 saved tensors of tiny models in tests/integration/test_memory.py, within 15%); the
-Triton op keeps only the inputs dA or dW need, once per shared input, and T (its
-dropout mask is regenerated; checked the same way, in the interpreter). Plus the fp32 log-softmax of the logits and its gradient.
+Triton op keeps only the inputs dA or dW need, once per shared input, T, and its
+dropout keep mask packed one bit per element (checked the same way, in the interpreter). Plus the fp32 log-softmax of the logits and its gradient.
 """
 
 from __future__ import annotations
@@ -143,14 +143,16 @@ def activation_bytes_per_layer_token(shape: Shape, setup: Setup) -> float:
         if setup.train_values:  # dW needs the other linears' inputs too
             total += sum(s * shapes[name][1] for name in set(PROJECTIONS) - adapted)
         return total
-    # Triton (the op's saved tensors, measured in the interpreter): the dropout mask is
-    # regenerated from its seed; a linear keeps its input only when dA or dW needs it, once
-    # per shared input (down's input is the MLP product, counted above), and T (input dtype).
+    # Triton (the op's saved tensors, measured in the interpreter): a linear keeps its input only
+    # when dA or dW needs it, once per shared input (down's input is the MLP product, counted
+    # above), T (input dtype) and, with dropout, its keep mask at one bit per element.
     needs_input = adapted | (set(PROJECTIONS) if setup.train_values else set())
     for group in SHARED_INPUTS:
         if needs_input & set(group) and group != ("down_proj",):
             total += s * shapes[group[0]][1]
     total += s * setup.lora_r * len(adapted)
+    if setup.lora_dropout:
+        total += sum(shapes[name][1] / 8 for name in adapted)
     return total
 
 

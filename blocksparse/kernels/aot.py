@@ -67,8 +67,8 @@ def _matmul_signature(kernel, dt: str) -> dict:
     sig = {name: f"*{dt}" for name in ("X", "VALUES", "Y", "BIAS", "LORA_E")}
     sig.update({name: "*i32" for name in ("GROUP_PTR", "UNION_COL", "UNION_BLOCK", "GROUP_ROWS", "COUNTER",
                                          "NONFINITE")})
-    sig.update({"LORA_T": f"*{dt}", "PARTIAL": "*fp32", "SEED": "*i64"})
-    sig.update({name: "i32" for name in ("M", "N_OUT", "num_groups", "stride_xm", "stride_ym",
+    sig.update({"LORA_T": f"*{dt}", "PARTIAL": "*fp32", "KEEP_BITS": "*i32"})
+    sig.update({name: "i32" for name in ("M", "N_OUT", "num_groups", "stride_xm", "stride_ym", "stride_keep",
                                           "stride_e_out", "stride_e_r", "lora_rank")})
     sig.update({"scaling": "fp32", "dropout_p": "fp32"})
     sig.update({name: "constexpr" for name in (
@@ -80,7 +80,7 @@ def _matmul_signature(kernel, dt: str) -> dict:
 def _lora_signature(kernel, dt: str, ones: tuple[str, ...] = ()) -> dict:
     """Signature of the LoRA kernels; `ones` are int strides the JIT specializes to 1."""
     types = {"X": f"*{dt}", "A": f"*{dt}", "GS": f"*{dt}", "T": f"*{dt}", "PARTIAL": "*fp32",
-             "COUNTER": "*i32", "SEED": "*i64", "dropout_p": "fp32"}
+             "COUNTER": "*i32", "SEED": "*i64", "KEEP_BITS": "*i32", "dropout_p": "fp32"}
     constexprs = ("BM", "BK", "RP", "SPLITS", "HAS_DROPOUT", "DOT_PRECISION") + ones
     return {name: "constexpr" if name in constexprs else types.get(name, "i32")
             for name in kernel.arg_names}
@@ -138,7 +138,7 @@ def compile_specs(dtype: torch.dtype = torch.bfloat16, arch: int = 90) -> list[d
             cfg, split_k=1, transposed=False, has_bias=False, has_lora=False, rank_padded=16, out_dropout=False,
             precision=precision, nonfinite_pass=nonfinite_passes(g)[0]))
     # The shrink runs on X with A [r, K] (stride_a_k = 1) and, in backward, on dY with B^T
-    # (B [N, r]: stride_a_r = 1); dA with dropout regenerates the mask over X [M, K].
+    # (B [N, r]: stride_a_r = 1); dA with dropout reads the shrink's keep bits over X [M, K].
     feature_dims = sorted({d for shape in LLAMA2_7B_SHAPES for d in shape})
     for m, k in itertools.product(LAUNCH_M, feature_dims):
         cfg, _ = shrink_config(m, k, 16, NUM_SMS[arch])

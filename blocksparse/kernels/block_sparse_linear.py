@@ -27,14 +27,15 @@ block row at its true place, so the numerics do not depend on the order.
   the epilogue: one kernel, deterministic.
 - LoRA: a small "shrink" kernel computes T = drop(X) A^T first (dropout from a
   Philox seed keyed by the element's linear index m*K + k, one four-output call
-  per four neighbours: `_dropout_keep`), its K-split partials summed once, by
-  the split that finishes last; the main kernel's accumulator starts at the
+  per four neighbours: `_dropout_keep`; the keep bits stored packed, one bit
+  per element, for the backward), its K-split partials summed once, by the
+  split that finishes last; the main kernel's accumulator starts at the
   expand s * T B^T (one MMA before the main loop), so the LoRA term costs no
   second accumulator and no extra pass over Y.
 - Backward: dX = dY W + s * drop'((dY B) A) is the same kernel over
   the transposed block structure (it reads the same `values` tiles
-  transposed) starting from the LoRA term with the regenerated dropout mask; dA is a skinny Triton GEMM when dropout is on (it regenerates the
-  mask instead of storing it) and torch otherwise; dB = s * dY^T T and
+  transposed) starting from the LoRA term with the stored dropout bits; dA is
+  a skinny Triton GEMM when dropout is on (it reads the bits) and torch otherwise; dB = s * dY^T T and
   dbias = dY.sum(0) are torch (cuBLAS handles those skinny GEMMs well). When
   the kept blocks are trained, dW at the stored blocks (X^T dY restricted to
   them: an SDD product) is `_sdd_kernel`, one program per KB blocks of a row.
@@ -93,6 +94,22 @@ def _dropout_keep(seed, row_start, cols, dropout_p, BC: tl.constexpr):
 
 
 @triton.jit
+def _pack_keep_bits(keep, BC: tl.constexpr):
+    """[R, BC] keep bits -> [R, BC // 32] int32 words, bit j of word w = column 32 w + j."""
+    tl.static_assert(BC % 32 == 0)
+    shifted = keep.to(tl.int32) << (tl.arange(0, BC) % 32)[None, :]
+    return tl.sum(tl.reshape(shifted, (keep.shape[0], BC // 32, 32)), axis=2)  # distinct bits: sum = or
+
+
+@triton.jit
+def _stored_keep(KEEP_BITS, rows, cols, mask, stride_keep):
+    """The keep bits of elements (rows[:, None], cols[None, :]) from the shrink's packed mask."""
+    words = tl.load(KEEP_BITS + rows.to(tl.int64)[:, None] * stride_keep + (cols // 32)[None, :], mask=mask,
+                    other=0)
+    return ((words >> (cols % 32)[None, :]) & 1) != 0
+
+
+@triton.jit
 def _out_columns(group, GROUP_ROWS, BS: tl.constexpr, G: tl.constexpr):
     """(output columns, valid) of a group's [*, G*b] tile: its block rows' true places."""
     nn = tl.arange(0, BS * G)
@@ -102,7 +119,7 @@ def _out_columns(group, GROUP_ROWS, BS: tl.constexpr, G: tl.constexpr):
 
 
 @triton.jit
-def _lora_expand(rm, m_mask, out_col, n_mask, LORA_T, LORA_E, SEED, N_OUT, stride_e_out, stride_e_r,
+def _lora_expand(rm, m_mask, out_col, n_mask, LORA_T, LORA_E, KEEP_BITS, stride_keep, stride_e_out, stride_e_r,
                  lora_rank, scaling, dropout_p, BS: tl.constexpr, G: tl.constexpr, RP: tl.constexpr,
                  LORA_OUT_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """s * T E^T [BM, G*b] in fp32: the LoRA term the accumulator starts from (T [M, RP] is
@@ -112,8 +129,8 @@ def _lora_expand(rm, m_mask, out_col, n_mask, LORA_T, LORA_E, SEED, N_OUT, strid
     e = tl.load(LORA_E + out_col[None, :] * stride_e_out + rr[:, None] * stride_e_r,
                 mask=n_mask[None, :] & (rr < lora_rank)[:, None], other=0.0)
     lora = _mma(t, e, tl.zeros((t.shape[0], BS * G), dtype=tl.float32), DOT_PRECISION)
-    if LORA_OUT_DROPOUT:  # backward: the dropout mask of the forward input, regenerated
-        keep = _dropout_keep(tl.load(SEED), rm.to(tl.int64) * N_OUT, out_col, dropout_p, BS * G)
+    if LORA_OUT_DROPOUT:  # backward: the forward's dropout mask, as the shrink stored it
+        keep = _stored_keep(KEEP_BITS, rm, out_col, m_mask[:, None] & n_mask[None, :], stride_keep)
         lora = tl.where(keep, lora / (1.0 - dropout_p), 0.0)
     return scaling * lora
 
@@ -131,8 +148,8 @@ def _epilogue_store(acc, rm, m_mask, out_col, n_mask, Y, BIAS, stride_ym, HAS_BI
 def _bsl_matmul_kernel(
     X, VALUES, Y,
     GROUP_PTR, UNION_COL, UNION_BLOCK, GROUP_ROWS,
-    BIAS, LORA_T, LORA_E, SEED, PARTIAL, COUNTER, NONFINITE,
-    M, N_OUT, num_groups, stride_xm, stride_ym, stride_e_out, stride_e_r, lora_rank,
+    BIAS, LORA_T, LORA_E, KEEP_BITS, PARTIAL, COUNTER, NONFINITE,
+    M, N_OUT, num_groups, stride_xm, stride_ym, stride_keep, stride_e_out, stride_e_r, lora_rank,
     scaling, dropout_p,
     BS: tl.constexpr, G: tl.constexpr, KC: tl.constexpr, BM: tl.constexpr,
     SPLIT_K: tl.constexpr, TRANS_W: tl.constexpr, DIRECT_W: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -199,15 +216,11 @@ def _bsl_matmul_kernel(
             hit = tl.maximum(hit, tl.max(bad_col[:, :, None] * present.to(tl.int32)[None, :, :], axis=1))
     out_col, n_mask = _out_columns(group, GROUP_ROWS, BS, G)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    if HAS_LORA:
-        if SPLIT_K == 1:
-            acc = _lora_expand(rm, m_mask, out_col, n_mask, LORA_T, LORA_E, SEED, N_OUT, stride_e_out,
-                               stride_e_r, lora_rank, scaling, dropout_p, BS, G, RP, LORA_OUT_DROPOUT,
-                               DOT_PRECISION)
-        elif pid_k == 0:
-            acc = _lora_expand(rm, m_mask, out_col, n_mask, LORA_T, LORA_E, SEED, N_OUT, stride_e_out,
-                               stride_e_r, lora_rank, scaling, dropout_p, BS, G, RP, LORA_OUT_DROPOUT,
-                               DOT_PRECISION)
+    if HAS_LORA:  # split 0 carries the term; the others multiply masked-off zeros (no traffic): a
+        # branch here spilled on sm_80 (decode-sized dX with dropout, split in two)
+        acc = _lora_expand(rm, m_mask & (rm * 0 + pid_k == 0), out_col, n_mask, LORA_T, LORA_E, KEEP_BITS, stride_keep,
+                           stride_e_out, stride_e_r, lora_rank, scaling, dropout_p, BS, G, RP, LORA_OUT_DROPOUT,
+                           DOT_PRECISION)
     for u in range(u_begin, u_end, KC):
         # The LUT entries of this step: KC union columns x G rows, expanded to
         # the [BK, BN] tile by broadcasting (no per-element gather).
@@ -264,8 +277,8 @@ def _bsl_matmul_kernel(
 
 
 @triton.jit
-def _lora_shrink_kernel(X, A, T, PARTIAL, COUNTER, SEED, M, K, lora_rank, stride_xm, stride_a_r, stride_a_k,
-                        dropout_p, BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
+def _lora_shrink_kernel(X, A, T, PARTIAL, COUNTER, SEED, KEEP_BITS, M, K, lora_rank, stride_xm, stride_a_r,
+                        stride_a_k, stride_keep, dropout_p, BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
                         SPLITS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """T = drop(X) @ A^T [M, RP] in X's dtype (columns past the rank are zero).
 
@@ -273,7 +286,9 @@ def _lora_shrink_kernel(X, A, T, PARTIAL, COUNTER, SEED, M, K, lora_rank, stride
     an fp32 partial and the last to arrive at its token tile (an atomic
     counter) sums them in split order and stores T once, so every program of
     the main kernel reads one T tile. Dropout keeps element (m, k) iff
-    rand(seed, m*K + k) >= p.
+    rand(seed, m*K + k) >= p; the keep bits are stored packed, 32 to an int32
+    word (KEEP_BITS [M, ceil(K/32)]), for the backward to read instead of
+    regenerating them twice (dX's LoRA term and dA).
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -294,6 +309,9 @@ def _lora_shrink_kernel(X, A, T, PARTIAL, COUNTER, SEED, M, K, lora_rank, stride
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, rm.to(tl.int64) * K, rk, dropout_p, BK)
             x = tl.where(keep, x.to(tl.float32) / (1.0 - dropout_p), 0.0).to(x.dtype)
+            words = k // 32 + tl.arange(0, BK // 32)  # k is a multiple of BK: whole words
+            tl.store(KEEP_BITS + rm.to(tl.int64)[:, None] * stride_keep + words[None, :], _pack_keep_bits(keep, BK),
+                     mask=m_mask[:, None] & (words * 32 < k_end)[None, :])
         a = tl.load(A + rr[None, :] * stride_a_r + rk[:, None] * stride_a_k,
                     mask=(rr < lora_rank)[None, :] & k_mask[:, None], other=0.0)
         acc = _mma(x, a, acc, DOT_PRECISION)
@@ -315,13 +333,13 @@ def _lora_shrink_kernel(X, A, T, PARTIAL, COUNTER, SEED, M, K, lora_rank, stride
 
 
 @triton.jit
-def _lora_grad_a_kernel(GS, X, PARTIAL, SEED, M, K, lora_rank, stride_gm, stride_xm, dropout_p,
+def _lora_grad_a_kernel(GS, X, PARTIAL, KEEP_BITS, M, K, lora_rank, stride_gm, stride_xm, stride_keep, dropout_p,
                         BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, SPLITS: tl.constexpr,
                         DOT_PRECISION: tl.constexpr):
     """PARTIAL[split] = GS[split's rows]^T @ drop(X)[split's rows], fp32 [SPLITS, RP, K].
 
-    dA = s (dY B)^T drop(X) with the dropout mask regenerated from the seed,
-    so no [M, K] mask is ever stored.
+    dA = s (dY B)^T drop(X) with the forward's dropout mask read from the shrink's
+    packed bits (one bit per element).
     """
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -331,7 +349,6 @@ def _lora_grad_a_kernel(GS, X, PARTIAL, SEED, M, K, lora_rank, stride_gm, stride
     m_per_split = tl.cdiv(tl.cdiv(M, BM), SPLITS) * BM
     m_begin = pid_s * m_per_split
     m_end = tl.minimum(M, m_begin + m_per_split)
-    seed = tl.load(SEED)
     acc = tl.zeros((RP, BK), dtype=tl.float32)
     for m in range(m_begin, m_end, BM):
         rm = m + tl.arange(0, BM)
@@ -340,7 +357,7 @@ def _lora_grad_a_kernel(GS, X, PARTIAL, SEED, M, K, lora_rank, stride_gm, stride
                     mask=m_mask[None, :] & (rr < lora_rank)[:, None], other=0.0)
         x = tl.load(X + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :],
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        keep = _dropout_keep(seed, rm.to(tl.int64) * K, rk, dropout_p, BK)
+        keep = _stored_keep(KEEP_BITS, rm, rk, m_mask[:, None] & k_mask[None, :], stride_keep)
         x = tl.where(keep, x.to(tl.float32) / (1.0 - dropout_p), 0.0).to(x.dtype)
         acc = _mma(g, x, acc, DOT_PRECISION)
     tl.store(PARTIAL + (pid_s * RP + rr)[:, None] * K + rk[None, :], acc, mask=k_mask[None, :])
@@ -426,9 +443,9 @@ def _fastest(candidates: list, run) -> object:
 # launchers
 # --------------------------------------------------------------------------
 def _lora_shrink(x: torch.Tensor, a: torch.Tensor, stride_a_r: int, stride_a_k: int, rank: int,
-                 seed: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
-    """T = drop(x) @ A^T [M, RP] in x's dtype (RP = the rank padded to a power of two >= 16),
-    A given by strides as [rank, K]."""
+                 seed: torch.Tensor | None, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T = drop(x) @ A^T [M, RP] in x's dtype (RP = the rank padded to a power of two >= 16),
+    the keep bits packed [M, ceil(K/32)] int32, empty without dropout); A given by strides as [rank, K]."""
     m, k = x.shape
     rp = max(16, triton.next_power_of_2(rank))
     num_sms, _, _ = _device_limits(x.device)
@@ -437,25 +454,27 @@ def _lora_shrink(x: torch.Tensor, a: torch.Tensor, stride_a_r: int, stride_a_k: 
     m_tiles = triton.cdiv(m, bm)
     t = torch.empty((m, rp), dtype=x.dtype, device=x.device)
     partial = counter = t
+    keep_bits = torch.empty((m, -(-k // 32)) if dropout_p > 0 else (0, 0), dtype=torch.int32, device=x.device)
     if splits > 1:
         partial = torch.empty((splits, m_tiles * bm, rp), dtype=torch.float32, device=x.device)
         counter = torch.zeros(m_tiles, dtype=torch.int32, device=x.device)
     _lora_shrink_kernel[(m_tiles, splits)](
-        x, a, t, partial, counter, seed if seed is not None else t, m, k, rank, x.stride(0),
-        stride_a_r, stride_a_k, float(dropout_p), HAS_DROPOUT=dropout_p > 0,
+        x, a, t, partial, counter, seed if seed is not None else t, keep_bits, m, k, rank, x.stride(0),
+        stride_a_r, stride_a_k, keep_bits.stride(0), float(dropout_p), HAS_DROPOUT=dropout_p > 0,
         DOT_PRECISION=dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **cfg.constexprs)
-    return t
+    return t, keep_bits
 
 
 def _sparse_matmul(x: torch.Tensor, values: torch.Tensor, luts: list[torch.Tensor], n_out: int,
                    *, transposed: bool, bias: torch.Tensor | None = None,
                    lora_t: torch.Tensor | None = None, lora_e: torch.Tensor | None = None,
                    e_strides: tuple[int, int] = (0, 0), lora_rank: int = 0, scaling: float = 1.0,
-                   out_dropout_p: float = 0.0, seed: torch.Tensor | None = None,
+                   out_dropout_p: float = 0.0, keep_bits: torch.Tensor | None = None,
                    split_k: int = 0) -> torch.Tensor:
-    """Y [M, n_out] = x @ W_view^T (+ bias) (+ scaling * T E^T) with `_bsl_matmul_kernel`
-    (one launch; two for grouped schedules, the second a non-finite repair pass)."""
+    """Y [M, n_out] = x @ W_view^T (+ bias) (+ scaling * drop'(T E^T)) with `_bsl_matmul_kernel`
+    (one launch; two for grouped schedules, the second a non-finite repair pass); drop' applies
+    the packed keep bits [M, ceil(n_out/32)] with out_dropout_p."""
     group_ptr, union_col, union_block, group_rows = luts
     m = x.shape[0]
     bs, groups, g = values.shape[1], group_rows.shape[0], group_rows.shape[1]
@@ -485,8 +504,9 @@ def _sparse_matmul(x: torch.Tensor, values: torch.Tensor, luts: list[torch.Tenso
             _bsl_matmul_kernel[(m_tiles * split_k * groups,)](
                 x, values, y, group_ptr, union_col, union_block, group_rows,
                 bias if bias is not None else y, lora_t if lora_t is not None else y,
-                lora_e if lora_e is not None else y, seed if seed is not None else y, partial, counter,
-                nonfinite, m, n_out, groups, x.stride(0), y.stride(0), e_strides[0], e_strides[1], lora_rank,
+                lora_e if lora_e is not None else y, keep_bits if keep_bits is not None else y, partial, counter,
+                nonfinite, m, n_out, groups, x.stride(0), y.stride(0),
+                keep_bits.stride(0) if keep_bits is not None else 0, e_strides[0], e_strides[1], lora_rank,
                 float(scaling), float(out_dropout_p), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 **matmul_constexprs(cfg, split_k=split_k, transposed=transposed, has_bias=bias is not None,
                                     has_lora=lora_t is not None, rank_padded=rp, out_dropout=out_dropout_p > 0,
@@ -503,9 +523,9 @@ def _sparse_matmul(x: torch.Tensor, values: torch.Tensor, luts: list[torch.Tenso
     return y
 
 
-def _lora_grad_a_dropout(gs: torch.Tensor, x: torch.Tensor, seed: torch.Tensor,
+def _lora_grad_a_dropout(gs: torch.Tensor, x: torch.Tensor, keep_bits: torch.Tensor,
                          dropout_p: float) -> torch.Tensor:
-    """gs^T @ drop(x) [r, K] with the forward's dropout mask regenerated in the kernel."""
+    """gs^T @ drop(x) [r, K] with the forward's dropout mask read from its packed keep bits."""
     m, k = x.shape
     rank = gs.shape[1]
     rp = max(16, triton.next_power_of_2(rank))
@@ -515,7 +535,7 @@ def _lora_grad_a_dropout(gs: torch.Tensor, x: torch.Tensor, seed: torch.Tensor,
     partial = torch.empty((splits, rp, k), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(k, cfg.constexprs["BK"]), splits)
     _lora_grad_a_kernel[grid](
-        gs, x, partial, seed, m, k, rank, gs.stride(0), x.stride(0), float(dropout_p),
+        gs, x, partial, keep_bits, m, k, rank, gs.stride(0), x.stride(0), keep_bits.stride(0), float(dropout_p),
         DOT_PRECISION=dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **cfg.constexprs)
     return partial.sum(0)[:rank].to(x.dtype)
@@ -576,21 +596,27 @@ def _linear_op(x: torch.Tensor, values: torch.Tensor, luts: list[torch.Tensor],
                t_luts: list[torch.Tensor], w_luts: list[torch.Tensor], bias: torch.Tensor | None,
                lora_a: torch.Tensor | None,
                lora_b: torch.Tensor | None, seed: torch.Tensor | None, n_out: int, scaling: float,
-               dropout_p: float, split_k: int, save_shrink: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Y, T) with T = drop(x) A^T [M, r] kept for the backward (empty unless save_shrink).
-    w_luts: the weight's (crow, col, row_perm) when its values are trained, else empty."""
+               dropout_p: float, split_k: int, save_shrink: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Y, T, keep bits) with T = drop(x) A^T [M, r] kept for the backward (empty unless
+    save_shrink) and the dropout keep mask packed [M, ceil(K/32)] int32 (empty without
+    LoRA dropout). w_luts: the weight's (crow, col, row_perm) when its values are trained, else empty."""
     if lora_a is not None and dropout_p > 0 and seed is None:
         raise ValueError(f"LoRA dropout p={dropout_p} needs a seed tensor (int64 [1]), got None")
     x = _aligned(x)
     lora_t = lora_e = None
     rank = 0
     shrink = x.new_empty((0, 0))
+    has_dropout = lora_a is not None and dropout_p > 0
+    keep_bits = torch.empty((x.shape[0], -(-x.shape[1] // 32)) if has_dropout else (0, 0), dtype=torch.int32,
+                            device=x.device)
     if x.shape[0] == 0:
         y = x.new_empty((0, n_out))
-        return y, x.new_empty((0, lora_a.shape[0])) if lora_a is not None and save_shrink else shrink
+        return y, x.new_empty((0, lora_a.shape[0])) if lora_a is not None and save_shrink else shrink, keep_bits
     if lora_a is not None:
         rank = lora_a.shape[0]
-        lora_t = _lora_shrink(x, lora_a, lora_a.stride(0), lora_a.stride(1), rank, seed, dropout_p)
+        lora_t, keep_bits = _lora_shrink(x, lora_a, lora_a.stride(0), lora_a.stride(1), rank, seed,
+                                         dropout_p if has_dropout else 0.0)
         lora_e = lora_b
         if save_shrink:
             shrink = lora_t[:, :rank].contiguous()
@@ -598,21 +624,23 @@ def _linear_op(x: torch.Tensor, values: torch.Tensor, luts: list[torch.Tensor],
                        lora_e=lora_e,
                        e_strides=(lora_b.stride(0), lora_b.stride(1)) if lora_b is not None else (0, 0),
                        lora_rank=rank, scaling=scaling, split_k=split_k)
-    return y, shrink
+    return y, shrink, keep_bits
 
 
 @_linear_op.register_fake
 def _linear_fake(x, values, luts, t_luts, w_luts, bias, lora_a, lora_b, seed, n_out, scaling, dropout_p,
                  split_k, save_shrink):
     shrink_shape = (x.shape[0], lora_a.shape[0]) if lora_a is not None and save_shrink else (0, 0)
-    return x.new_empty((x.shape[0], n_out)), x.new_empty(shrink_shape)
+    keep_shape = (x.shape[0], -(-x.shape[1] // 32)) if lora_a is not None and dropout_p > 0 else (0, 0)
+    return (x.new_empty((x.shape[0], n_out)), x.new_empty(shrink_shape),
+            x.new_empty(keep_shape, dtype=torch.int32))
 
 
 @torch.library.custom_op("blocksparse::linear_backward", mutates_args=())
 def _linear_backward_op(grad_y: torch.Tensor, x: torch.Tensor, values: torch.Tensor,
                         t_luts: list[torch.Tensor], w_luts: list[torch.Tensor], lora_a: torch.Tensor | None,
                         lora_b: torch.Tensor | None, shrink: torch.Tensor | None,
-                        seed: torch.Tensor | None, scaling: float, dropout_p: float, split_k: int,
+                        keep_bits: torch.Tensor | None, scaling: float, dropout_p: float, split_k: int,
                         need_x: bool, need_w: bool, need_a: bool, need_b: bool
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dX, dW at the stored blocks, dA, dB); a gradient that is not needed comes back empty."""
@@ -628,16 +656,16 @@ def _linear_backward_op(grad_y: torch.Tensor, x: torch.Tensor, values: torch.Ten
                 torch.zeros_like(lora_a) if need_a else grad_a, torch.zeros_like(lora_b) if need_b else grad_b)
     if lora_a is not None and (need_x or need_a):
         # U = dY B: the shrink kernel over dY with B^T as its [r, N] factor.
-        lora_u = _lora_shrink(grad_y, lora_b, lora_b.stride(1), lora_b.stride(0), rank, None, 0.0)
+        lora_u, _ = _lora_shrink(grad_y, lora_b, lora_b.stride(1), lora_b.stride(0), rank, None, 0.0)
     if need_x:
         grad_x = _sparse_matmul(
             grad_y, values, t_luts, k, transposed=True, lora_t=lora_u, lora_e=lora_a,
             e_strides=(lora_a.stride(1), lora_a.stride(0)) if lora_a is not None else (0, 0),
-            lora_rank=rank, scaling=scaling, out_dropout_p=dropout_p, seed=seed, split_k=split_k)
+            lora_rank=rank, scaling=scaling, out_dropout_p=dropout_p, keep_bits=keep_bits, split_k=split_k)
     if need_a:
         gs = lora_u[:, :rank] * scaling
         if dropout_p > 0:
-            grad_a = _lora_grad_a_dropout(gs, x, seed, dropout_p)
+            grad_a = _lora_grad_a_dropout(gs, x, keep_bits, dropout_p)
         else:
             grad_a = gs.t() @ x
     if need_b:
@@ -646,7 +674,7 @@ def _linear_backward_op(grad_y: torch.Tensor, x: torch.Tensor, values: torch.Ten
 
 
 @_linear_backward_op.register_fake
-def _linear_backward_fake(grad_y, x, values, t_luts, w_luts, lora_a, lora_b, shrink, seed, scaling,
+def _linear_backward_fake(grad_y, x, values, t_luts, w_luts, lora_a, lora_b, shrink, keep_bits, scaling,
                           dropout_p, split_k, need_x, need_w, need_a, need_b):
     empty = x.new_empty((0,))
     return (x.new_empty(x.shape) if need_x else empty, values.new_empty(values.shape) if need_w else empty,
@@ -660,11 +688,12 @@ def _setup_context(ctx, inputs, output):
     ctx.num_luts, ctx.num_t_luts, ctx.num_w_luts = len(luts), len(t_luts), len(w_luts)
     ctx.scaling, ctx.dropout_p, ctx.split_k = scaling, dropout_p, split_k
     ctx.has_bias, ctx.has_lora = bias is not None, lora_a is not None
-    ctx.save_for_backward(x, values, lora_a, lora_b, output[1], seed, *t_luts, *w_luts)
+    ctx.mark_non_differentiable(output[2])
+    ctx.save_for_backward(x, values, lora_a, lora_b, output[1], output[2], *t_luts, *w_luts)
 
 
-def _backward(ctx, grad_y, _grad_shrink):
-    x, values, lora_a, lora_b, shrink, seed, *luts = ctx.saved_tensors
+def _backward(ctx, grad_y, _grad_shrink, _grad_keep_bits):
+    x, values, lora_a, lora_b, shrink, keep_bits, *luts = ctx.saved_tensors
     t_luts, w_luts = luts[:ctx.num_t_luts], luts[ctx.num_t_luts:]
     need = ctx.needs_input_grad
     need_x, need_w, need_bias = need[0], need[1], ctx.has_bias and need[5]
@@ -679,7 +708,7 @@ def _backward(ctx, grad_y, _grad_shrink):
             raise RuntimeError("blocksparse: the block values need a gradient but the forward ran "
                                "without the structure (they did not require grad then)")
         grad_x, grad_w, grad_a, grad_b = torch.ops.blocksparse.linear_backward(
-            grad_y, x, values, t_luts, w_luts, lora_a, lora_b, shrink, seed, ctx.scaling,
+            grad_y, x, values, t_luts, w_luts, lora_a, lora_b, shrink, keep_bits, ctx.scaling,
             ctx.dropout_p, ctx.split_k, need_x, need_w, need_a, need_b)
     if need_bias:
         grad_bias = grad_y.sum(0)
@@ -754,7 +783,7 @@ def block_sparse_linear_triton(x2d: torch.Tensor, weight: BlockSparseWeight,
     if dropout_p > 0 and seed is None:
         seed = new_dropout_seed(x2d.device)
     save_shrink = bool(has_lora and grad_on and lora_b.requires_grad)
-    y, _ = torch.ops.blocksparse.linear(
+    y, _, _ = torch.ops.blocksparse.linear(
         x2d, weight.values, luts, t_luts, w_luts, bias, lora_a, lora_b, seed if dropout_p > 0 else None,
         weight.shape[0], float(scaling), float(dropout_p), int(split_k), save_shrink)
     return y

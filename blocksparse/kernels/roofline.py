@@ -54,10 +54,9 @@ compute efficiency)) + one launch gap; a call sums its kernels.
   to 6.4 TB/s for the 132-SM H100 SXM / H200; A100 4.5 TB/s (assumed, not measured).
 - Dropout's Philox is ALU work: PHILOX_OPS_PER_ELEMENT integer instructions per
   element (counted in the sm_90 PTX of `_dropout_keep_kernel`) at 64 per clock per SM,
-  over M x K three times on our path (shrink, the dX LoRA term, dA: no mask is
-  stored) and once for PyTorch's dropout kernel (which writes the mask and drop(X)).
-  In the skinny kernels the ALU overlaps memory (max); in the main kernel the dX term's
-  Philox runs before the main loop and is added.
+  over M x K once on both paths: our shrink stores the keep bits (M K / 8 bytes, read
+  back by dX's LoRA term and dA), PyTorch's dropout kernel writes a bool mask and
+  drop(X). The ALU overlaps memory (max).
 - cuBLAS keeps its measured 0.80 with no L2 term of its own: that measurement holds
   its L2 traffic (Hopper's cuBLAS multicasts tiles across CTA clusters, which our
   kernels do not; with our L2 accounting and no multicast it would be L2-bound).
@@ -193,7 +192,6 @@ class KernelCost:
     triton: bool = False
     mma_n: int = 128
     alu_ops: float = 0.0
-    alu_serial: bool = False   # the ALU work sits before the MMA loop instead of beside memory traffic
     waves: float = 1.0
     measured: bool = False     # cuBLAS's GEMM: its measured efficiency already holds its L2 traffic
 
@@ -208,10 +206,10 @@ class KernelCost:
         alu = self.alu_ops / device.int_ops_per_s
         compute = self.flops / (device.peak_flops(dtype) * eff) * self.waves
         times = {"memory": self.hbm_bytes / device.hbm_bytes_per_s,
-                 "compute": compute + (alu if self.alu_serial else 0.0)}
+                 "compute": compute}
         if not self.measured:
             times["l2"] = self.l2_bytes / (device.l2_measured_tbps * 1e12)
-        if alu and not self.alu_serial:
+        if alu:
             times["alu"] = alu
         return times
 
@@ -300,26 +298,25 @@ def _skinny(name: str, rows: int, cols: int, inner: int, e: int, extra_bytes: fl
 
 
 def _sparse_kernel(name: str, M: int, N: int, K: int, e: int, density: float, union: float, group_size: int,
-                   rank_pad: int, device: Device, block_m: int, alu_ops: float = 0.0) -> KernelCost:
+                   rank_pad: int, device: Device, block_m: int, extra_bytes: float = 0.0) -> KernelCost:
     """Our kernel computing M x N outputs over K with `density` of the blocks present.
 
     Decode (M <= 64): every present block once, the X slab of each block re-read per
     block row from L2 (the M real token rows: padding rows are masked loads). Grouped (M > 64): programs of block_m x 16G walk the union.
     rank_pad > 0 adds the fused LoRA expand (T [M, rank_pad] and B [N, rank_pad], input dtype).
-    alu_ops: the dX LoRA term's Philox, before the main loop.
+    extra_bytes: the dX LoRA term's dropout keep bits.
     """
     nnz = density * (N // BLOCK) * (K // BLOCK)
     w = nnz * BLOCK * BLOCK * e
     x, y = M * K * e, M * N * e
-    lora = (M + N) * rank_pad * e
+    lora = (M + N) * rank_pad * e + extra_bytes
     if M <= DECODE_MAX_M:
         m_pad = math.ceil(M / BLOCK) * BLOCK
         meta = nnz * 4 + (N // BLOCK + 1) * 4
         # The X slab is re-read per block row; the MMA's padding rows are masked loads (no traffic).
-        l2 = w + meta + (N // BLOCK) * (density * K + rank_pad) * e * M + y + N * rank_pad * e
+        l2 = w + meta + (N // BLOCK) * (density * K + rank_pad) * e * M + y + N * rank_pad * e + extra_bytes
         flops = 2.0 * m_pad * N * K * density + 2.0 * m_pad * N * rank_pad
-        return KernelCost(name, _hbm(x, w, y + meta + lora, device), l2, flops, triton=True, mma_n=BLOCK,
-                          alu_ops=alu_ops, alu_serial=True)
+        return KernelCost(name, _hbm(x, w, y + meta + lora, device), l2, flops, triton=True, mma_n=BLOCK)
     bn = BLOCK * group_size
     groups = math.ceil(N / bn)
     m_tiles = math.ceil(M / block_m)
@@ -327,11 +324,10 @@ def _sparse_kernel(name: str, M: int, N: int, K: int, e: int, density: float, un
     meta = groups * union * (K // BLOCK) * 4 * (1 + group_size)  # union_col + union_block[U, G], int32
     l2 = (m_pad * union * K * e * groups                 # X slab per union column, per group
           + m_tiles * (w + meta)                           # present blocks per M tile
-          + y + m_tiles * N * rank_pad * e + m_pad * rank_pad * e * groups)
+          + y + m_tiles * N * rank_pad * e + m_pad * rank_pad * e * groups + extra_bytes)
     flops = 2.0 * m_pad * N * K * union + 2.0 * m_pad * N * rank_pad
     waves = _wave_factor(m_tiles * groups, device.sms * CTA_SLOTS_PER_SM)
-    return KernelCost(name, _hbm(x, w, y + meta + lora, device), l2, flops, triton=True, mma_n=bn,
-                      alu_ops=alu_ops, alu_serial=True, waves=waves)
+    return KernelCost(name, _hbm(x, w, y + meta + lora, device), l2, flops, triton=True, mma_n=bn, waves=waves)
 
 
 def predict(provider: str, M: int, N: int, K: int, *, density: float = 1.0, union_density: float | None = None,
@@ -383,6 +379,7 @@ def predict(provider: str, M: int, N: int, K: int, *, density: float = 1.0, unio
         return min(candidates, key=lambda p: p.time_s)
 
     philox = M * K * PHILOX_OPS_PER_ELEMENT if dropout else 0.0  # one pass of keep bits over X [M, K]
+    keep_bits = M * K / 8 if dropout else 0.0                       # our stored keep mask, packed
     kernels: list[KernelCost] = []
     gemm = 2.0 * M * N * K * (density if provider.startswith("sparse") else 1.0)
     useful = gemm + 2.0 * M * r * (N + K) + (gemm + 4.0 * M * r * (N + K) if backward else 0.0)
@@ -414,7 +411,7 @@ def predict(provider: str, M: int, N: int, K: int, *, density: float = 1.0, unio
             raise ValueError(f"union_density must lie in [density, 1] = [{density}, 1], got {union}")
         rank_pad = math.ceil(r / BLOCK) * BLOCK
         if r:
-            kernels.append(_skinny("T = drop(X) A^T", M, r, K, e, triton=True, alu_ops=philox))
+            kernels.append(_skinny("T = drop(X) A^T", M, r, K, e, keep_bits, triton=True, alu_ops=philox))
         kernels.append(_sparse_kernel("Y = X W^T (+T B^T)", M, N, K, e, density, union, g, rank_pad, dev, block_m))
         if backward:
             if union_density_bwd is not None:
@@ -424,13 +421,13 @@ def predict(provider: str, M: int, N: int, K: int, *, density: float = 1.0, unio
             else:
                 union_bwd = measured(True)
             kernels.append(_sparse_kernel("dX = dY W (+dT A)", M, K, N, e, density, union_bwd, g, rank_pad,
-                                          dev, block_m, alu_ops=philox))
+                                          dev, block_m, keep_bits))
     if backward and r:
         ours = provider == "sparse_lora"
         kernels.append(_skinny("dT = s dY B", M, r, N, e, triton=ours))
         kernels.append(_skinny("dB = s dY^T T", N, r, M, e))
-        kernels.append(_skinny("dA = dT^T drop(X)", r, K, M, e, triton=ours and dropout,
-                               alu_ops=philox if ours else 0.0))
+        kernels.append(_skinny("dA = dT^T drop(X)", r, K, M, e, keep_bits if ours else 0.0,
+                               triton=ours and dropout))
         if provider == "dense_lora":
             kernels.append(_skinny("dX += dT A", M, K, r, e, extra_bytes=M * K * e))
             if dropout:  # the mask applied to dT A before it joins dX

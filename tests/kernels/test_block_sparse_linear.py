@@ -418,11 +418,15 @@ def test_fake_tensor_path():
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         x, bias, a, b = (mode.from_tensor(t.to(DEVICE)) for t in real)
         w_luts = [weight.crow, weight.col, weight.row_perm]
-        y, shrink = torch.ops.blocksparse.linear(x, weight.values, luts, t_luts, w_luts, bias, a, b, None,
-                                                 64, 1.0, 0.0, 0, True)
-        assert y.shape == (5, 64) and shrink.shape == (5, RANK)
+        y, shrink, keep_bits = torch.ops.blocksparse.linear(x, weight.values, luts, t_luts, w_luts, bias, a, b,
+                                                            None, 64, 1.0, 0.0, 0, True)
+        assert y.shape == (5, 64) and shrink.shape == (5, RANK) and keep_bits.shape == (0, 0)
+        seed = mode.from_tensor(torch.zeros(1, dtype=torch.int64, device=DEVICE))
+        _, _, keep_bits = torch.ops.blocksparse.linear(x, weight.values, luts, t_luts, w_luts, bias, a, b, seed,
+                                                       64, 1.0, 0.1, 0, True)
+        assert keep_bits.shape == (5, 2) and keep_bits.dtype == torch.int32   # 48 columns: two words
         grads = torch.ops.blocksparse.linear_backward(y, x, weight.values, t_luts, w_luts, a, b, shrink,
-                                                      None, 1.0, 0.0, 0, True, True, True, False)
+                                                      keep_bits, 1.0, 0.1, 0, True, True, True, False)
         assert [tuple(g.shape) for g in grads] == [(5, 48), tuple(weight.values.shape), (RANK, 48), (0,)]
 
 
