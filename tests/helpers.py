@@ -102,3 +102,56 @@ def sparse_layers(model):
 def masked_dense(linear, mask, b=16):
     """The weight of `linear` with the blocks outside `mask` zeroed."""
     return linear.weight.detach() * mask.repeat_interleave(b, 0).repeat_interleave(b, 1)
+
+
+def fsdp_lora_worker(rank: int, world_size: int, init_file: str, out_file: str, steps: int = 3):
+    """One rank of the FSDP2 test (tests/integration/test_fsdp.py), on the CPU with gloo: the
+    pruned tiny Llama with LoRA on q/v, every decoder layer and the root `fully_shard`ed, a few
+    AdamW steps on a batch of its own. Rank 0 writes what the test checks to `out_file` (JSON)."""
+    import json
+
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from blocksparse.integration.peft import get_peft_model, lora_config
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        model, _ = prune_tiny()
+        before = {name + ".sparse_weight": {key: t.detach().clone() for key, t in m.sparse_weight.state_dict().items()}
+                  for name, m in sparse_layers(model).items()}
+        model = get_peft_model(model, lora_config(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                  target_modules=["q_proj", "v_proj"]))
+        model.train()
+        ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(rank))
+        with torch.no_grad():
+            unsharded_loss = float(model(input_ids=ids, labels=ids).loss)
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        values = [m.sparse_weight.values for m in sparse_layers(model).values()]
+        sharded = all(isinstance(v, DTensor) and v.to_local().shape[0] < v.shape[0] for v in values)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses = []
+        for _ in range(steps):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(float(loss))
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            prefix = "base_model.model."
+            unchanged = all(torch.equal(full[prefix + name.replace("q_proj", "q_proj.base_layer")
+                                             .replace("v_proj", "v_proj.base_layer") + "." + key], t)
+                            for name, tensors in before.items() for key, t in tensors.items())
+            lora_b = [t for key, t in full.items() if "lora_B" in key]
+            with open(out_file, "w") as f:
+                json.dump({"sharded": sharded, "unchanged": unchanged, "losses": losses,
+                           "unsharded_loss": unsharded_loss, "lora_b_trained": all(bool(t.abs().sum() > 0) for t in lora_b),
+                           "lora_b_count": len(lora_b), "values_count": len(values)}, f)
+    finally:
+        dist.destroy_process_group()
