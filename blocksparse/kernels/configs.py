@@ -67,10 +67,10 @@ def matmul_config(m: int, block_size: int, group_size: int, element_size: int, *
     """Tile config of `_bsl_matmul_kernel` for M tokens (the regime follows from M) on compute
     capability `arch` (80 for 8.0, 90 for 9.0).
 
-    `dropout_epilogue`: the backward's LoRA dropout (the keep mask on the LoRA
-    term; Philox regenerated it when this rule was set) takes 8 warps from a 128x64 tile on, and BM=64 above it, to
-    keep two CTAs per SM (compile report: 4 warps at G=4 took 235-252
-    registers, BM=128 at G=8 224-238 and one CTA; as chosen, 118-124).
+    `dropout_epilogue`: the backward's LoRA dropout (the stored keep bits applied
+    to the LoRA term) takes 8 warps from a 128x64 tile on, and BM=64 above it, to
+    keep two CTAs per SM (sm_90 compile report: G=8 at BM=128 took 143 registers
+    at 8 warps, one CTA, and spilled at 4; at BM=64, 113 at 8 warps).
     Before Hopper (mma.sync, no wgmma) a 128-wide group tile takes BM=64: the
     128x128 tile compiled to 191-197 registers at 8 warps on sm_80, one CTA per
     SM; 64x128 at 4 warps is 168 and three.
