@@ -151,7 +151,8 @@ def fsdp_lora_worker(rank: int, world_size: int, init_file: str, out_file: str, 
             lora_b = [t for key, t in full.items() if "lora_B" in key]
             with open(out_file, "w") as f:
                 json.dump({"sharded": sharded, "unchanged": unchanged, "losses": losses,
-                           "unsharded_loss": unsharded_loss, "lora_b_trained": all(bool(t.abs().sum() > 0) for t in lora_b),
+                           "unsharded_loss": unsharded_loss,
+                           "lora_b_trained": all(bool(t.abs().sum() > 0) for t in lora_b),
                            "lora_b_count": len(lora_b), "values_count": len(values)}, f)
     finally:
         dist.destroy_process_group()

@@ -217,7 +217,8 @@ def _bsl_matmul_kernel(
     out_col, n_mask = _out_columns(group, GROUP_ROWS, BS, G)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     if HAS_LORA:  # split 0 carries the term; the others multiply masked-off zeros (no traffic): a
-        # branch here spilled on sm_80 (decode-sized dX with dropout, split in two)
+        # branch here spilled on sm_80 (decode-sized dX with dropout, split in two). The split test
+        # is a [BM] vector: the interpreter rejects a scalar bool in a load mask.
         acc = _lora_expand(rm, m_mask & (rm * 0 + pid_k == 0), out_col, n_mask, LORA_T, LORA_E, KEEP_BITS, stride_keep,
                            stride_e_out, stride_e_r, lora_rank, scaling, dropout_p, BS, G, RP, LORA_OUT_DROPOUT,
                            DOT_PRECISION)
@@ -442,6 +443,11 @@ def _fastest(candidates: list, run) -> object:
 # --------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------
+def _keep_bits_shape(m: int, k: int, dropout: bool) -> tuple[int, int]:
+    """Shape of the packed dropout keep mask of an [m, k] input: 32 bits per int32 word."""
+    return (m, -(-k // 32)) if dropout else (0, 0)
+
+
 def _lora_shrink(x: torch.Tensor, a: torch.Tensor, stride_a_r: int, stride_a_k: int, rank: int,
                  seed: torch.Tensor | None, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(T = drop(x) @ A^T [M, RP] in x's dtype (RP = the rank padded to a power of two >= 16),
@@ -454,7 +460,7 @@ def _lora_shrink(x: torch.Tensor, a: torch.Tensor, stride_a_r: int, stride_a_k: 
     m_tiles = triton.cdiv(m, bm)
     t = torch.empty((m, rp), dtype=x.dtype, device=x.device)
     partial = counter = t
-    keep_bits = torch.empty((m, -(-k // 32)) if dropout_p > 0 else (0, 0), dtype=torch.int32, device=x.device)
+    keep_bits = torch.empty(_keep_bits_shape(m, k, dropout_p > 0), dtype=torch.int32, device=x.device)
     if splits > 1:
         partial = torch.empty((splits, m_tiles * bm, rp), dtype=torch.float32, device=x.device)
         counter = torch.zeros(m_tiles, dtype=torch.int32, device=x.device)
@@ -608,8 +614,7 @@ def _linear_op(x: torch.Tensor, values: torch.Tensor, luts: list[torch.Tensor],
     rank = 0
     shrink = x.new_empty((0, 0))
     has_dropout = lora_a is not None and dropout_p > 0
-    keep_bits = torch.empty((x.shape[0], -(-x.shape[1] // 32)) if has_dropout else (0, 0), dtype=torch.int32,
-                            device=x.device)
+    keep_bits = torch.empty(_keep_bits_shape(*x.shape, has_dropout), dtype=torch.int32, device=x.device)
     if x.shape[0] == 0:
         y = x.new_empty((0, n_out))
         return y, x.new_empty((0, lora_a.shape[0])) if lora_a is not None and save_shrink else shrink, keep_bits
@@ -631,7 +636,7 @@ def _linear_op(x: torch.Tensor, values: torch.Tensor, luts: list[torch.Tensor],
 def _linear_fake(x, values, luts, t_luts, w_luts, bias, lora_a, lora_b, seed, n_out, scaling, dropout_p,
                  split_k, save_shrink):
     shrink_shape = (x.shape[0], lora_a.shape[0]) if lora_a is not None and save_shrink else (0, 0)
-    keep_shape = (x.shape[0], -(-x.shape[1] // 32)) if lora_a is not None and dropout_p > 0 else (0, 0)
+    keep_shape = _keep_bits_shape(*x.shape, lora_a is not None and dropout_p > 0)
     return (x.new_empty((x.shape[0], n_out)), x.new_empty(shrink_shape),
             x.new_empty(keep_shape, dtype=torch.int32))
 

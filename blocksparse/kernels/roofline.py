@@ -302,7 +302,8 @@ def _sparse_kernel(name: str, M: int, N: int, K: int, e: int, density: float, un
     """Our kernel computing M x N outputs over K with `density` of the blocks present.
 
     Decode (M <= 64): every present block once, the X slab of each block re-read per
-    block row from L2 (the M real token rows: padding rows are masked loads). Grouped (M > 64): programs of block_m x 16G walk the union.
+    block row from L2 (the M real token rows: padding rows are masked loads). Grouped
+    (M > 64): programs of block_m x 16G walk the union.
     rank_pad > 0 adds the fused LoRA expand (T [M, rank_pad] and B [N, rank_pad], input dtype).
     extra_bytes: the dX LoRA term's dropout keep bits.
     """
@@ -482,10 +483,10 @@ LORA_LINEARS = {"q/k/v/o": 2}  # q_proj and v_proj carry the adapter in a layer'
 
 
 def layer_times(device: str, sparsity: float, m: int, backward: bool, *, lora_rank: int = 0,
-                dropout: bool = False, model: str = "honest", masks: str = "grouped", dtype="bf16",
-                fused_overhead: bool = False) -> tuple[float, float]:
-    """(dense, sparse) seconds of one Llama-2-7B decoder layer's seven linears; lora_rank > 0
-    puts LoRA on q_proj and v_proj. fused_overhead: (sparse without LoRA, sparse with) instead."""
+                dropout: bool = False, model: str = "honest", masks: str = "grouped",
+                dtype="bf16") -> tuple[float, float, float]:
+    """(dense, sparse, sparse without LoRA) seconds of one Llama-2-7B decoder layer's seven
+    linears; lora_rank > 0 puts LoRA on q_proj and v_proj."""
     dense = sparse = plain = 0.0
     for name, n, k in LLAMA2_7B_SHAPES:
         count = LAYER_COUNTS[name]
@@ -500,7 +501,7 @@ def layer_times(device: str, sparsity: float, m: int, backward: bool, *, lora_ra
             dense += c * predict("dense_lora" if lora else "dense", m, n, k, **kw, **extra).time_s
             sparse += c * predict("sparse_lora" if lora else "sparse", m, n, k, density=1 - sparsity,
                                   group_size=base.group_size, **kw, **extra).time_s
-    return (plain, sparse) if fused_overhead else (dense, sparse)
+    return dense, sparse, plain
 
 
 def _layer_summary(device: str, sparsities, lora_rank: int, dtype, model: str = "honest",
@@ -510,8 +511,8 @@ def _layer_summary(device: str, sparsities, lora_rank: int, dtype, model: str = 
              "| regime | sparsity | dense us | sparse us | speedup |", "|---|---|---|---|---|"]
     for regime, m, backward in REGIMES:
         for s in sparsities:
-            dense, sparse = layer_times(device, s, m, backward, lora_rank=lora_rank, model=model, masks=masks,
-                                        dtype=dtype)
+            dense, sparse, _ = layer_times(device, s, m, backward, lora_rank=lora_rank, model=model, masks=masks,
+                                           dtype=dtype)
             lines.append(f"| {regime} | {s:.0%} | {dense * 1e6:.1f} | {sparse * 1e6:.1f} | {dense / sparse:.2f}x |")
     return "\n".join(lines)
 
@@ -534,8 +535,8 @@ def compare_table(device: str = "h200", sparsities=(0.5, 0.75), lora_rank: int =
         for s in sparsities:
             cells = []
             for model, masks in (("ideal", "free"), ("honest", "free"), ("honest", "grouped")):
-                dense, sparse = layer_times(device, s, m, backward, lora_rank=r, dropout=dropout, model=model,
-                                            masks=masks, dtype=dtype)
+                dense, sparse, _ = layer_times(device, s, m, backward, lora_rank=r, dropout=dropout, model=model,
+                                               masks=masks, dtype=dtype)
                 cells.append(f"{dense / sparse:.2f}x")
             lines.append(f"| {label} | {s:.0%} | " + " | ".join(cells) + " |")
     lines += ["", "Fused LoRA (r=%d on q/v, no dropout) over the same sparse layer without LoRA:" % lora_rank, "",
@@ -544,8 +545,7 @@ def compare_table(device: str = "h200", sparsities=(0.5, 0.75), lora_rank: int =
         for s in sparsities:
             cells = []
             for model in ("ideal", "honest"):
-                plain, fused = layer_times(device, s, m, backward, lora_rank=lora_rank, model=model, dtype=dtype,
-                                           fused_overhead=True)
+                _, fused, plain = layer_times(device, s, m, backward, lora_rank=lora_rank, model=model, dtype=dtype)
                 cells.append(f"{fused / plain - 1:+.1%}")
             lines.append(f"| {label} | {s:.0%} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
