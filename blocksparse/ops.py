@@ -200,104 +200,6 @@ def _sparse_matmul_t_small_m(grad_y: torch.Tensor, weight: BlockSparseWeight) ->
     return grad_x.reshape(m, k)
 
 
-def _shared_groups(weight: BlockSparseWeight) -> dict:
-    """The row groups of a weight whose groups are fully shared (each group's G storage
-    rows hold the same U block columns; the last group may be shorter): `parts` lists
-    (first storage row, rows per group, groups, their columns [groups, U]) for the full
-    groups and the short one. `usable` is False for any other weight."""
-    g, (rows, _) = weight.row_group, weight.block_grid
-    crow = weight.crow.long()
-    counts = crow[1:] - crow[:-1]
-    if g < 2 or weight.nnz_blocks == 0 or not bool((counts == counts[0]).all()):
-        return {"usable": False}
-    per_row, parts = int(counts[0]), []
-    full, tail = divmod(rows, g)
-    for first, size, groups in ((0, g, full), (full * g, tail, 1 if tail else 0)):
-        if groups == 0:
-            continue
-        cols = weight.col.long()[first * per_row:(first + groups * size) * per_row].view(groups, size, per_row)
-        if not bool((cols == cols[:, :1]).all()):
-            return {"usable": False}
-        parts.append((first, size, groups, cols[:, 0]))
-    return {"usable": True, "per_row": per_row, "parts": parts}
-
-
-def _packed(weight: BlockSparseWeight, per_row: int, first: int, size: int, groups: int) -> torch.Tensor:
-    """[groups, U*b, size*b]: each group's W^T tile as one dense matrix (a copy, per call)."""
-    b = weight.block_size
-    tiles = weight.values[first * per_row:(first + groups * size) * per_row].view(groups, size, per_row, b, b)
-    return tiles.permute(0, 2, 3, 1, 4).reshape(groups, per_row * b, size * b)
-
-
-def _blocks_of_work(m: int, groups: int, tile_bytes: int, slab_row_bytes: int) -> tuple[int, int]:
-    """(groups, token rows) per step of the grouped product: a step's packed tiles
-    ([groups, U*b, G*b], `tile_bytes` per group) stay in cache while every token chunk
-    multiplies them, and its gathered slab ([groups, rows, U*b], `slab_row_bytes` per
-    group and row) stays in cache instead of streaming through memory."""
-    group_step = max(1, min(groups, _GROUP_TILE_BYTES // max(tile_bytes, 1)))
-    return group_step, max(1, min(m, _GROUP_SLAB_BYTES // max(group_step * slab_row_bytes, 1)))
-
-
-def _block_rows(t: torch.Tensor, width: int, m0: int, m1: int, index: torch.Tensor) -> torch.Tensor:
-    """[m1 - m0, len(index), b]: the b-wide column blocks `index` of token rows m0..m1 of
-    t [M, width * b], gathered as rows of a [M * width, b] view: one index_select over
-    many rows, which runs at copy speed (a dim-1 select of few blocks does not)."""
-    b = t.shape[1] // width
-    rows = torch.arange(m0 * width, m1 * width, width, device=t.device)
-    return t.view(-1, b).index_select(0, (rows[:, None] + index[None, :]).reshape(-1)).view(m1 - m0, -1, b)
-
-
-def _grouped_matmul(x: torch.Tensor, weight: BlockSparseWeight, layout: dict) -> torch.Tensor:
-    """Y = X W^T for fully shared row groups: per group one GEMM of the group's gathered
-    X columns [M, U*b] with its packed tile [U*b, G*b]: union = density, no zero tiles.
-    Groups and token rows are blocked (`_blocks_of_work`); the tiles are packed one
-    group chunk at a time, never all at once."""
-    m, (n, _), b = x.shape[0], weight.shape, weight.block_size
-    x, es = x.contiguous(), x.element_size()
-    out = x.new_empty(m, n)  # block rows in storage order
-    for first, size, groups, cols in layout["parts"]:
-        span, width = layout["per_row"] * b, size * b
-        group_step, rows = _blocks_of_work(m, groups, span * width * es, span * es)
-        for g0 in range(0, groups, group_step):
-            g1 = min(g0 + group_step, groups)
-            packed = _packed(weight, layout["per_row"], first + g0 * size, size, g1 - g0)  # [gs, U*b, G*b]
-            start, stop = first * b + g0 * width, first * b + g1 * width
-            for m0 in range(0, m, rows):
-                m1 = min(m0 + rows, m)
-                gathered = _block_rows(x, weight.block_grid[1], m0, m1, cols[g0:g1].reshape(-1))
-                result = torch.bmm(gathered.view(m1 - m0, g1 - g0, span).transpose(0, 1), packed)
-                out[m0:m1, start:stop].view(m1 - m0, g1 - g0, width).copy_(result.transpose(0, 1))
-    to_true = weight.layout("padded_rows", _padded_rows)["to_true"]
-    return out if to_true is None else _block_rows(out, weight.block_grid[0], 0, m, to_true).view(m, n)
-
-
-def _grouped_matmul_t(grad_y: torch.Tensor, weight: BlockSparseWeight, layout: dict) -> torch.Tensor:
-    """dX = dY W for fully shared row groups: per group dY's rows [M, G*b] times the packed
-    tile transposed, added into the group's columns; blocked like the forward."""
-    m, (n, k), b = grad_y.shape[0], weight.shape, weight.block_size
-    grad_y, es = grad_y.contiguous(), grad_y.element_size()
-    to_storage = weight.layout("padded_rows", _padded_rows)["to_storage"]
-    if to_storage is not None:
-        grad_y = _block_rows(grad_y, weight.block_grid[0], 0, m, to_storage).view(m, n)
-    n_cols = weight.block_grid[1]
-    grad_x = grad_y.new_zeros(m * n_cols, b)
-    for first, size, groups, cols in layout["parts"]:
-        span, width = layout["per_row"] * b, size * b
-        group_step, rows = _blocks_of_work(m, groups, span * width * es, span * es)
-        for g0 in range(0, groups, group_step):
-            g1 = min(g0 + group_step, groups)
-            packed_t = _packed(weight, layout["per_row"], first + g0 * size, size, g1 - g0).transpose(1, 2)
-            start, stop = first * b + g0 * width, first * b + g1 * width
-            for m0 in range(0, m, rows):
-                m1 = min(m0 + rows, m)
-                part = grad_y[m0:m1, start:stop].view(m1 - m0, g1 - g0, width).transpose(0, 1)
-                partial = torch.bmm(part, packed_t)  # [gs, rows, U*b]
-                targets = (torch.arange(m0 * n_cols, m1 * n_cols, n_cols, device=grad_y.device)[:, None]
-                           + cols[g0:g1].reshape(1, -1)).reshape(-1)
-                grad_x.index_add_(0, targets, partial.transpose(0, 1).reshape(-1, b))
-    return grad_x.view(m, k)
-
-
 def _grad_values_small_m(x: torch.Tensor, grad_y: torch.Tensor, weight: BlockSparseWeight) -> torch.Tensor:
     """dW at the stored blocks, in `values`' layout ([nnz, b, b]): per chunk of block rows
     the forward's gathered X columns, transposed, times the rows' dY ([ch, P*b, M] x
@@ -321,33 +223,153 @@ def _grad_values_small_m(x: torch.Tensor, grad_y: torch.Tensor, weight: BlockSpa
     return grad
 
 
+def _shared_groups(weight: BlockSparseWeight) -> dict:
+    """The row groups of a weight whose groups are fully shared (each group's G storage
+    rows hold the same U block columns; the last group may be shorter): `parts` lists
+    (first storage row, rows per group, groups, their columns [groups, U], the true block
+    rows of their storage rows [groups, G]) for the full groups and the short one.
+    `usable` is False for any other weight."""
+    g, (rows, _) = weight.row_group, weight.block_grid
+    crow = weight.crow.long()
+    counts = crow[1:] - crow[:-1]
+    if g < 2 or weight.nnz_blocks == 0 or not bool((counts == counts[0]).all()):
+        return {"usable": False}
+    per_row, parts = int(counts[0]), []
+    full, tail = divmod(rows, g)
+    for first, size, groups in ((0, g, full), (full * g, tail, 1 if tail else 0)):
+        if groups == 0:
+            continue
+        cols = weight.col.long()[first * per_row:(first + groups * size) * per_row].view(groups, size, per_row)
+        if not bool((cols == cols[:, :1]).all()):
+            return {"usable": False}
+        true_rows = weight.row_perm.long()[first:first + groups * size].view(groups, size)
+        parts.append((first, size, groups, cols[:, 0], true_rows))
+    return {"usable": True, "per_row": per_row, "parts": parts}
+
+
+def _blocks_of_work(m: int, groups: int, tile_bytes: int, slab_row_bytes: int) -> tuple[int, int]:
+    """(groups, token rows) per step of the grouped product: a step's packed tiles
+    ([groups, U*b, G*b], `tile_bytes` per group) stay in cache while every token chunk
+    multiplies them, and its gathered slab ([groups, rows, U*b], `slab_row_bytes` per
+    group and row) stays in cache instead of streaming through memory."""
+    group_step = max(1, min(groups, _GROUP_TILE_BYTES // max(tile_bytes, 1)))
+    return group_step, max(1, min(m, _GROUP_SLAB_BYTES // max(group_step * slab_row_bytes, 1)))
+
+
+def _group_steps(m: int, weight: BlockSparseWeight, layout: dict, like: torch.Tensor):
+    """The grouped product step by step: yields (first storage row, rows per group G, groups
+    in the step gs, their columns [gs*U], their true block rows [gs*G], token rows per chunk,
+    buffers). One set of buffers per part serves all its steps (tiles [gs, U*b, G*b], a
+    chunk's slab [rows, gs, U*b] and result [rows, gs, G*b], as flat storage): a fresh
+    multi-MiB tensor per step cost more in page faults than the copies into it (4096x4096,
+    M = 2048: gathering X 226 ms into new tensors, 50 ms into one buffer)."""
+    b, per_row = weight.block_size, layout["per_row"]
+    span, es = per_row * b, like.element_size()
+    for first, size, groups, cols, true_rows in layout["parts"]:
+        width = size * b
+        group_step, rows = _blocks_of_work(m, groups, span * width * es, span * es)
+        buffers = {"tiles": like.new_empty(group_step * span * width),
+                   "slab": like.new_empty(rows * group_step * span),
+                   "result": like.new_empty(rows * group_step * width)}
+        for g0 in range(0, groups, group_step):
+            g1 = min(g0 + group_step, groups)
+            yield (first + g0 * size, size, g1 - g0, cols[g0:g1].reshape(-1), true_rows[g0:g1].reshape(-1),
+                   rows, buffers)
+
+
+def _pack(weight: BlockSparseWeight, first: int, size: int, groups: int, buffer: torch.Tensor) -> torch.Tensor:
+    """[groups, U*b, size*b] in `buffer`: each group's W^T tiles as one dense matrix."""
+    b, per_row = weight.block_size, weight.nnz_blocks // weight.block_grid[0]
+    tiles = weight.values[first * per_row:(first + groups * size) * per_row].view(groups, size, per_row, b, b)
+    packed = buffer[:tiles.numel()].view(groups, per_row, b, size, b)
+    packed.copy_(tiles.permute(0, 2, 3, 1, 4))
+    return packed.view(groups, per_row * b, size * b)
+
+
+def _unpack(packed: torch.Tensor, weight: BlockSparseWeight, first: int, size: int, out: torch.Tensor) -> None:
+    """The inverse of `_pack`: [groups, U*b, size*b] written as the groups' tiles of `out`
+    (laid out like `values`)."""
+    b, groups = weight.block_size, packed.shape[0]
+    per_row = packed.shape[1] // b
+    out[first * per_row:(first + groups * size) * per_row].view(groups, size, per_row, b, b).copy_(
+        packed.view(groups, per_row, b, size, b).permute(0, 3, 1, 2, 4))
+
+
+def _block_index(blocks_per_token: int, tokens: int, blocks: torch.Tensor) -> torch.Tensor:
+    """Row indices into the [tokens * blocks_per_token, b] view of a [tokens, width] matrix
+    that name its b-wide column blocks `blocks` in each token row, token-major. Gathers
+    and scatters through such a view run at copy speed (a dim-1 select of a few blocks ran
+    3-4x slower), and the first r tokens' indices are a prefix."""
+    starts = torch.arange(0, tokens * blocks_per_token, blocks_per_token, device=blocks.device)
+    return (starts[:, None] + blocks[None, :]).reshape(-1)
+
+
+def _grouped_matmul(x: torch.Tensor, weight: BlockSparseWeight, layout: dict) -> torch.Tensor:
+    """Y = X W^T for fully shared row groups: per group one GEMM of the group's gathered
+    X columns [M, U*b] with its packed tile [U*b, G*b] (union = density, no zero tiles),
+    written straight to the group's true block rows of Y. Groups and token rows are
+    blocked (`_blocks_of_work`); the tiles are packed one step at a time, never all at once."""
+    m, (n, _), b = x.shape[0], weight.shape, weight.block_size
+    (rows_out, cols_in), span = weight.block_grid, layout["per_row"] * b
+    x = x.contiguous()
+    out = x.new_empty(m, n)
+    for first, size, gs, cols, true_rows, rows, buf in _group_steps(m, weight, layout, x):
+        packed = _pack(weight, first, size, gs, buf["tiles"])
+        gather, scatter = _block_index(cols_in, rows, cols), _block_index(rows_out, rows, true_rows)
+        for m0 in range(0, m, rows):
+            r = min(rows, m - m0)
+            slab = torch.index_select(x[m0:m0 + r].view(-1, b), 0, gather[:r * cols.numel()],
+                                      out=buf["slab"][:r * gs * span].view(-1, b)).view(r, gs, span)
+            result = buf["result"][:r * true_rows.numel() * b].view(r, gs, size * b)
+            for j in range(gs):
+                torch.mm(slab[:, j], packed[j], out=result[:, j])
+            out[m0:m0 + r].view(-1, b).index_copy_(0, scatter[:r * true_rows.numel()], result.view(-1, b))
+    return out
+
+
+def _grouped_matmul_t(grad_y: torch.Tensor, weight: BlockSparseWeight, layout: dict) -> torch.Tensor:
+    """dX = dY W for fully shared row groups: per group dY's columns of the group's true
+    rows [M, G*b] times the packed tile transposed, added into the group's columns;
+    blocked like the forward."""
+    m, (_, k), b = grad_y.shape[0], weight.shape, weight.block_size
+    (rows_out, cols_in), span = weight.block_grid, layout["per_row"] * b
+    grad_y = grad_y.contiguous()
+    grad_x = grad_y.new_zeros(m, k)
+    for first, size, gs, cols, true_rows, rows, buf in _group_steps(m, weight, layout, grad_y):
+        packed = _pack(weight, first, size, gs, buf["tiles"])
+        gather, scatter = _block_index(rows_out, rows, true_rows), _block_index(cols_in, rows, cols)
+        for m0 in range(0, m, rows):
+            r = min(rows, m - m0)
+            part = torch.index_select(grad_y[m0:m0 + r].view(-1, b), 0, gather[:r * true_rows.numel()],
+                                      out=buf["result"][:r * true_rows.numel() * b].view(-1, b)).view(r, gs, -1)
+            partial = buf["slab"][:r * gs * span].view(r, gs, span)
+            for j in range(gs):
+                torch.mm(part[:, j], packed[j].t(), out=partial[:, j])
+            grad_x[m0:m0 + r].view(-1, b).index_add_(0, scatter[:r * cols.numel()], partial.view(-1, b))
+    return grad_x
+
+
 def _grad_values_grouped(x: torch.Tensor, grad_y: torch.Tensor, weight: BlockSparseWeight,
                          layout: dict) -> torch.Tensor:
     """dW at the stored blocks for fully shared row groups: per group the gathered X
-    columns transposed times the group's dY rows ([U*b, M] x [M, G*b], one GEMM per
-    group, accumulated over the forward's token chunks), unpacked into `values`' layout."""
-    m, (n, _), b = x.shape[0], weight.shape, weight.block_size
-    x, grad_y, es = x.contiguous(), grad_y.contiguous(), x.element_size()
-    to_storage = weight.layout("padded_rows", _padded_rows)["to_storage"]
-    if to_storage is not None:
-        grad_y = _block_rows(grad_y, weight.block_grid[0], 0, m, to_storage).view(m, n)
+    columns transposed times the group's dY columns ([U*b, M] x [M, G*b], one GEMM per
+    group, accumulated over the token chunks), unpacked into `values`' layout."""
+    m, b = x.shape[0], weight.block_size
+    (rows_out, cols_in), span = weight.block_grid, layout["per_row"] * b
+    x, grad_y = x.contiguous(), grad_y.contiguous()
     grad = torch.empty_like(weight.values)
-    per_row = layout["per_row"]
-    for first, size, groups, cols in layout["parts"]:
-        span, width = per_row * b, size * b
-        group_step, rows = _blocks_of_work(m, groups, span * width * es, span * es)
-        for g0 in range(0, groups, group_step):
-            g1 = min(g0 + group_step, groups)
-            start, stop = first * b + g0 * width, first * b + g1 * width
-            packed = x.new_zeros(g1 - g0, span, width)  # [gs, U*b, G*b]: the packed tiles' gradient
-            for m0 in range(0, m, rows):
-                m1 = min(m0 + rows, m)
-                gathered = _block_rows(x, weight.block_grid[1], m0, m1, cols[g0:g1].reshape(-1))
-                part = grad_y[m0:m1, start:stop].view(m1 - m0, g1 - g0, width).transpose(0, 1)
-                packed.baddbmm_(gathered.view(m1 - m0, g1 - g0, span).permute(1, 2, 0), part)
-            blocks = grad[(first + g0 * size) * per_row:(first + g1 * size) * per_row]
-            blocks.view(g1 - g0, size, per_row, b, b).copy_(
-                packed.view(g1 - g0, per_row, b, size, b).permute(0, 3, 1, 2, 4))
+    for first, size, gs, cols, true_rows, rows, buf in _group_steps(m, weight, layout, x):
+        packed = buf["tiles"][:gs * span * size * b].view(gs, span, size * b).zero_()  # the tiles' gradient
+        x_index, y_index = _block_index(cols_in, rows, cols), _block_index(rows_out, rows, true_rows)
+        for m0 in range(0, m, rows):
+            r = min(rows, m - m0)
+            slab = torch.index_select(x[m0:m0 + r].view(-1, b), 0, x_index[:r * cols.numel()],
+                                      out=buf["slab"][:r * gs * span].view(-1, b)).view(r, gs, span)
+            part = torch.index_select(grad_y[m0:m0 + r].view(-1, b), 0, y_index[:r * true_rows.numel()],
+                                      out=buf["result"][:r * true_rows.numel() * b].view(-1, b)).view(r, gs, -1)
+            for j in range(gs):
+                packed[j].addmm_(slab[:, j].t(), part[:, j])
+        _unpack(packed, weight, first, size, grad)
     return grad
 
 
