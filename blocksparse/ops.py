@@ -31,6 +31,11 @@ BACKENDS = ("auto", "torch", "triton")
 # above it the dense product of the masked weight is faster on a CPU (measured:
 # docs/DESIGN.md, "The torch backend").
 SMALL_M_MAX = 16
+# Fully shared row groups (forward): up to BLOCKS_MAX_M_SHARED tokens each block row
+# gathers its own X columns, up to SHARED_SLAB_MAX_M a group's rows share one gathered
+# slab, above that each group runs one GEMM on its packed tiles (measured: docs/DESIGN.md).
+BLOCKS_MAX_M_SHARED = 4
+SHARED_SLAB_MAX_M = 64
 # Working-set size of one chunk of block rows in the small-M path: the gathered
 # X slab and the transposed weight tiles of a chunk should stay in cache.
 _CHUNK_BYTES = 1 << 20
@@ -244,7 +249,7 @@ def _shared_groups(weight: BlockSparseWeight) -> dict:
             return {"usable": False}
         true_rows = weight.row_perm.long()[first:first + groups * size].view(groups, size)
         parts.append((first, size, groups, cols[:, 0], true_rows))
-    return {"usable": True, "per_row": per_row, "parts": parts}
+    return {"usable": True, "per_row": per_row, "parts": parts, "true_rows": weight.row_perm.long()}
 
 
 def _blocks_of_work(m: int, groups: int, tile_bytes: int, slab_row_bytes: int) -> tuple[int, int]:
@@ -302,6 +307,28 @@ def _block_index(blocks_per_token: int, tokens: int, blocks: torch.Tensor) -> to
     3-4x slower), and the first r tokens' indices are a prefix."""
     starts = torch.arange(0, tokens * blocks_per_token, blocks_per_token, device=blocks.device)
     return (starts[:, None] + blocks[None, :]).reshape(-1)
+
+
+def _shared_slab_matmul(x: torch.Tensor, weight: BlockSparseWeight, layout: dict) -> torch.Tensor:
+    """Y = X W^T for fully shared row groups at a few dozen tokens: X's union columns gathered
+    once per group ([M, U*b], shared by the group's G rows) and each row's stored tiles
+    multiplied where they lie ([M, U*b] x [U*b, b]; one bmm per group reads the shared slab
+    through a zero batch stride). No packing: at this M copying the tiles costs about as
+    much as multiplying them, and a gather per row (the "blocks" path) copies X G times."""
+    m, (n, _), b = x.shape[0], weight.shape, weight.block_size
+    (rows_out, cols_in), per_row = weight.block_grid, layout["per_row"]
+    span = per_row * b
+    x_blocks = x.reshape(m, cols_in, b)
+    result = x.new_empty(rows_out, m, b)  # block rows in storage order
+    for first, size, groups, cols, _ in layout["parts"]:
+        slab = x_blocks.index_select(1, cols.reshape(-1)).view(m, groups, span)
+        tiles = weight.values[first * per_row:(first + groups * size) * per_row].view(groups, size, span, b)
+        for g in range(groups):
+            start = first + g * size
+            torch.bmm(slab[:, g].expand(size, m, span), tiles[g], out=result[start:start + size])
+    out = x.new_empty(m, n)
+    out.view(m, rows_out, b).index_copy_(1, layout["true_rows"], result.transpose(0, 1))
+    return out
 
 
 def _grouped_matmul(x: torch.Tensor, weight: BlockSparseWeight, layout: dict) -> torch.Tensor:
@@ -373,17 +400,26 @@ def _grad_values_grouped(x: torch.Tensor, grad_y: torch.Tensor, weight: BlockSpa
     return grad
 
 
-def torch_schedule(weight: BlockSparseWeight, m: int) -> str:
-    """How the torch backend multiplies M tokens by `weight`: "blocks" (only the stored
-    blocks, small M), "row-groups" (one GEMM per fully shared row group) or "dense"
-    (BLAS on the masked weight, materialised for the call).
+def torch_schedule(weight: BlockSparseWeight, m: int, backward: bool = False) -> str:
+    """How the torch backend multiplies M tokens by `weight` (forward, or with `backward`
+    the products dX = dY W and dW): "blocks" (each block row's stored blocks against its
+    own gathered X columns), "shared-slab" (fully shared row groups, forward only: the
+    stored blocks against X gathered once per group), "row-groups" (one GEMM per fully
+    shared group on its packed tiles) or "dense" (BLAS on the masked weight, materialised
+    for the call). The token counts where each wins were measured (docs/DESIGN.md, "The
+    torch backend").
 
     Pruned weights do not exist on every path: a non-finite input reaches only the
     outputs whose stored blocks read it. Dense BLAS would compute 0 * NaN, so an input
     holding NaN or inf takes the stored-blocks path at any M."""
-    if m <= SMALL_M_MAX:
+    shared = weight.layout("shared_groups", _shared_groups)["usable"]
+    if not shared:
+        return "blocks" if m <= SMALL_M_MAX else "dense"
+    if backward:
+        return "blocks" if m <= SMALL_M_MAX else "row-groups"
+    if m <= BLOCKS_MAX_M_SHARED:
         return "blocks"
-    return "row-groups" if weight.layout("shared_groups", _shared_groups)["usable"] else "dense"
+    return "shared-slab" if m <= SHARED_SLAB_MAX_M else "row-groups"
 
 
 def sparse_matmul_torch(x: torch.Tensor, weight: BlockSparseWeight) -> torch.Tensor:
@@ -391,6 +427,8 @@ def sparse_matmul_torch(x: torch.Tensor, weight: BlockSparseWeight) -> torch.Ten
     schedule = torch_schedule(weight, x.shape[0])
     if schedule == "blocks":
         return _sparse_matmul_small_m(x, weight)
+    if schedule == "shared-slab":
+        return _shared_slab_matmul(x, weight, weight.layout("shared_groups", _shared_groups))
     if schedule == "row-groups":
         return _grouped_matmul(x, weight, weight.layout("shared_groups", _shared_groups))
     if not bool(torch.isfinite(x).all()):
@@ -400,7 +438,7 @@ def sparse_matmul_torch(x: torch.Tensor, weight: BlockSparseWeight) -> torch.Ten
 
 def sparse_matmul_t_torch(grad_y: torch.Tensor, weight: BlockSparseWeight) -> torch.Tensor:
     """dX = dY [M, N] W with W block-sparse."""
-    schedule = torch_schedule(weight, grad_y.shape[0])
+    schedule = torch_schedule(weight, grad_y.shape[0], backward=True)
     if schedule == "blocks":
         return _sparse_matmul_t_small_m(grad_y, weight)
     if schedule == "row-groups":
@@ -414,7 +452,7 @@ def sparse_grad_values_torch(x: torch.Tensor, grad_y: torch.Tensor, weight: Bloc
     """dW = dY^T X [N, K] at the stored blocks only, in `values`' layout [nnz, b, b]
     (an SDD product: the structure never changes). Dense BLAS computes every entry of dW
     and keeps the stored ones, which read no pruned weight: exact for any input."""
-    schedule = torch_schedule(weight, x.shape[0])
+    schedule = torch_schedule(weight, x.shape[0], backward=True)
     if schedule == "blocks":
         return _grad_values_small_m(x, grad_y, weight)
     if schedule == "row-groups":

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from blocksparse import BlockSparseWeight, block_sparse_linear
-from blocksparse.ops import SMALL_M_MAX, torch_schedule
+from blocksparse.ops import SHARED_SLAB_MAX_M, SMALL_M_MAX, torch_schedule
 from helpers import assert_matches_reference, linear_lora, random_block_mask
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -100,10 +100,12 @@ def test_row_grouped_weights_match_the_reference(m, row_group, uniform_rows):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m, row_group, schedule", [(1, 2, "blocks"), (SMALL_M_MAX + 1, 2, "row-groups"),
+@pytest.mark.parametrize("m, row_group, schedule", [(1, 2, "blocks"), (7, 4, "shared-slab"),
+                                                    (SMALL_M_MAX + 1, 2, "shared-slab"), (40, 4, "shared-slab"),
                                                     (130, 3, "row-groups"), (70, 6, "row-groups"),
-                                                    (40, 4, "row-groups")])  # 6 block rows: a short last group
-def test_fully_shared_row_groups_run_one_gemm_per_group(dtype, m, row_group, schedule):
+                                                    (SHARED_SLAB_MAX_M + 1, 4, "row-groups")])
+def test_fully_shared_row_groups_share_their_gathered_input(dtype, m, row_group, schedule):
+    # 6 block rows: row_group 4 leaves a short last group
     run_and_compare(m, 96, 80, 0.4, dtype, bias=True, lora_rank=4, row_group=row_group, shared=True,
                     schedule=schedule)
 
@@ -113,8 +115,8 @@ def test_fully_shared_row_groups_run_one_gemm_per_group(dtype, m, row_group, sch
     (0, 0.5, False, 1, False, "blocks"), (1, 0.5, False, 1, False, "blocks"),
     (7, 0.25, True, 1, False, "blocks"), (7, 0.5, False, 3, False, "blocks"),
     (SMALL_M_MAX + 1, 0.5, False, 1, False, "dense"), (130, 1.0, True, 1, False, "dense"),
-    (130, 0.0, False, 1, False, "dense"), (SMALL_M_MAX + 1, 0.4, True, 2, True, "row-groups"),
-    (70, 0.4, True, 6, True, "row-groups"), (40, 0.4, True, 4, True, "row-groups")])
+    (130, 0.0, False, 1, False, "dense"), (SMALL_M_MAX + 1, 0.4, True, 2, True, "shared-slab"),
+    (70, 0.4, True, 6, True, "row-groups"), (40, 0.4, True, 4, True, "shared-slab")])
 def test_trained_block_values_get_the_reference_gradient(dtype, m, density, uniform_rows, row_group, shared,
                                                          schedule):
     # dW at the stored blocks on every schedule, with bias and LoRA beside it.
@@ -245,6 +247,30 @@ def test_bad_inputs_name_expected_and_given():
         block_sparse_linear(x, torch.randn(32, 48))
 
 
+def check_fuzzed_case(w, m, dtype, lora_rank, gen):
+    """Output, dX and dW at the stored blocks (and LoRA's gradients) against fp64."""
+    n, k = w.shape
+    w.values.requires_grad_(True)
+    x64 = torch.randn(m, k, generator=gen, dtype=torch.float64)
+    a64 = torch.randn(lora_rank, k, generator=gen, dtype=torch.float64) if lora_rank else None
+    b64 = torch.randn(n, lora_rank, generator=gen, dtype=torch.float64) if lora_rank else None
+    leaves = lambda dt: [None if t is None else t.to(dt, copy=True).requires_grad_() for t in (x64, a64, b64)]  # noqa: E731
+    inputs = {dt: leaves(dt) for dt in (torch.float64, dtype)}
+    ours = leaves(dtype)
+    w_ref, w_torch = (w.to_dense().detach().to(dt).requires_grad_() for dt in (torch.float64, dtype))
+    y = block_sparse_linear(ours[0], w, None, ours[1], ours[2], scaling=0.5, backend="torch")
+    y_ref = linear_lora(inputs[torch.float64][0], w_ref, None, *inputs[torch.float64][1:], 0.5)
+    y_torch = linear_lora(inputs[dtype][0], w_torch, None, *inputs[dtype][1:], 0.5)
+    assert_matches_reference(y.detach(), y_ref.detach(), y_torch.detach())
+    grad = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    for out, g in ((y, grad.to(dtype)), (y_ref, grad), (y_torch, grad.to(dtype))):
+        out.backward(g)
+    assert_matches_reference(w.values.grad, w.blocks_of(w_ref.grad), w.blocks_of(w_torch.grad), "grad values")
+    for name, mine, ref, theirs in zip(("x", "lora_a", "lora_b"), ours, inputs[torch.float64], inputs[dtype]):
+        if mine is not None:
+            assert_matches_reference(mine.grad, ref.grad, theirs.grad, f"grad {name}")
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     m=st.integers(0, 40),
@@ -261,24 +287,44 @@ def test_property_matches_dense_reference(m, n_blocks, k_blocks, block_size, den
     n, k = n_blocks * block_size, k_blocks * block_size
     mask = random_block_mask(n_blocks, k_blocks, density, generator=gen)
     w = BlockSparseWeight.from_dense(torch.randn(n, k, generator=gen).to(dtype), mask)
-    w.values.requires_grad_(True)
-    x64 = torch.randn(m, k, generator=gen, dtype=torch.float64)
-    a64 = torch.randn(lora_rank, k, generator=gen, dtype=torch.float64) if lora_rank else None
-    b64 = torch.randn(n, lora_rank, generator=gen, dtype=torch.float64) if lora_rank else None
-    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-    w_ref, w_torch = (w.to_dense().detach().to(dt).requires_grad_() for dt in (torch.float64, dtype))
-    y = block_sparse_linear(x64.to(dtype), w, None, cast(a64), cast(b64), scaling=0.5, backend="torch")
-    y_ref = linear_lora(x64, w_ref, None, a64, b64, 0.5)
-    y_torch = linear_lora(x64.to(dtype), w_torch, None, cast(a64), cast(b64), 0.5)
-    assert_matches_reference(y.detach(), y_ref.detach(), y_torch.detach())
-    grad = torch.randn(m, n, generator=gen, dtype=torch.float64)
-    for out, g in ((y, grad.to(dtype)), (y_ref, grad), (y_torch, grad.to(dtype))):
-        out.backward(g)
-    assert_matches_reference(w.values.grad, w.blocks_of(w_ref.grad), w.blocks_of(w_torch.grad), "grad values")
+    check_fuzzed_case(w, m, dtype, lora_rank, gen)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    m=st.integers(0, 150),  # every schedule: blocks, shared-slab, row-groups, several token chunks
+    n_blocks=st.integers(1, 13),
+    k_blocks=st.integers(1, 6),
+    row_group=st.integers(2, 5),
+    block_size=st.sampled_from([8, 16, 32]),
+    density=st.floats(0.0, 1.0),
+    dtype=st.sampled_from(DTYPES),
+    lora_rank=st.sampled_from([0, 4]),
+    small_steps=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_fully_shared_row_groups_match_dense_reference(m, n_blocks, k_blocks, row_group, block_size,
+                                                                density, dtype, lora_rank, small_steps, seed):
+    import blocksparse.ops as ops
+
+    gen = torch.Generator().manual_seed(seed)
+    n, k = n_blocks * block_size, k_blocks * block_size
+    perm = torch.randperm(n_blocks, generator=gen)
+    mask = shared_group_mask(n_blocks, k_blocks, density, row_group, perm, gen)
+    w = BlockSparseWeight.from_dense(torch.randn(n, k, generator=gen).to(dtype), mask, row_perm=perm,
+                                     row_group=row_group)
+    tiles, slab = ops._GROUP_TILE_BYTES, ops._GROUP_SLAB_BYTES
+    if small_steps:  # a few groups and token rows per step: every step and chunk boundary
+        ops._GROUP_TILE_BYTES, ops._GROUP_SLAB_BYTES = 2 * k * block_size, 3 * k * 8
+    try:
+        check_fuzzed_case(w, m, dtype, lora_rank, gen)
+    finally:
+        ops._GROUP_TILE_BYTES, ops._GROUP_SLAB_BYTES = tiles, slab
 
 
 @pytest.mark.parametrize("m, uniform_rows, row_group, schedule", [
-    (3, False, 1, "blocks"), (3, True, 1, "blocks"), (40, False, 1, "dense"), (40, True, 2, "row-groups")])
+    (3, False, 1, "blocks"), (3, True, 1, "blocks"), (40, False, 1, "dense"), (40, True, 2, "shared-slab"),
+    (SHARED_SLAB_MAX_M + 1, True, 2, "row-groups")])
 def test_pruned_weights_do_not_exist_for_a_non_finite_input(m, uniform_rows, row_group, schedule):
     # One semantics on every path of the torch backend: a NaN in an input feature reaches
     # exactly the outputs whose stored blocks read it (0 * NaN is never computed); the same
