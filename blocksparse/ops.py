@@ -231,8 +231,8 @@ def _grad_values_small_m(x: torch.Tensor, grad_y: torch.Tensor, weight: BlockSpa
 def _shared_groups(weight: BlockSparseWeight) -> dict:
     """The row groups of a weight whose groups are fully shared (each group's G storage
     rows hold the same U block columns; the last group may be shorter): `parts` lists
-    (first storage row, rows per group, groups, their columns [groups, U], the true block
-    rows of their storage rows [groups, G]) for the full groups and the short one.
+    (first storage row, rows per group, groups, their columns [groups, U]) for the full
+    groups and the short one; `true_rows` the true block row of each storage row.
     `usable` is False for any other weight."""
     g, (rows, _) = weight.row_group, weight.block_grid
     crow = weight.crow.long()
@@ -247,8 +247,7 @@ def _shared_groups(weight: BlockSparseWeight) -> dict:
         cols = weight.col.long()[first * per_row:(first + groups * size) * per_row].view(groups, size, per_row)
         if not bool((cols == cols[:, :1]).all()):
             return {"usable": False}
-        true_rows = weight.row_perm.long()[first:first + groups * size].view(groups, size)
-        parts.append((first, size, groups, cols[:, 0], true_rows))
+        parts.append((first, size, groups, cols[:, 0]))
     return {"usable": True, "per_row": per_row, "parts": parts, "true_rows": weight.row_perm.long()}
 
 
@@ -263,23 +262,20 @@ def _blocks_of_work(m: int, groups: int, tile_bytes: int, slab_row_bytes: int) -
 
 def _group_steps(m: int, weight: BlockSparseWeight, layout: dict, like: torch.Tensor):
     """The grouped product step by step: yields (first storage row, rows per group G, groups
-    in the step gs, their columns [gs*U], their true block rows [gs*G], token rows per chunk,
-    buffers). One set of buffers per part serves all its steps (tiles [gs, U*b, G*b], a
-    chunk's slab [rows, gs, U*b] and result [rows, gs, G*b], as flat storage): a fresh
-    multi-MiB tensor per step cost more in page faults than the copies into it (4096x4096,
-    M = 2048: gathering X 226 ms into new tensors, 50 ms into one buffer)."""
+    in the step gs, their columns [gs*U], token rows per chunk, buffers). One set of buffers
+    per part serves all its steps (a step's tiles [gs, U*b, G*b] and a chunk's gathered
+    slab [rows, gs, U*b], as flat storage): a fresh multi-MiB tensor per step cost more in
+    page faults than the copies into it (4096x4096, M = 2048: gathering X took 226 ms into
+    new tensors, 50 ms into one buffer)."""
     b, per_row = weight.block_size, layout["per_row"]
     span, es = per_row * b, like.element_size()
-    for first, size, groups, cols, true_rows in layout["parts"]:
+    for first, size, groups, cols in layout["parts"]:
         width = size * b
         group_step, rows = _blocks_of_work(m, groups, span * width * es, span * es)
-        buffers = {"tiles": like.new_empty(group_step * span * width),
-                   "slab": like.new_empty(rows * group_step * span),
-                   "result": like.new_empty(rows * group_step * width)}
+        buffers = {"tiles": like.new_empty(group_step * span * width), "slab": like.new_empty(rows * group_step * span)}
         for g0 in range(0, groups, group_step):
             g1 = min(g0 + group_step, groups)
-            yield (first + g0 * size, size, g1 - g0, cols[g0:g1].reshape(-1), true_rows[g0:g1].reshape(-1),
-                   rows, buffers)
+            yield first + g0 * size, size, g1 - g0, cols[g0:g1].reshape(-1), rows, buffers
 
 
 def _pack(weight: BlockSparseWeight, first: int, size: int, groups: int, buffer: torch.Tensor) -> torch.Tensor:
@@ -309,6 +305,16 @@ def _block_index(blocks_per_token: int, tokens: int, blocks: torch.Tensor) -> to
     return (starts[:, None] + blocks[None, :]).reshape(-1)
 
 
+def _permute_block_columns(t: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """t [M, R*b] with its b-wide column blocks reordered (block j of the result is block
+    order[j] of t), or t itself for no order: one row select over the whole matrix, about
+    3x faster than scattering each step's result (index_copy_) into place."""
+    if order is None:
+        return t
+    m, b = t.shape[0], t.shape[1] // order.numel()
+    return t.view(-1, b).index_select(0, _block_index(order.numel(), m, order)).view(m, -1)
+
+
 def _shared_slab_matmul(x: torch.Tensor, weight: BlockSparseWeight, layout: dict) -> torch.Tensor:
     """Y = X W^T for fully shared row groups at a few dozen tokens: X's union columns gathered
     once per group ([M, U*b], shared by the group's G rows) and each row's stored tiles
@@ -320,7 +326,7 @@ def _shared_slab_matmul(x: torch.Tensor, weight: BlockSparseWeight, layout: dict
     span = per_row * b
     x_blocks = x.reshape(m, cols_in, b)
     result = x.new_empty(rows_out, m, b)  # block rows in storage order
-    for first, size, groups, cols, _ in layout["parts"]:
+    for first, size, groups, cols in layout["parts"]:
         slab = x_blocks.index_select(1, cols.reshape(-1)).view(m, groups, span)
         tiles = weight.values[first * per_row:(first + groups * size) * per_row].view(groups, size, span, b)
         for g in range(groups):
@@ -334,44 +340,43 @@ def _shared_slab_matmul(x: torch.Tensor, weight: BlockSparseWeight, layout: dict
 def _grouped_matmul(x: torch.Tensor, weight: BlockSparseWeight, layout: dict) -> torch.Tensor:
     """Y = X W^T for fully shared row groups: per group one GEMM of the group's gathered
     X columns [M, U*b] with its packed tile [U*b, G*b] (union = density, no zero tiles),
-    written straight to the group's true block rows of Y. Groups and token rows are
-    blocked (`_blocks_of_work`); the tiles are packed one step at a time, never all at once."""
+    written into Y's columns in storage order, which one permutation then puts in place.
+    Groups and token rows are blocked (`_blocks_of_work`); the tiles are packed one step
+    at a time, never all at once."""
     m, (n, _), b = x.shape[0], weight.shape, weight.block_size
-    (rows_out, cols_in), span = weight.block_grid, layout["per_row"] * b
+    cols_in, span = weight.block_grid[1], layout["per_row"] * b
     x = x.contiguous()
-    out = x.new_empty(m, n)
-    for first, size, gs, cols, true_rows, rows, buf in _group_steps(m, weight, layout, x):
-        packed = _pack(weight, first, size, gs, buf["tiles"])
-        gather, scatter = _block_index(cols_in, rows, cols), _block_index(rows_out, rows, true_rows)
+    out = x.new_empty(m, n)  # block rows in storage order
+    for first, size, gs, cols, rows, buf in _group_steps(m, weight, layout, x):
+        packed, gather = _pack(weight, first, size, gs, buf["tiles"]), _block_index(cols_in, rows, cols)
+        width = size * b
         for m0 in range(0, m, rows):
             r = min(rows, m - m0)
             slab = torch.index_select(x[m0:m0 + r].view(-1, b), 0, gather[:r * cols.numel()],
                                       out=buf["slab"][:r * gs * span].view(-1, b)).view(r, gs, span)
-            result = buf["result"][:r * true_rows.numel() * b].view(r, gs, size * b)
             for j in range(gs):
-                torch.mm(slab[:, j], packed[j], out=result[:, j])
-            out[m0:m0 + r].view(-1, b).index_copy_(0, scatter[:r * true_rows.numel()], result.view(-1, b))
-    return out
+                start = (first + j * size) * b
+                torch.mm(slab[:, j], packed[j], out=out[m0:m0 + r, start:start + width])
+    return _permute_block_columns(out, weight.layout("padded_rows", _padded_rows)["to_true"])
 
 
 def _grouped_matmul_t(grad_y: torch.Tensor, weight: BlockSparseWeight, layout: dict) -> torch.Tensor:
-    """dX = dY W for fully shared row groups: per group dY's columns of the group's true
-    rows [M, G*b] times the packed tile transposed, added into the group's columns;
-    blocked like the forward."""
+    """dX = dY W for fully shared row groups: dY's columns put in storage order once, then
+    per group its [M, G*b] columns times the packed tile transposed, added into the
+    group's columns of dX; blocked like the forward."""
     m, (_, k), b = grad_y.shape[0], weight.shape, weight.block_size
-    (rows_out, cols_in), span = weight.block_grid, layout["per_row"] * b
-    grad_y = grad_y.contiguous()
+    cols_in, span = weight.block_grid[1], layout["per_row"] * b
+    grad_y = _permute_block_columns(grad_y.contiguous(), weight.layout("padded_rows", _padded_rows)["to_storage"])
     grad_x = grad_y.new_zeros(m, k)
-    for first, size, gs, cols, true_rows, rows, buf in _group_steps(m, weight, layout, grad_y):
-        packed = _pack(weight, first, size, gs, buf["tiles"])
-        gather, scatter = _block_index(rows_out, rows, true_rows), _block_index(cols_in, rows, cols)
+    for first, size, gs, cols, rows, buf in _group_steps(m, weight, layout, grad_y):
+        packed, scatter = _pack(weight, first, size, gs, buf["tiles"]), _block_index(cols_in, rows, cols)
+        width = size * b
         for m0 in range(0, m, rows):
             r = min(rows, m - m0)
-            part = torch.index_select(grad_y[m0:m0 + r].view(-1, b), 0, gather[:r * true_rows.numel()],
-                                      out=buf["result"][:r * true_rows.numel() * b].view(-1, b)).view(r, gs, -1)
             partial = buf["slab"][:r * gs * span].view(r, gs, span)
             for j in range(gs):
-                torch.mm(part[:, j], packed[j].t(), out=partial[:, j])
+                start = (first + j * size) * b
+                torch.mm(grad_y[m0:m0 + r, start:start + width], packed[j].t(), out=partial[:, j])
             grad_x[m0:m0 + r].view(-1, b).index_add_(0, scatter[:r * cols.numel()], partial.view(-1, b))
     return grad_x
 
@@ -382,20 +387,20 @@ def _grad_values_grouped(x: torch.Tensor, grad_y: torch.Tensor, weight: BlockSpa
     columns transposed times the group's dY columns ([U*b, M] x [M, G*b], one GEMM per
     group, accumulated over the token chunks), unpacked into `values`' layout."""
     m, b = x.shape[0], weight.block_size
-    (rows_out, cols_in), span = weight.block_grid, layout["per_row"] * b
-    x, grad_y = x.contiguous(), grad_y.contiguous()
+    cols_in, span = weight.block_grid[1], layout["per_row"] * b
+    x = x.contiguous()
+    grad_y = _permute_block_columns(grad_y.contiguous(), weight.layout("padded_rows", _padded_rows)["to_storage"])
     grad = torch.empty_like(weight.values)
-    for first, size, gs, cols, true_rows, rows, buf in _group_steps(m, weight, layout, x):
+    for first, size, gs, cols, rows, buf in _group_steps(m, weight, layout, x):
         packed = buf["tiles"][:gs * span * size * b].view(gs, span, size * b).zero_()  # the tiles' gradient
-        x_index, y_index = _block_index(cols_in, rows, cols), _block_index(rows_out, rows, true_rows)
+        gather, width = _block_index(cols_in, rows, cols), size * b
         for m0 in range(0, m, rows):
             r = min(rows, m - m0)
-            slab = torch.index_select(x[m0:m0 + r].view(-1, b), 0, x_index[:r * cols.numel()],
+            slab = torch.index_select(x[m0:m0 + r].view(-1, b), 0, gather[:r * cols.numel()],
                                       out=buf["slab"][:r * gs * span].view(-1, b)).view(r, gs, span)
-            part = torch.index_select(grad_y[m0:m0 + r].view(-1, b), 0, y_index[:r * true_rows.numel()],
-                                      out=buf["result"][:r * true_rows.numel() * b].view(-1, b)).view(r, gs, -1)
             for j in range(gs):
-                packed[j].addmm_(slab[:, j].t(), part[:, j])
+                start = (first + j * size) * b
+                packed[j].addmm_(slab[:, j].t(), grad_y[m0:m0 + r, start:start + width])
         _unpack(packed, weight, first, size, grad)
     return grad
 
