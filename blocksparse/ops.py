@@ -73,7 +73,8 @@ def check_inputs(x: torch.Tensor, weight: BlockSparseWeight, bias: torch.Tensor 
     n, k = weight.shape
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"x must have in_features={k} as its last dimension, got {_describe(x)}")
-    if x.dtype != weight.dtype or x.device != weight.device:
+    values = weight.values
+    if x.dtype != values.dtype or x.device != values.device:
         raise ValueError(
             f"x and the weight must share dtype and device: x has {_describe(x)}, "
             f"weight values have dtype {weight.dtype}, device {weight.device}"
@@ -119,9 +120,12 @@ def _padded_rows(weight: BlockSparseWeight) -> dict:
             "to_storage": None if identity else perm, "to_true": None if identity else torch.argsort(perm)}
 
 
-def _row_chunks(weight: BlockSparseWeight, m: int) -> list[tuple]:
-    """(r0, r1, cols, index, valid) per chunk of block rows of the padded row layout, for
-    M tokens (built once per weight and M <= SMALL_M_MAX).
+def _row_chunks(weight: BlockSparseWeight, m: int) -> dict:
+    """The stored-blocks plan of `weight` for M tokens (built once per weight and M <=
+    SMALL_M_MAX): `chunks` lists (r0, r1, cols, index, valid) per chunk of storage rows of
+    the padded row layout, with the weight's grid, block size, `uniform` (every row has
+    P blocks) and the row order (`to_true`, `to_storage`) at hand: the decode path makes
+    one look-up per call, not a dozen (a decode step of the embedded model makes 180 calls).
 
     cols [ch*P]: the chunk's block columns; index: where its tiles lie in `values`
     (None when every row has P blocks: the tiles are then one contiguous stretch);
@@ -129,14 +133,14 @@ def _row_chunks(weight: BlockSparseWeight, m: int) -> list[tuple]:
     ([M, ch*P*b]) and its tiles stay in cache.
     """
     if m > SMALL_M_MAX:  # the non-finite fallback at large M: rare, not cached per M
-        return _build_row_chunks(weight, m)["chunks"]
-    return weight.layout(f"row_chunks_{m}", lambda w: _build_row_chunks(w, m))["chunks"]
+        return _build_row_chunks(weight, m)
+    return weight.layout(f"row_chunks_{m}", lambda w: _build_row_chunks(w, m))
 
 
 def _build_row_chunks(weight: BlockSparseWeight, m: int) -> dict:
     rows = weight.layout("padded_rows", _padded_rows)
     b, width = weight.block_size, rows["index"].shape[1]
-    n_rows = weight.block_grid[0]
+    n_rows, n_cols = weight.block_grid
     chunk = max(1, _CHUNK_BYTES // max(width * b * m * weight.values.element_size(), 1))
     uniform, chunks = rows["uniform"], []
     for r0 in range(0, n_rows, chunk):
@@ -144,18 +148,18 @@ def _build_row_chunks(weight: BlockSparseWeight, m: int) -> dict:
         chunks.append((r0, r1, rows["col"][r0:r1].reshape(-1),  # views: no copy per plan
                        None if uniform else rows["index"][r0:r1],
                        None if uniform else rows["valid"][r0:r1]))
-    return {"chunks": chunks}
+    return {"chunks": chunks, "rows": n_rows, "cols": n_cols, "b": b, "n": weight.shape[0], "k": weight.shape[1],
+            "uniform": uniform, "empty": weight.nnz_blocks == 0,
+            "to_true": rows["to_true"], "to_storage": rows["to_storage"]}
 
 
-def _chunk_slab(values: torch.Tensor, weight: BlockSparseWeight, r0: int, r1: int,
-                index: torch.Tensor | None) -> torch.Tensor:
+def _row_slabs(values: torch.Tensor, plan: dict, r0: int, r1: int, index: torch.Tensor | None) -> torch.Tensor:
     """[ch, P*b, b]: the chunk's transposed tiles of `values` (laid out like the weight's),
     row r's stacked into the [P*b, b] slab of W^T it needs (a free view when every row
     has P blocks; short rows are padded with block 0, which `valid` masks out)."""
-    b = weight.block_size
+    b = plan["b"]
     if index is None:
-        width = weight.nnz_blocks // weight.block_grid[0]
-        return values[r0 * width:r1 * width].view(r1 - r0, width * b, b)
+        return values.view(plan["rows"], -1, b)[r0:r1]
     return values[index].view(r1 - r0, -1, b)
 
 
@@ -166,63 +170,66 @@ def _sparse_matmul_small_m(x: torch.Tensor, weight: BlockSparseWeight) -> torch.
     into one small GEMM against its slab, and a chunk of rows into one batched
     GEMM; W is read from memory once, like dense, but only its kept blocks.
     """
-    m, (n, _), b = x.shape[0], weight.shape, weight.block_size
-    if weight.nnz_blocks == 0 or m == 0:
-        return x.new_zeros(m, n)
-    x_blocks = x.reshape(m, weight.block_grid[1], b)
-    out = x.new_empty(weight.block_grid[0], m, b)  # storage order
-    for r0, r1, cols, index, valid in _row_chunks(weight, m):
+    m = x.shape[0]
+    plan = _row_chunks(weight, m)
+    if plan["empty"] or m == 0:
+        return x.new_zeros(m, plan["n"])
+    values, b = weight.values, plan["b"]
+    x_blocks = x.reshape(m, plan["cols"], b)
+    out = x.new_empty(plan["rows"], m, b)  # storage order
+    for r0, r1, cols, index, valid in plan["chunks"]:
         gathered = x_blocks.index_select(1, cols)  # [M, ch*P, b]
         if valid is not None:
             gathered = torch.where(valid.reshape(1, -1, 1), gathered, 0.0)  # not * (0 * NaN)
         # [ch, M, P*b] as a strided view: bmm reads it in place.
-        gathered = gathered.view(m, r1 - r0, -1).transpose(0, 1)
-        torch.bmm(gathered, _chunk_slab(weight.values, weight, r0, r1, index), out=out[r0:r1])
-    to_true = weight.layout("padded_rows", _padded_rows)["to_true"]
-    if to_true is not None:
-        out = out.index_select(0, to_true)
-    return out.transpose(0, 1).reshape(m, n)
+        torch.bmm(gathered.view(m, r1 - r0, -1).transpose(0, 1), _row_slabs(values, plan, r0, r1, index),
+                  out=out[r0:r1])
+    if plan["to_true"] is not None:
+        out = out.index_select(0, plan["to_true"])
+    return out.transpose(0, 1).reshape(m, plan["n"])
 
 
 def _sparse_matmul_t_small_m(grad_y: torch.Tensor, weight: BlockSparseWeight) -> torch.Tensor:
     """dX = dY W over the stored blocks only (small M, or a non-finite dY): the forward's
     slabs, transposed, scatter-added into the block columns they came from."""
-    m, (_, k), b = grad_y.shape[0], weight.shape, weight.block_size
-    grad_x = grad_y.new_zeros(m, weight.block_grid[1], b)
-    if weight.nnz_blocks == 0 or m == 0:
-        return grad_x.reshape(m, k)
-    grad_y_blocks = grad_y.reshape(m, weight.block_grid[0], b)
-    to_storage = weight.layout("padded_rows", _padded_rows)["to_storage"]
-    if to_storage is not None:
-        grad_y_blocks = grad_y_blocks.index_select(1, to_storage)
-    for r0, r1, cols, index, valid in _row_chunks(weight, m):
-        slab = _chunk_slab(weight.values, weight, r0, r1, index)
+    m = grad_y.shape[0]
+    plan = _row_chunks(weight, m)
+    b = plan["b"]
+    grad_x = grad_y.new_zeros(m, plan["cols"], b)
+    if plan["empty"] or m == 0:
+        return grad_x.reshape(m, plan["k"])
+    grad_y_blocks = grad_y.reshape(m, plan["rows"], b)
+    if plan["to_storage"] is not None:
+        grad_y_blocks = grad_y_blocks.index_select(1, plan["to_storage"])
+    for r0, r1, cols, index, valid in plan["chunks"]:
+        slab = _row_slabs(weight.values, plan, r0, r1, index)
         partial = torch.bmm(grad_y_blocks[:, r0:r1].transpose(0, 1), slab.transpose(1, 2))  # [ch, M, P*b]
         partial = partial.view(r1 - r0, m, -1, b)
         if valid is not None:
             partial = torch.where(valid[:, None, :, None], partial, 0.0)
         grad_x.index_add_(1, cols, partial.permute(1, 0, 2, 3).reshape(m, -1, b))
-    return grad_x.reshape(m, k)
+    return grad_x.reshape(m, plan["k"])
 
 
 def _grad_values_small_m(x: torch.Tensor, grad_y: torch.Tensor, weight: BlockSparseWeight) -> torch.Tensor:
     """dW at the stored blocks, in `values`' layout ([nnz, b, b]): per chunk of block rows
     the forward's gathered X columns, transposed, times the rows' dY ([ch, P*b, M] x
     [ch, M, b] = the rows' [P*b, b] slabs, written where their tiles lie)."""
-    m, b = x.shape[0], weight.block_size
+    m = x.shape[0]
+    plan = _row_chunks(weight, m)
+    b = plan["b"]
     grad = torch.zeros_like(weight.values)
-    if weight.nnz_blocks == 0 or m == 0:
+    if plan["empty"] or m == 0:
         return grad
-    x_blocks = x.reshape(m, weight.block_grid[1], b)
-    grad_y_blocks = grad_y.reshape(m, weight.block_grid[0], b)
-    to_storage = weight.layout("padded_rows", _padded_rows)["to_storage"]
-    if to_storage is not None:
-        grad_y_blocks = grad_y_blocks.index_select(1, to_storage)
-    for r0, r1, cols, index, valid in _row_chunks(weight, m):
+    x_blocks = x.reshape(m, plan["cols"], b)
+    grad_y_blocks = grad_y.reshape(m, plan["rows"], b)
+    if plan["to_storage"] is not None:
+        grad_y_blocks = grad_y_blocks.index_select(1, plan["to_storage"])
+    for r0, r1, cols, index, valid in plan["chunks"]:
         gathered = x_blocks.index_select(1, cols).view(m, r1 - r0, -1).permute(1, 2, 0)  # [ch, P*b, M]
         rows_grad_y = grad_y_blocks[:, r0:r1].transpose(0, 1)  # [ch, M, b]
         if index is None:
-            torch.bmm(gathered, rows_grad_y, out=_chunk_slab(grad, weight, r0, r1, None))
+            torch.bmm(gathered, rows_grad_y, out=_row_slabs(grad, plan, r0, r1, None))
         else:  # padding slots (valid False) read block 0's columns: dropped
             grad[index[valid]] = torch.bmm(gathered, rows_grad_y).view(r1 - r0, -1, b, b)[valid]
     return grad
@@ -521,11 +528,12 @@ def linear_torch(x2d: torch.Tensor, weight: BlockSparseWeight, bias: torch.Tenso
     """The torch backend on x2d [M, K] with an explicit LoRA dropout keep-mask [M, K]
     (1/0 in x's dtype, or None for no dropout): how tests replay the Triton kernels'
     Philox mask (`blocksparse.kernels.philox_keep_mask`) element for element."""
-    inputs = (x2d, weight.values, bias, lora_a, lora_b)
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
+    values = weight.values
+    if not (torch.is_grad_enabled() and (x2d.requires_grad or values.requires_grad or any(
+            t is not None and t.requires_grad for t in (bias, lora_a, lora_b)))):
         # Inference: no graph to record (autograd.Function costs ~10 us a call, a decode step has 210)
         return _linear_forward(x2d, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p), keep_mask)[0]
-    return _LinearTorch.apply(x2d, weight.values, weight, bias, lora_a, lora_b, float(scaling),
+    return _LinearTorch.apply(x2d, values, weight, bias, lora_a, lora_b, float(scaling),
                               float(dropout_p), keep_mask)
 
 
