@@ -50,8 +50,11 @@ def latency(models: dict[str, nn.Module], prompt: torch.Tensor, decode_tokens: i
     """Prefill seconds for `prompt` [1, T] and greedy decode tokens/s with the KV cache (a
     `generate` of `decode_tokens` after a 16-token prompt, its prefill included), per
     model: medians of `repeats` rounds that visit every model in turn (interleaved, so a
-    slow moment of the machine hits them all), after one warm-up round. contexts: a
-    context to enter around a model's runs (e.g. a PeftModel's `disable_adapter`)."""
+    slow moment of the machine hits them all), after one warm-up round. Prefill is the
+    prompt pass that yields the first new token: the last position's logits only, as
+    `generate` computes them (all T positions' would add a vocabulary-wide GEMM that no
+    backend sparsifies). contexts: a context to enter around a model's runs (e.g. a
+    PeftModel's `disable_adapter`)."""
     contexts = contexts or {}
     short = prompt[:, :16]
     times = {name: {"prefill": [], "decode": []} for name in models}
@@ -59,7 +62,7 @@ def latency(models: dict[str, nn.Module], prompt: torch.Tensor, decode_tokens: i
     def once(name, model, record):
         with contexts.get(name, contextlib.nullcontext)(), torch.inference_mode():
             start = time.perf_counter()
-            model(input_ids=prompt, use_cache=False)
+            model(input_ids=prompt, use_cache=False, logits_to_keep=1)
             record["prefill"].append(time.perf_counter() - start)
             start = time.perf_counter()
             model.generate(input_ids=short, attention_mask=torch.ones_like(short), do_sample=False,
