@@ -36,6 +36,9 @@ SMALL_M_MAX = 16
 # slab, above that each group runs one GEMM on its packed tiles (measured: docs/DESIGN.md).
 BLOCKS_MAX_M_SHARED = 4
 SHARED_SLAB_MAX_M = 64
+# Above SMALL_M_MAX tokens, row groups whose unions (zero tiles included) cover more than
+# this fraction of W run dense BLAS instead of one GEMM per group (measured: docs/DESIGN.md).
+UNION_GEMM_MAX = 0.75
 # Working-set size of one chunk of block rows in the small-M path: the gathered
 # X slab and the transposed weight tiles of a chunk should stay in cache.
 _CHUNK_BYTES = 1 << 20
@@ -235,72 +238,108 @@ def _grad_values_small_m(x: torch.Tensor, grad_y: torch.Tensor, weight: BlockSpa
     return grad
 
 
-def _shared_groups(weight: BlockSparseWeight) -> dict:
-    """The row groups of a weight whose groups are fully shared (each group's G storage
-    rows hold the same U block columns; the last group may be shorter): `parts` lists
-    (first storage row, rows per group, groups, their columns [groups, U]) for the full
-    groups and the short one; `true_rows` the true block row of each storage row.
-    `usable` is False for any other weight."""
-    g, (rows, _) = weight.row_group, weight.block_grid
-    crow = weight.crow.long()
-    counts = crow[1:] - crow[:-1]
-    if g < 2 or weight.nnz_blocks == 0 or not bool((counts == counts[0]).all()):
+def _row_groups(weight: BlockSparseWeight) -> dict:
+    """The GEMM plan of a weight with a row grouping (G > 1: groups are G consecutive
+    storage rows, the last one may be shorter): each group's union of block columns, in
+    steps of a few groups whose packed tiles ([U*b, G*b] each) fit `_GROUP_TILE_BYTES`.
+
+    `shared`: every row holds its group's whole union and every union has P blocks (fully
+    shared: the tiles pack without zeros, and the forward's shared-slab path applies);
+    otherwise a row's missing union blocks are zero tiles, union / density more work than
+    its blocks, and `pack` says where each stored tile's rows go in the step's packed
+    matrices. `usable` is False without a grouping or blocks, or when the union is too
+    dense (> UNION_GEMM_MAX) for the GEMMs to beat dense BLAS."""
+    g, (rows, cols_in), b = weight.row_group, weight.block_grid, weight.block_size
+    if g < 2 or weight.nnz_blocks == 0:
         return {"usable": False}
-    per_row, parts = int(counts[0]), []
-    full, tail = divmod(rows, g)
-    for first, size, groups in ((0, g, full), (full * g, tail, 1 if tail else 0)):
-        if groups == 0:
-            continue
-        cols = weight.col.long()[first * per_row:(first + groups * size) * per_row].view(groups, size, per_row)
-        if not bool((cols == cols[:, :1]).all()):
-            return {"usable": False}
-        parts.append((first, size, groups, cols[:, 0]))
-    return {"usable": True, "per_row": per_row, "parts": parts, "true_rows": weight.row_perm.long()}
+    crow, col, device = weight.crow.long(), weight.col.long(), weight.col.device
+    counts = crow[1:] - crow[:-1]
+    n_groups = -(-rows // g)
+    row_of = torch.repeat_interleave(torch.arange(rows, device=device), counts)  # each block's storage row
+    present = torch.zeros(n_groups, cols_in, dtype=torch.bool, device=device)
+    present[row_of // g, col] = True
+    unions, sizes = present.sum(1), torch.full((n_groups,), g, device=device)
+    sizes[-1] = rows - (n_groups - 1) * g
+    union_density = float((unions * sizes).sum()) / (rows * cols_in)
+    if union_density > UNION_GEMM_MAX:
+        return {"usable": False}
+    shared = bool((counts == counts[0]).all() and (unions == counts[0]).all())
+    slot = (present.cumsum(1) - 1)[row_of // g, col]  # each block's place in its group's union
+    es, steps, full = weight.values.element_size(), [], rows // g
+    for start, stop, size in ((0, full, g), (full, n_groups, rows - full * g)):
+        group = start
+        while group < stop:  # a step: as many groups as fit the tile budget, at least one
+            end, tile_bytes = group + 1, int(unions[group]) * b * b * size * es
+            while end < stop and tile_bytes + int(unions[end]) * b * b * size * es <= _GROUP_TILE_BYTES:
+                tile_bytes += int(unions[end]) * b * b * size * es
+                end += 1
+            step_unions = unions[group:end].tolist()
+            blocks = (int(crow[group * g]), int(crow[min(end * g, rows)]))
+            pack = None
+            if not shared:  # the packed row (of b elements) of each stored tile's b rows
+                block = torch.arange(*blocks, device=device)
+                local = row_of[block] // g - group
+                region = torch.tensor([0] + step_unions[:-1], device=device).cumsum(0) * b * size
+                pack = (region[local][:, None] + (slot[block][:, None] * b + torch.arange(b, device=device)) * size
+                        + (row_of[block] % g)[:, None]).reshape(-1)
+            steps.append({"first": group * g, "size": size, "groups": end - group, "unions": step_unions,
+                          "cols": present[group:end].nonzero()[:, 1], "blocks": blocks, "pack": pack})
+            group = end
+    return {"usable": True, "shared": shared, "union_density": union_density, "steps": steps,
+            "true_rows": weight.row_perm.long()}
 
 
-def _blocks_of_work(m: int, groups: int, tile_bytes: int, slab_row_bytes: int) -> tuple[int, int]:
-    """(groups, token rows) per step of the grouped product: a step's packed tiles
-    ([groups, U*b, G*b], `tile_bytes` per group) stay in cache while every token chunk
-    multiplies them, and its gathered slab ([groups, rows, U*b], `slab_row_bytes` per
-    group and row) stays in cache instead of streaming through memory."""
-    group_step = max(1, min(groups, _GROUP_TILE_BYTES // max(tile_bytes, 1)))
-    return group_step, max(1, min(m, _GROUP_SLAB_BYTES // max(group_step * slab_row_bytes, 1)))
+def _group_steps(m: int, layout: dict, like: torch.Tensor, block_size: int):
+    """The grouped product step by step: yields (step, token rows per chunk, buffers). One
+    set of buffers per call serves every step (packed tiles and a chunk's gathered slab, as
+    flat storage): a fresh multi-MiB tensor per step cost more in page faults than the
+    copies into it (4096x4096, M = 2048: gathering X took 226 ms into new tensors, 50 ms
+    into one buffer). A chunk's slab ([rows, sum of the step's U*b]) stays within
+    `_GROUP_SLAB_BYTES`, so it stays in cache while the step's tiles multiply it."""
+    b, es = block_size, like.element_size()
+    plan = [(step, max(1, min(m, _GROUP_SLAB_BYTES // max(sum(step["unions"]) * b * es, 1))))
+            for step in layout["steps"]]
+    buffers = {"tiles": like.new_empty(max(sum(s["unions"]) * b * s["size"] * b for s, _ in plan)),
+               "slab": like.new_empty(max(rows * sum(s["unions"]) * b for s, rows in plan))}
+    for step, rows in plan:
+        yield step, rows, buffers
 
 
-def _group_steps(m: int, weight: BlockSparseWeight, layout: dict, like: torch.Tensor):
-    """The grouped product step by step: yields (first storage row, rows per group G, groups
-    in the step gs, their columns [gs*U], token rows per chunk, buffers). One set of buffers
-    per part serves all its steps (a step's tiles [gs, U*b, G*b] and a chunk's gathered
-    slab [rows, gs, U*b], as flat storage): a fresh multi-MiB tensor per step cost more in
-    page faults than the copies into it (4096x4096, M = 2048: gathering X took 226 ms into
-    new tensors, 50 ms into one buffer)."""
-    b, per_row = weight.block_size, layout["per_row"]
-    span, es = per_row * b, like.element_size()
-    for first, size, groups, cols in layout["parts"]:
-        width = size * b
-        group_step, rows = _blocks_of_work(m, groups, span * width * es, span * es)
-        buffers = {"tiles": like.new_empty(group_step * span * width), "slab": like.new_empty(rows * group_step * span)}
-        for g0 in range(0, groups, group_step):
-            g1 = min(g0 + group_step, groups)
-            yield first + g0 * size, size, g1 - g0, cols[g0:g1].reshape(-1), rows, buffers
+def _pack(weight: BlockSparseWeight, step: dict, buffer: torch.Tensor) -> list[torch.Tensor]:
+    """The step's groups' W^T tiles as dense [U*b, G*b] matrices in `buffer` (zero where a
+    row lacks a union block): a permuted copy for fully shared groups, a row scatter else."""
+    b, size, unions = weight.block_size, step["size"], step["unions"]
+    tiles = weight.values[step["blocks"][0]:step["blocks"][1]]
+    total = sum(unions) * b * size * b
+    if step["pack"] is None:
+        per_row, groups = unions[0], step["groups"]
+        buffer[:total].view(groups, per_row, b, size, b).copy_(
+            tiles.view(groups, size, per_row, b, b).permute(0, 2, 3, 1, 4))
+    else:
+        buffer[:total].zero_().view(-1, b).index_copy_(0, step["pack"], tiles.reshape(-1, b))
+    return _split_packed(buffer, unions, b, size)
 
 
-def _pack(weight: BlockSparseWeight, first: int, size: int, groups: int, buffer: torch.Tensor) -> torch.Tensor:
-    """[groups, U*b, size*b] in `buffer`: each group's W^T tiles as one dense matrix."""
-    b, per_row = weight.block_size, weight.nnz_blocks // weight.block_grid[0]
-    tiles = weight.values[first * per_row:(first + groups * size) * per_row].view(groups, size, per_row, b, b)
-    packed = buffer[:tiles.numel()].view(groups, per_row, b, size, b)
-    packed.copy_(tiles.permute(0, 2, 3, 1, 4))
-    return packed.view(groups, per_row * b, size * b)
+def _split_packed(buffer: torch.Tensor, unions: list[int], b: int, size: int) -> list[torch.Tensor]:
+    out, start = [], 0
+    for u in unions:
+        out.append(buffer[start:start + u * b * size * b].view(u * b, size * b))
+        start += u * b * size * b
+    return out
 
 
-def _unpack(packed: torch.Tensor, weight: BlockSparseWeight, first: int, size: int, out: torch.Tensor) -> None:
-    """The inverse of `_pack`: [groups, U*b, size*b] written as the groups' tiles of `out`
-    (laid out like `values`)."""
-    b, groups = weight.block_size, packed.shape[0]
-    per_row = packed.shape[1] // b
-    out[first * per_row:(first + groups * size) * per_row].view(groups, size, per_row, b, b).copy_(
-        packed.view(groups, per_row, b, size, b).permute(0, 3, 1, 2, 4))
+def _unpack(weight: BlockSparseWeight, step: dict, buffer: torch.Tensor, out: torch.Tensor) -> None:
+    """The inverse of `_pack`: the step's packed matrices (in `buffer`) written as its
+    groups' stored tiles of `out` (laid out like `values`); zero tiles are dropped."""
+    b, size, unions = weight.block_size, step["size"], step["unions"]
+    tiles = out[step["blocks"][0]:step["blocks"][1]]
+    total = sum(unions) * b * size * b
+    if step["pack"] is None:
+        per_row, groups = unions[0], step["groups"]
+        tiles.view(groups, size, per_row, b, b).copy_(
+            buffer[:total].view(groups, per_row, b, size, b).permute(0, 3, 1, 2, 4))
+    else:
+        torch.index_select(buffer[:total].view(-1, b), 0, step["pack"], out=tiles.view(-1, b))
 
 
 def _block_index(blocks_per_token: int, tokens: int, blocks: torch.Tensor) -> torch.Tensor:
@@ -329,86 +368,95 @@ def _shared_slab_matmul(x: torch.Tensor, weight: BlockSparseWeight, layout: dict
     through a zero batch stride). No packing: at this M copying the tiles costs about as
     much as multiplying them, and a gather per row (the "blocks" path) copies X G times."""
     m, (n, _), b = x.shape[0], weight.shape, weight.block_size
-    (rows_out, cols_in), per_row = weight.block_grid, layout["per_row"]
-    span = per_row * b
+    rows_out, cols_in = weight.block_grid
     x_blocks = x.reshape(m, cols_in, b)
     result = x.new_empty(rows_out, m, b)  # block rows in storage order
-    for first, size, groups, cols in layout["parts"]:
-        slab = x_blocks.index_select(1, cols.reshape(-1)).view(m, groups, span)
-        tiles = weight.values[first * per_row:(first + groups * size) * per_row].view(groups, size, span, b)
-        for g in range(groups):
-            start = first + g * size
-            torch.bmm(slab[:, g].expand(size, m, span), tiles[g], out=result[start:start + size])
+    for step in layout["steps"]:
+        size, groups, span = step["size"], step["groups"], step["unions"][0] * b
+        slab = x_blocks.index_select(1, step["cols"]).view(m, groups, span)
+        tiles = weight.values[step["blocks"][0]:step["blocks"][1]].view(groups, size, span, b)
+        for j in range(groups):
+            start = step["first"] + j * size
+            torch.bmm(slab[:, j].expand(size, m, span), tiles[j], out=result[start:start + size])
     out = x.new_empty(m, n)
     out.view(m, rows_out, b).index_copy_(1, layout["true_rows"], result.transpose(0, 1))
     return out
 
 
 def _grouped_matmul(x: torch.Tensor, weight: BlockSparseWeight, layout: dict) -> torch.Tensor:
-    """Y = X W^T for fully shared row groups: per group one GEMM of the group's gathered
-    X columns [M, U*b] with its packed tile [U*b, G*b] (union = density, no zero tiles),
-    written into Y's columns in storage order, which one permutation then puts in place.
-    Groups and token rows are blocked (`_blocks_of_work`); the tiles are packed one step
-    at a time, never all at once."""
+    """Y = X W^T over row groups: per group one GEMM of the group's gathered union columns
+    of X [M, U*b] with its packed tile [U*b, G*b], written into Y's columns in storage
+    order, which one permutation then puts in place. Groups and token rows are blocked
+    (`_group_steps`); the tiles are packed one step at a time, never all at once."""
     m, (n, _), b = x.shape[0], weight.shape, weight.block_size
-    cols_in, span = weight.block_grid[1], layout["per_row"] * b
+    cols_in = weight.block_grid[1]
     x = x.contiguous()
     out = x.new_empty(m, n)  # block rows in storage order
-    for first, size, gs, cols, rows, buf in _group_steps(m, weight, layout, x):
-        packed, gather = _pack(weight, first, size, gs, buf["tiles"]), _block_index(cols_in, rows, cols)
-        width = size * b
+    for step, rows, buf in _group_steps(m, layout, x, b):
+        packed, size = _pack(weight, step, buf["tiles"]), step["size"]
+        gather, width = _block_index(cols_in, rows, step["cols"]), sum(step["unions"]) * b
         for m0 in range(0, m, rows):
             r = min(rows, m - m0)
-            slab = torch.index_select(x[m0:m0 + r].view(-1, b), 0, gather[:r * cols.numel()],
-                                      out=buf["slab"][:r * gs * span].view(-1, b)).view(r, gs, span)
-            for j in range(gs):
-                start = (first + j * size) * b
-                torch.mm(slab[:, j], packed[j], out=out[m0:m0 + r, start:start + width])
+            slab = torch.index_select(x[m0:m0 + r].view(-1, b), 0, gather[:r * step["cols"].numel()],
+                                      out=buf["slab"][:r * width].view(-1, b)).view(r, width)
+            start = 0
+            for j, tile in enumerate(packed):
+                col0 = (step["first"] + j * size) * b
+                torch.mm(slab[:, start:start + tile.shape[0]], tile, out=out[m0:m0 + r, col0:col0 + size * b])
+                start += tile.shape[0]
     return _permute_block_columns(out, weight.layout("padded_rows", _padded_rows)["to_true"])
 
 
 def _grouped_matmul_t(grad_y: torch.Tensor, weight: BlockSparseWeight, layout: dict) -> torch.Tensor:
-    """dX = dY W for fully shared row groups: dY's columns put in storage order once, then
-    per group its [M, G*b] columns times the packed tile transposed, added into the
-    group's columns of dX; blocked like the forward."""
+    """dX = dY W over row groups: dY's columns put in storage order once, then per group
+    its [M, G*b] columns times the packed tile transposed, added into the group's union
+    columns of dX; blocked like the forward."""
     m, (_, k), b = grad_y.shape[0], weight.shape, weight.block_size
-    cols_in, span = weight.block_grid[1], layout["per_row"] * b
+    cols_in = weight.block_grid[1]
     grad_y = _permute_block_columns(grad_y.contiguous(), weight.layout("padded_rows", _padded_rows)["to_storage"])
     grad_x = grad_y.new_zeros(m, k)
-    for first, size, gs, cols, rows, buf in _group_steps(m, weight, layout, grad_y):
-        packed, scatter = _pack(weight, first, size, gs, buf["tiles"]), _block_index(cols_in, rows, cols)
-        width = size * b
+    for step, rows, buf in _group_steps(m, layout, grad_y, b):
+        packed, size = _pack(weight, step, buf["tiles"]), step["size"]
+        scatter, width = _block_index(cols_in, rows, step["cols"]), sum(step["unions"]) * b
         for m0 in range(0, m, rows):
             r = min(rows, m - m0)
-            partial = buf["slab"][:r * gs * span].view(r, gs, span)
-            for j in range(gs):
-                start = (first + j * size) * b
-                torch.mm(grad_y[m0:m0 + r, start:start + width], packed[j].t(), out=partial[:, j])
-            grad_x[m0:m0 + r].view(-1, b).index_add_(0, scatter[:r * cols.numel()], partial.view(-1, b))
+            partial = buf["slab"][:r * width].view(r, width)
+            start = 0
+            for j, tile in enumerate(packed):
+                col0 = (step["first"] + j * size) * b
+                torch.mm(grad_y[m0:m0 + r, col0:col0 + size * b], tile.t(),
+                         out=partial[:, start:start + tile.shape[0]])
+                start += tile.shape[0]
+            grad_x[m0:m0 + r].view(-1, b).index_add_(0, scatter[:r * step["cols"].numel()], partial.view(-1, b))
     return grad_x
 
 
 def _grad_values_grouped(x: torch.Tensor, grad_y: torch.Tensor, weight: BlockSparseWeight,
                          layout: dict) -> torch.Tensor:
-    """dW at the stored blocks for fully shared row groups: per group the gathered X
-    columns transposed times the group's dY columns ([U*b, M] x [M, G*b], one GEMM per
-    group, accumulated over the token chunks), unpacked into `values`' layout."""
+    """dW at the stored blocks over row groups: per group the gathered union columns of X
+    transposed times the group's dY columns ([U*b, M] x [M, G*b], one GEMM per group,
+    accumulated over the token chunks); the stored tiles are taken out of it. Exact for any
+    input: a stored tile's entries read only its own columns of X and dY."""
     m, b = x.shape[0], weight.block_size
-    cols_in, span = weight.block_grid[1], layout["per_row"] * b
+    cols_in = weight.block_grid[1]
     x = x.contiguous()
     grad_y = _permute_block_columns(grad_y.contiguous(), weight.layout("padded_rows", _padded_rows)["to_storage"])
     grad = torch.empty_like(weight.values)
-    for first, size, gs, cols, rows, buf in _group_steps(m, weight, layout, x):
-        packed = buf["tiles"][:gs * span * size * b].view(gs, span, size * b).zero_()  # the tiles' gradient
-        gather, width = _block_index(cols_in, rows, cols), size * b
+    for step, rows, buf in _group_steps(m, layout, x, b):
+        size, unions = step["size"], step["unions"]
+        total = sum(unions) * b * size * b
+        packed = _split_packed(buf["tiles"][:total].zero_(), unions, b, size)  # the tiles' gradient
+        gather, width = _block_index(cols_in, rows, step["cols"]), sum(unions) * b
         for m0 in range(0, m, rows):
             r = min(rows, m - m0)
-            slab = torch.index_select(x[m0:m0 + r].view(-1, b), 0, gather[:r * cols.numel()],
-                                      out=buf["slab"][:r * gs * span].view(-1, b)).view(r, gs, span)
-            for j in range(gs):
-                start = (first + j * size) * b
-                packed[j].addmm_(slab[:, j].t(), grad_y[m0:m0 + r, start:start + width])
-        _unpack(packed, weight, first, size, grad)
+            slab = torch.index_select(x[m0:m0 + r].view(-1, b), 0, gather[:r * step["cols"].numel()],
+                                      out=buf["slab"][:r * width].view(-1, b)).view(r, width)
+            start = 0
+            for j, tile in enumerate(packed):
+                col0 = (step["first"] + j * size) * b
+                tile.addmm_(slab[:, start:start + tile.shape[0]].t(), grad_y[m0:m0 + r, col0:col0 + size * b])
+                start += tile.shape[0]
+        _unpack(weight, step, buf["tiles"], grad)
     return grad
 
 
@@ -416,59 +464,63 @@ def torch_schedule(weight: BlockSparseWeight, m: int, backward: bool = False) ->
     """How the torch backend multiplies M tokens by `weight` (forward, or with `backward`
     the products dX = dY W and dW): "blocks" (each block row's stored blocks against its
     own gathered X columns), "shared-slab" (fully shared row groups, forward only: the
-    stored blocks against X gathered once per group), "row-groups" (one GEMM per fully
-    shared group on its packed tiles) or "dense" (BLAS on the masked weight, materialised
+    stored blocks against X gathered once per group), "row-groups" (one GEMM per row
+    group on its packed union tiles) or "dense" (BLAS on the masked weight, materialised
     for the call). The token counts where each wins were measured (docs/DESIGN.md, "The
     torch backend").
 
     Pruned weights do not exist on every path: a non-finite input reaches only the
-    outputs whose stored blocks read it. Dense BLAS would compute 0 * NaN, so an input
-    holding NaN or inf takes the stored-blocks path at any M."""
-    shared = weight.layout("shared_groups", _shared_groups)["usable"]
-    if not shared:
+    outputs whose stored blocks read it. Dense BLAS, and the row-group GEMMs over zero
+    tiles, would compute 0 * NaN, so there an input holding NaN or inf takes the
+    stored-blocks path."""
+    groups = weight.layout("row_groups", _row_groups)
+    if not groups["usable"]:
         return "blocks" if m <= SMALL_M_MAX else "dense"
-    if backward:
+    if backward or not groups["shared"]:
         return "blocks" if m <= SMALL_M_MAX else "row-groups"
     if m <= BLOCKS_MAX_M_SHARED:
         return "blocks"
     return "shared-slab" if m <= SHARED_SLAB_MAX_M else "row-groups"
 
 
+def _reads_only_stored_blocks(schedule: str, weight: BlockSparseWeight) -> bool:
+    """Whether `schedule` multiplies nothing but stored tiles (no 0 * NaN)."""
+    return schedule in ("blocks", "shared-slab") or (
+        schedule == "row-groups" and weight.layout("row_groups", _row_groups)["shared"])
+
+
 def sparse_matmul_torch(x: torch.Tensor, weight: BlockSparseWeight) -> torch.Tensor:
     """Y = X [M, K] W^T with W block-sparse."""
     schedule = torch_schedule(weight, x.shape[0])
-    if schedule == "blocks":
+    if schedule == "blocks" or not (_reads_only_stored_blocks(schedule, weight) or bool(torch.isfinite(x).all())):
         return _sparse_matmul_small_m(x, weight)
-    if schedule == "shared-slab":
-        return _shared_slab_matmul(x, weight, weight.layout("shared_groups", _shared_groups))
-    if schedule == "row-groups":
-        return _grouped_matmul(x, weight, weight.layout("shared_groups", _shared_groups))
-    if not bool(torch.isfinite(x).all()):
-        return _sparse_matmul_small_m(x, weight)
-    return F.linear(x, weight.to_dense())
+    if schedule == "dense":
+        return F.linear(x, weight.to_dense())
+    layout = weight.layout("row_groups", _row_groups)
+    return (_shared_slab_matmul if schedule == "shared-slab" else _grouped_matmul)(x, weight, layout)
 
 
 def sparse_matmul_t_torch(grad_y: torch.Tensor, weight: BlockSparseWeight) -> torch.Tensor:
     """dX = dY [M, N] W with W block-sparse."""
     schedule = torch_schedule(weight, grad_y.shape[0], backward=True)
-    if schedule == "blocks":
+    if schedule == "blocks" or not (_reads_only_stored_blocks(schedule, weight)
+                                    or bool(torch.isfinite(grad_y).all())):
         return _sparse_matmul_t_small_m(grad_y, weight)
-    if schedule == "row-groups":
-        return _grouped_matmul_t(grad_y, weight, weight.layout("shared_groups", _shared_groups))
-    if not bool(torch.isfinite(grad_y).all()):
-        return _sparse_matmul_t_small_m(grad_y, weight)
-    return grad_y @ weight.to_dense()
+    if schedule == "dense":
+        return grad_y @ weight.to_dense()
+    return _grouped_matmul_t(grad_y, weight, weight.layout("row_groups", _row_groups))
 
 
 def sparse_grad_values_torch(x: torch.Tensor, grad_y: torch.Tensor, weight: BlockSparseWeight) -> torch.Tensor:
     """dW = dY^T X [N, K] at the stored blocks only, in `values`' layout [nnz, b, b]
-    (an SDD product: the structure never changes). Dense BLAS computes every entry of dW
-    and keeps the stored ones, which read no pruned weight: exact for any input."""
+    (an SDD product: the structure never changes). Dense BLAS (or a group's GEMM over its
+    union) computes more entries of dW and keeps the stored ones, which read no pruned
+    weight: exact for any input."""
     schedule = torch_schedule(weight, x.shape[0], backward=True)
     if schedule == "blocks":
         return _grad_values_small_m(x, grad_y, weight)
     if schedule == "row-groups":
-        return _grad_values_grouped(x, grad_y, weight, weight.layout("shared_groups", _shared_groups))
+        return _grad_values_grouped(x, grad_y, weight, weight.layout("row_groups", _row_groups))
     return weight.blocks_of(grad_y.t() @ x)
 
 

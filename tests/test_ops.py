@@ -11,23 +11,27 @@ from helpers import assert_matches_reference, linear_lora, random_block_mask
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def shared_group_mask(n_block_rows, n_block_cols, density, row_group, perm, generator):
-    """Every group of `row_group` rows (in `perm` order) keeps the same random columns."""
+def shared_group_mask(n_block_rows, n_block_cols, density, row_group, perm, generator, union=None):
+    """Every group of `row_group` rows (in `perm` order) draws `union` (default: density)
+    of the block columns; each of its rows keeps `density` of all columns among them."""
     keep = round(density * n_block_cols)
+    width = max(keep, round((density if union is None else union) * n_block_cols))
     mask = torch.zeros(n_block_rows, n_block_cols, dtype=torch.bool)
     for g in range(0, n_block_rows, row_group):
-        mask[perm[g:g + row_group][:, None], torch.randperm(n_block_cols, generator=generator)[:keep]] = True
+        cols = torch.randperm(n_block_cols, generator=generator)[:width]
+        for row in perm[g:g + row_group]:
+            mask[row, cols[torch.randperm(width, generator=generator)[:keep]]] = True
     return mask
 
 
 def make_case(m, n, k, density, dtype, bias=True, lora_rank=0, uniform_rows=False, lead=(), row_group=1,
-              shared=False):
+              shared=False, union=None):
     gen = torch.Generator().manual_seed(m * 1000 + n + k)
     mask = random_block_mask(n // 16, k // 16, density, generator=gen, uniform_rows=uniform_rows)
     w64 = torch.randn(n, k, generator=gen, dtype=torch.float64) / k ** 0.5
     perm = torch.randperm(n // 16, generator=gen) if row_group > 1 else None
     if shared:
-        mask = shared_group_mask(n // 16, k // 16, density, row_group, perm, gen)
+        mask = shared_group_mask(n // 16, k // 16, density, row_group, perm, gen, union)
     w = BlockSparseWeight.from_dense(w64.to(dtype), mask, row_perm=perm, row_group=row_group)
     x64 = torch.randn(*lead, m, k, generator=gen, dtype=torch.float64)
     b64 = torch.randn(n, generator=gen, dtype=torch.float64) if bias else None
@@ -38,11 +42,11 @@ def make_case(m, n, k, density, dtype, bias=True, lora_rank=0, uniform_rows=Fals
 
 def run_and_compare(m, n, k, density, dtype, bias=True, lora_rank=0, scaling=2.0,
                     uniform_rows=False, lead=(), transpose_x=False, row_group=1, shared=False, schedule=None,
-                    train_values=False):
+                    train_values=False, union=None):
     """Output and every gradient against the fp64 dense-masked reference; with
     train_values, also dW at the stored blocks (the reference's dW at those blocks)."""
     w, x64, b64, a64, bb64 = make_case(m, n, k, density, dtype, bias, lora_rank, uniform_rows, lead, row_group,
-                                       shared)
+                                       shared, union)
     if schedule is not None:
         assert torch_schedule(w, m) == schedule
     w.values.requires_grad_(train_values)
@@ -111,6 +115,20 @@ def test_fully_shared_row_groups_share_their_gathered_input(dtype, m, row_group,
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m, row_group, schedule", [(7, 2, "blocks"), (SMALL_M_MAX + 1, 2, "row-groups"),
+                                                    (130, 4, "row-groups"), (70, 3, "row-groups")])
+def test_row_groups_with_zero_tiles_run_one_gemm_per_group(dtype, m, row_group, schedule):
+    # Each group draws 3 of 5 block columns and each row keeps 2 of them (density 0.4,
+    # union 0.6): the packed tiles hold zeros where a row lacks a union block.
+    import blocksparse.ops as ops
+
+    w, *_ = make_case(m, 96, 80, 0.4, dtype, row_group=row_group, shared=True, union=0.6)
+    assert not ops._row_groups(w)["shared"]
+    run_and_compare(m, 96, 80, 0.4, dtype, bias=True, lora_rank=4, row_group=row_group, shared=True,
+                    union=0.6, schedule=schedule, train_values=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m, density, uniform_rows, row_group, shared, schedule", [
     (0, 0.5, False, 1, False, "blocks"), (1, 0.5, False, 1, False, "blocks"),
     (7, 0.25, True, 1, False, "blocks"), (7, 0.5, False, 3, False, "blocks"),
@@ -124,15 +142,38 @@ def test_trained_block_values_get_the_reference_gradient(dtype, m, density, unif
                     row_group=row_group, shared=shared, schedule=schedule, train_values=True)
 
 
-def test_blocked_row_group_steps_cover_every_row_and_group(monkeypatch):
+@pytest.mark.parametrize("shared", [True, False])
+def test_row_group_steps_cover_every_group_and_token_once(monkeypatch, shared):
     import blocksparse.ops as ops
 
-    monkeypatch.setattr(ops, "_GROUP_SLAB_BYTES", 1000)  # a few token rows (7 here: 130 = 18 x 7 + 4)
-    monkeypatch.setattr(ops, "_GROUP_TILE_BYTES", 1000)  # and one group per step
-    assert ops._blocks_of_work(130, 16, 400, 320) == (2, 1)
-    assert ops._blocks_of_work(130, 16, 4096, 128) == (1, 7)
-    run_and_compare(130, 96, 80, 0.4, torch.float32, bias=True, lora_rank=4, row_group=2, shared=True,
-                    schedule="row-groups")
+    monkeypatch.setattr(ops, "_GROUP_SLAB_BYTES", 1000)  # a few token rows per chunk
+    monkeypatch.setattr(ops, "_GROUP_TILE_BYTES", 7000)  # a group or two per step
+    w, *_ = make_case(130, 96, 80, 0.4, torch.float32, row_group=2, shared=shared)
+    layout = ops._row_groups(w)
+    assert layout["usable"] and layout["shared"] == shared
+    steps = layout["steps"]
+    assert len(steps) > 1 and sum(step["groups"] for step in steps) == 3
+    assert [step["first"] for step in steps] == [sum(s["groups"] * 2 for s in steps[:i]) for i in range(len(steps))]
+    assert [step["blocks"] for step in steps] == [(a, b) for a, b in zip(
+        [0] + [step["blocks"][1] for step in steps[:-1]], [step["blocks"][1] for step in steps])]
+    assert steps[-1]["blocks"][1] == w.nnz_blocks
+    run_and_compare(130, 96, 80, 0.4, torch.float32, bias=True, lora_rank=4, row_group=2, shared=shared,
+                    schedule="row-groups", train_values=True)
+
+
+def test_row_groups_with_zero_tiles_keep_pruned_weights_out_of_a_non_finite_input():
+    # Not fully shared: a row's missing union blocks are zero tiles in the packed GEMM, so a
+    # NaN input takes the stored-blocks path (checked against the reference's NaN pattern).
+    import blocksparse.ops as ops
+
+    w, x64, *_ = make_case(130, 96, 80, 0.4, torch.float32, bias=False, row_group=2)
+    assert torch_schedule(w, 130) == "row-groups" and not ops._row_groups(w)["shared"]
+    mask = w.block_mask
+    col = int(torch.nonzero(~mask.all(0))[0])
+    x = x64.float()
+    x[5, col * 16] = float("nan")
+    y = block_sparse_linear(x, w, backend="torch")
+    assert torch.equal(torch.isnan(y[5]), mask[:, col].repeat_interleave(16))
 
 
 @pytest.mark.parametrize("m", [1, 7, SMALL_M_MAX + 1, 130])
@@ -159,9 +200,12 @@ def test_inference_and_a_frozen_input_match_the_reference(m, shared):
     torch.testing.assert_close(bb_t.grad.double(), bb_r.grad, rtol=1e-4, atol=1e-4)
 
 
-def test_row_groups_that_do_not_share_fall_back_to_dense_blas():
-    w, *_ = make_case(130, 96, 80, 0.5, torch.float32, row_group=2)
-    assert torch_schedule(w, 130) == "dense"
+def test_row_groups_whose_unions_are_nearly_dense_fall_back_to_dense_blas():
+    import blocksparse.ops as ops
+
+    w, *_ = make_case(130, 96, 80, 0.6, torch.float32, row_group=3)  # three random rows: ~94% union
+    assert not ops._row_groups(w)["usable"]
+    assert torch_schedule(w, 130) == "dense" and torch_schedule(w, SMALL_M_MAX) == "blocks"
 
 
 @pytest.mark.parametrize("m", [1, 7, 130])
@@ -290,27 +334,28 @@ def test_property_matches_dense_reference(m, n_blocks, k_blocks, block_size, den
     check_fuzzed_case(w, m, dtype, lora_rank, gen)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
-    m=st.integers(0, 150),  # every schedule: blocks, shared-slab, row-groups, several token chunks
+    m=st.one_of(st.integers(0, 20), st.integers(21, 150)),  # every schedule: blocks, shared-slab, row-groups, dense, several token chunks
     n_blocks=st.integers(1, 13),
     k_blocks=st.integers(1, 6),
     row_group=st.integers(2, 5),
     block_size=st.sampled_from([8, 16, 32]),
     density=st.floats(0.0, 1.0),
+    extra_union=st.sampled_from([0.0, 0.0, 0.2]),  # fully shared twice as often as with zero tiles
     dtype=st.sampled_from(DTYPES),
     lora_rank=st.sampled_from([0, 4]),
     small_steps=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_property_fully_shared_row_groups_match_dense_reference(m, n_blocks, k_blocks, row_group, block_size,
-                                                                density, dtype, lora_rank, small_steps, seed):
+def test_property_row_groups_match_dense_reference(m, n_blocks, k_blocks, row_group, block_size, density,
+                                                   extra_union, dtype, lora_rank, small_steps, seed):
     import blocksparse.ops as ops
 
     gen = torch.Generator().manual_seed(seed)
     n, k = n_blocks * block_size, k_blocks * block_size
     perm = torch.randperm(n_blocks, generator=gen)
-    mask = shared_group_mask(n_blocks, k_blocks, density, row_group, perm, gen)
+    mask = shared_group_mask(n_blocks, k_blocks, density, row_group, perm, gen, union=min(1.0, density + extra_union))
     w = BlockSparseWeight.from_dense(torch.randn(n, k, generator=gen).to(dtype), mask, row_perm=perm,
                                      row_group=row_group)
     tiles, slab = ops._GROUP_TILE_BYTES, ops._GROUP_SLAB_BYTES
