@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .format import BlockSparseWeight
+from .grouping import cluster_block_rows
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -39,6 +40,8 @@ SHARED_SLAB_MAX_M = 64
 # Above SMALL_M_MAX tokens, row groups whose unions (zero tiles included) cover more than
 # this fraction of W run dense BLAS instead of one GEMM per group (measured: docs/DESIGN.md).
 UNION_GEMM_MAX = 0.75
+# Rows per group when the torch backend groups a free mask's rows itself.
+FREE_MASK_ROW_GROUP = 8
 # Working-set size of one chunk of block rows in the small-M path: the gathered
 # X slab and the transposed weight tiles of a chunk should stay in cache.
 _CHUNK_BYTES = 1 << 20
@@ -239,32 +242,46 @@ def _grad_values_small_m(x: torch.Tensor, grad_y: torch.Tensor, weight: BlockSpa
 
 
 def _row_groups(weight: BlockSparseWeight) -> dict:
-    """The GEMM plan of a weight with a row grouping (G > 1: groups are G consecutive
-    storage rows, the last one may be shorter): each group's union of block columns, in
-    steps of a few groups whose packed tiles ([U*b, G*b] each) fit `_GROUP_TILE_BYTES`.
+    """The GEMM plan of a weight: its block rows in groups of G (the weight's own row
+    grouping, groups of G consecutive storage rows; or, for a free mask, G =
+    FREE_MASK_ROW_GROUP rows clustered once by shared columns), each group's union of block
+    columns, in steps of a few groups whose packed tiles ([U*b, G*b] each) fit
+    `_GROUP_TILE_BYTES`. The last group may be shorter.
 
     `shared`: every row holds its group's whole union and every union has P blocks (fully
     shared: the tiles pack without zeros, and the forward's shared-slab path applies);
     otherwise a row's missing union blocks are zero tiles, union / density more work than
-    its blocks, and `pack` says where each stored tile's rows go in the step's packed
-    matrices. `usable` is False without a grouping or blocks, or when the union is too
-    dense (> UNION_GEMM_MAX) for the GEMMs to beat dense BLAS."""
-    g, (rows, cols_in), b = weight.row_group, weight.block_grid, weight.block_size
-    if g < 2 or weight.nnz_blocks == 0:
+    its blocks, and a step's `pack` says where each of its stored tiles' rows go in its
+    packed matrices (`tiles`: the step's blocks, a range of `values` or their indices).
+    The products write Y in schedule order; `to_true` / `to_schedule` reorder block
+    columns between it and the true order (None: the same). `usable` is False without
+    blocks, or when the union is too dense (> UNION_GEMM_MAX) to beat dense BLAS."""
+    (rows, cols_in), b = weight.block_grid, weight.block_size
+    if weight.nnz_blocks == 0:
         return {"usable": False}
     crow, col, device = weight.crow.long(), weight.col.long(), weight.col.device
     counts = crow[1:] - crow[:-1]
-    n_groups = -(-rows // g)
     row_of = torch.repeat_interleave(torch.arange(rows, device=device), counts)  # each block's storage row
+    g, order = weight.row_group, None
+    if g == 1:  # a free mask: rows with similar columns grouped (the greedy pass; no swap search)
+        g = FREE_MASK_ROW_GROUP
+        stored = torch.zeros(rows, cols_in, dtype=torch.bool, device=device)
+        stored[row_of, col] = True
+        order = cluster_block_rows(stored.cpu(), g, max_swap_passes=0).to(device)  # storage rows in schedule order
+    position = row_of if order is None else torch.argsort(order)[row_of]  # each block's schedule position
+    n_groups = -(-rows // g)
     present = torch.zeros(n_groups, cols_in, dtype=torch.bool, device=device)
-    present[row_of // g, col] = True
+    present[position // g, col] = True
     unions, sizes = present.sum(1), torch.full((n_groups,), g, device=device)
     sizes[-1] = rows - (n_groups - 1) * g
     union_density = float((unions * sizes).sum()) / (rows * cols_in)
     if union_density > UNION_GEMM_MAX:
         return {"usable": False}
-    shared = bool((counts == counts[0]).all() and (unions == counts[0]).all())
-    slot = (present.cumsum(1) - 1)[row_of // g, col]  # each block's place in its group's union
+    shared = order is None and bool((counts == counts[0]).all() and (unions == counts[0]).all())
+    slot = (present.cumsum(1) - 1)[position // g, col]  # each block's place in its group's union
+    by_position = torch.argsort(position, stable=True)  # blocks in schedule order
+    first_block = torch.zeros(n_groups + 1, dtype=torch.long, device=device)
+    first_block[1:] = torch.bincount(position // g, minlength=n_groups).cumsum(0)
     es, steps, full = weight.values.element_size(), [], rows // g
     for start, stop, size in ((0, full, g), (full, n_groups, rows - full * g)):
         group = start
@@ -274,19 +291,22 @@ def _row_groups(weight: BlockSparseWeight) -> dict:
                 tile_bytes += int(unions[end]) * b * b * size * es
                 end += 1
             step_unions = unions[group:end].tolist()
-            blocks = (int(crow[group * g]), int(crow[min(end * g, rows)]))
+            block = by_position[int(first_block[group]):int(first_block[end])]
+            tiles = (int(block[0]), int(block[-1]) + 1) if order is None else block
             pack = None
             if not shared:  # the packed row (of b elements) of each stored tile's b rows
-                block = torch.arange(*blocks, device=device)
-                local = row_of[block] // g - group
+                local = position[block] // g - group
                 region = torch.tensor([0] + step_unions[:-1], device=device).cumsum(0) * b * size
                 pack = (region[local][:, None] + (slot[block][:, None] * b + torch.arange(b, device=device)) * size
-                        + (row_of[block] % g)[:, None]).reshape(-1)
+                        + (position[block] % g)[:, None]).reshape(-1)
             steps.append({"first": group * g, "size": size, "groups": end - group, "unions": step_unions,
-                          "cols": present[group:end].nonzero()[:, 1], "blocks": blocks, "pack": pack})
+                          "cols": present[group:end].nonzero()[:, 1], "tiles": tiles, "pack": pack})
             group = end
+    true_of = weight.row_perm.long() if order is None else weight.row_perm.long()[order]  # per schedule row
+    identity = bool((true_of == torch.arange(rows, device=device)).all())
     return {"usable": True, "shared": shared, "union_density": union_density, "steps": steps,
-            "true_rows": weight.row_perm.long()}
+            "true_rows": weight.row_perm.long(), "to_schedule": None if identity else true_of,
+            "to_true": None if identity else torch.argsort(true_of)}
 
 
 def _group_steps(m: int, layout: dict, like: torch.Tensor, block_size: int):
@@ -309,15 +329,20 @@ def _pack(weight: BlockSparseWeight, step: dict, buffer: torch.Tensor) -> list[t
     """The step's groups' W^T tiles as dense [U*b, G*b] matrices in `buffer` (zero where a
     row lacks a union block): a permuted copy for fully shared groups, a row scatter else."""
     b, size, unions = weight.block_size, step["size"], step["unions"]
-    tiles = weight.values[step["blocks"][0]:step["blocks"][1]]
     total = sum(unions) * b * size * b
     if step["pack"] is None:
         per_row, groups = unions[0], step["groups"]
         buffer[:total].view(groups, per_row, b, size, b).copy_(
-            tiles.view(groups, size, per_row, b, b).permute(0, 2, 3, 1, 4))
+            _step_tiles(weight.values, step).view(groups, size, per_row, b, b).permute(0, 2, 3, 1, 4))
     else:
-        buffer[:total].zero_().view(-1, b).index_copy_(0, step["pack"], tiles.reshape(-1, b))
+        buffer[:total].zero_().view(-1, b).index_copy_(0, step["pack"], _step_tiles(weight.values, step).reshape(-1, b))
     return _split_packed(buffer, unions, b, size)
+
+
+def _step_tiles(values: torch.Tensor, step: dict) -> torch.Tensor:
+    """The step's stored tiles in schedule order: a slice of `values`, or gathered."""
+    tiles = step["tiles"]
+    return values[tiles[0]:tiles[1]] if isinstance(tiles, tuple) else values.index_select(0, tiles)
 
 
 def _split_packed(buffer: torch.Tensor, unions: list[int], b: int, size: int) -> list[torch.Tensor]:
@@ -331,15 +356,16 @@ def _split_packed(buffer: torch.Tensor, unions: list[int], b: int, size: int) ->
 def _unpack(weight: BlockSparseWeight, step: dict, buffer: torch.Tensor, out: torch.Tensor) -> None:
     """The inverse of `_pack`: the step's packed matrices (in `buffer`) written as its
     groups' stored tiles of `out` (laid out like `values`); zero tiles are dropped."""
-    b, size, unions = weight.block_size, step["size"], step["unions"]
-    tiles = out[step["blocks"][0]:step["blocks"][1]]
-    total = sum(unions) * b * size * b
+    b, size, unions, tiles = weight.block_size, step["size"], step["unions"], step["tiles"]
+    packed = buffer[:sum(unions) * b * size * b]
     if step["pack"] is None:
         per_row, groups = unions[0], step["groups"]
-        tiles.view(groups, size, per_row, b, b).copy_(
-            buffer[:total].view(groups, per_row, b, size, b).permute(0, 3, 1, 2, 4))
+        out[tiles[0]:tiles[1]].view(groups, size, per_row, b, b).copy_(
+            packed.view(groups, per_row, b, size, b).permute(0, 3, 1, 2, 4))
+    elif isinstance(tiles, tuple):
+        torch.index_select(packed.view(-1, b), 0, step["pack"], out=out[tiles[0]:tiles[1]].view(-1, b))
     else:
-        torch.index_select(buffer[:total].view(-1, b), 0, step["pack"], out=tiles.view(-1, b))
+        out.index_copy_(0, tiles, packed.view(-1, b).index_select(0, step["pack"]).view(-1, b, b))
 
 
 def _block_index(blocks_per_token: int, tokens: int, blocks: torch.Tensor) -> torch.Tensor:
@@ -374,7 +400,7 @@ def _shared_slab_matmul(x: torch.Tensor, weight: BlockSparseWeight, layout: dict
     for step in layout["steps"]:
         size, groups, span = step["size"], step["groups"], step["unions"][0] * b
         slab = x_blocks.index_select(1, step["cols"]).view(m, groups, span)
-        tiles = weight.values[step["blocks"][0]:step["blocks"][1]].view(groups, size, span, b)
+        tiles = weight.values[step["tiles"][0]:step["tiles"][1]].view(groups, size, span, b)
         for j in range(groups):
             start = step["first"] + j * size
             torch.bmm(slab[:, j].expand(size, m, span), tiles[j], out=result[start:start + size])
@@ -385,13 +411,13 @@ def _shared_slab_matmul(x: torch.Tensor, weight: BlockSparseWeight, layout: dict
 
 def _grouped_matmul(x: torch.Tensor, weight: BlockSparseWeight, layout: dict) -> torch.Tensor:
     """Y = X W^T over row groups: per group one GEMM of the group's gathered union columns
-    of X [M, U*b] with its packed tile [U*b, G*b], written into Y's columns in storage
+    of X [M, U*b] with its packed tile [U*b, G*b], written into Y's columns in schedule
     order, which one permutation then puts in place. Groups and token rows are blocked
     (`_group_steps`); the tiles are packed one step at a time, never all at once."""
     m, (n, _), b = x.shape[0], weight.shape, weight.block_size
     cols_in = weight.block_grid[1]
     x = x.contiguous()
-    out = x.new_empty(m, n)  # block rows in storage order
+    out = x.new_empty(m, n)  # block rows in schedule order
     for step, rows, buf in _group_steps(m, layout, x, b):
         packed, size = _pack(weight, step, buf["tiles"]), step["size"]
         gather, width = _block_index(cols_in, rows, step["cols"]), sum(step["unions"]) * b
@@ -404,16 +430,16 @@ def _grouped_matmul(x: torch.Tensor, weight: BlockSparseWeight, layout: dict) ->
                 col0 = (step["first"] + j * size) * b
                 torch.mm(slab[:, start:start + tile.shape[0]], tile, out=out[m0:m0 + r, col0:col0 + size * b])
                 start += tile.shape[0]
-    return _permute_block_columns(out, weight.layout("padded_rows", _padded_rows)["to_true"])
+    return _permute_block_columns(out, layout["to_true"])
 
 
 def _grouped_matmul_t(grad_y: torch.Tensor, weight: BlockSparseWeight, layout: dict) -> torch.Tensor:
-    """dX = dY W over row groups: dY's columns put in storage order once, then per group
+    """dX = dY W over row groups: dY's columns put in schedule order once, then per group
     its [M, G*b] columns times the packed tile transposed, added into the group's union
     columns of dX; blocked like the forward."""
     m, (_, k), b = grad_y.shape[0], weight.shape, weight.block_size
     cols_in = weight.block_grid[1]
-    grad_y = _permute_block_columns(grad_y.contiguous(), weight.layout("padded_rows", _padded_rows)["to_storage"])
+    grad_y = _permute_block_columns(grad_y.contiguous(), layout["to_schedule"])
     grad_x = grad_y.new_zeros(m, k)
     for step, rows, buf in _group_steps(m, layout, grad_y, b):
         packed, size = _pack(weight, step, buf["tiles"]), step["size"]
@@ -440,7 +466,7 @@ def _grad_values_grouped(x: torch.Tensor, grad_y: torch.Tensor, weight: BlockSpa
     m, b = x.shape[0], weight.block_size
     cols_in = weight.block_grid[1]
     x = x.contiguous()
-    grad_y = _permute_block_columns(grad_y.contiguous(), weight.layout("padded_rows", _padded_rows)["to_storage"])
+    grad_y = _permute_block_columns(grad_y.contiguous(), layout["to_schedule"])
     grad = torch.empty_like(weight.values)
     for step, rows, buf in _group_steps(m, layout, x, b):
         size, unions = step["size"], step["unions"]
@@ -473,6 +499,8 @@ def torch_schedule(weight: BlockSparseWeight, m: int, backward: bool = False) ->
     outputs whose stored blocks read it. Dense BLAS, and the row-group GEMMs over zero
     tiles, would compute 0 * NaN, so there an input holding NaN or inf takes the
     stored-blocks path."""
+    if m <= SMALL_M_MAX and weight.row_group == 1:  # (the free mask's row groups are built on first need)
+        return "blocks"
     groups = weight.layout("row_groups", _row_groups)
     if not groups["usable"]:
         return "blocks" if m <= SMALL_M_MAX else "dense"

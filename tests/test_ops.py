@@ -154,11 +154,34 @@ def test_row_group_steps_cover_every_group_and_token_once(monkeypatch, shared):
     steps = layout["steps"]
     assert len(steps) > 1 and sum(step["groups"] for step in steps) == 3
     assert [step["first"] for step in steps] == [sum(s["groups"] * 2 for s in steps[:i]) for i in range(len(steps))]
-    assert [step["blocks"] for step in steps] == [(a, b) for a, b in zip(
-        [0] + [step["blocks"][1] for step in steps[:-1]], [step["blocks"][1] for step in steps])]
-    assert steps[-1]["blocks"][1] == w.nnz_blocks
+    assert [step["tiles"] for step in steps] == [(a, b) for a, b in zip(
+        [0] + [step["tiles"][1] for step in steps[:-1]], [step["tiles"][1] for step in steps])]
+    assert steps[-1]["tiles"][1] == w.nnz_blocks
     run_and_compare(130, 96, 80, 0.4, torch.float32, bias=True, lora_rank=4, row_group=2, shared=shared,
                     schedule="row-groups", train_values=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [SMALL_M_MAX + 1, 130])
+def test_free_masks_run_their_clustered_row_groups(dtype, m):
+    # A free mask (no grouping of its own) whose rows follow 4 column patterns, shuffled:
+    # the backend clusters rows into groups of FREE_MASK_ROW_GROUP, whose tiles are not
+    # contiguous in `values`: gathered to pack, scattered back for dW.
+    import blocksparse.ops as ops
+
+    gen = torch.Generator().manual_seed(m)
+    patterns = torch.rand(4, 10, generator=gen) < 0.4
+    mask = patterns[torch.randint(0, 4, (64,), generator=gen)]
+    mask[3, :] = False  # an empty row, and one that differs from its pattern
+    mask[5] = ~mask[5]
+    w64 = torch.randn(64 * 16, 160, generator=gen, dtype=torch.float64) / 160 ** 0.5
+    w = BlockSparseWeight.from_dense(w64.to(dtype), mask)
+    layout = ops._row_groups(w)
+    assert layout["usable"] and not layout["shared"] and layout["to_true"] is not None
+    assert not all(isinstance(step["tiles"], tuple) for step in layout["steps"])
+    assert torch_schedule(w, m) == "row-groups" and torch_schedule(w, m, backward=True) == "row-groups"
+    gen_x = torch.Generator().manual_seed(1)
+    check_fuzzed_case(w, m, dtype, 4, gen_x)
 
 
 def test_row_groups_with_zero_tiles_keep_pruned_weights_out_of_a_non_finite_input():
