@@ -291,8 +291,9 @@ def _row_groups(weight: BlockSparseWeight) -> dict:
                 tile_bytes += int(unions[end]) * b * b * size * es
                 end += 1
             step_unions = unions[group:end].tolist()
-            block = by_position[int(first_block[group]):int(first_block[end])]
-            tiles = (int(block[0]), int(block[-1]) + 1) if order is None else block
+            span = (int(first_block[group]), int(first_block[end]))
+            block = by_position[span[0]:span[1]]
+            tiles = span if order is None else block  # in storage order the step's blocks are one stretch
             pack = None
             if not shared:  # the packed row (of b elements) of each stored tile's b rows
                 local = position[block] // g - group
@@ -346,6 +347,7 @@ def _step_tiles(values: torch.Tensor, step: dict) -> torch.Tensor:
 
 
 def _split_packed(buffer: torch.Tensor, unions: list[int], b: int, size: int) -> list[torch.Tensor]:
+    """The [U*b, size*b] matrices of a step's groups, one after the other in `buffer`."""
     out, start = [], 0
     for u in unions:
         out.append(buffer[start:start + u * b * size * b].view(u * b, size * b))

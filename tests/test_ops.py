@@ -184,6 +184,21 @@ def test_free_masks_run_their_clustered_row_groups(dtype, m):
     check_fuzzed_case(w, m, dtype, 4, gen_x)
 
 
+@pytest.mark.parametrize("row_group", [1, 2])
+def test_row_groups_with_empty_rows_and_groups(row_group):
+    # Whole groups without a block (their output columns are zero) and a step of them.
+    import blocksparse.ops as ops
+
+    gen = torch.Generator().manual_seed(3)
+    mask = torch.zeros(12, 6, dtype=torch.bool)
+    mask[6:, :2] = True
+    mask[8:, 4] = True
+    perm = torch.arange(12) if row_group > 1 else None
+    w = BlockSparseWeight.from_dense(torch.randn(192, 96, generator=gen), mask, row_perm=perm, row_group=row_group)
+    assert ops._row_groups(w)["usable"] and torch_schedule(w, 40) == "row-groups"
+    check_fuzzed_case(w, 40, torch.float32, 0, gen)
+
+
 def test_row_groups_with_zero_tiles_keep_pruned_weights_out_of_a_non_finite_input():
     # Not fully shared: a row's missing union blocks are zero tiles in the packed GEMM, so a
     # NaN input takes the stored-blocks path (checked against the reference's NaN pattern).
