@@ -135,9 +135,19 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
     from ..prune import prune_model
 
     started = time.perf_counter()
+    stage_seconds: dict[str, float] = {}
+
+    def timed(stage: str, fn, *args, **kwargs):
+        """Run one stage of the demo, record and print its wall time."""
+        t0 = time.perf_counter()
+        result = fn(*args, **kwargs)
+        stage_seconds[stage] = stage_seconds.get(stage, 0.0) + time.perf_counter() - t0
+        print(f"   [{stage}: {time.perf_counter() - t0:.1f} s]")
+        return result
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model(model_name)
+    model, tokenizer = timed("load", load_model, model_name)
     family = family_of(model)
     recipe = prune_recipe(family)
     target_modules = tuple(target_modules or family.projections)
@@ -145,7 +155,7 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
 
     def ppl(m, stage):
         print(f"\n== {stage}")
-        result = perplexity(m, held_out, seqlen, max_windows=eval_windows)
+        result = timed("perplexity", perplexity, m, held_out, seqlen, max_windows=eval_windows)
         print(f"   perplexity {result['ppl']:.2f} ({result['windows']} windows x {seqlen} tokens)")
         return result
 
@@ -156,24 +166,24 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
                                       train_seqlen=train_seqlen, learning_rate=learning_rate, lora_r=lora_r,
                                       target_modules=list(target_modules), prune_recipe=recipe)}
     results["dense"] = ppl(model, "dense model")
-    results["samples"] = {"prompts": list(SAMPLE_PROMPTS), "dense": samples(model, tokenizer, sample_tokens)}
+    results["samples"] = {"prompts": list(SAMPLE_PROMPTS), "dense": timed("samples", samples, model, tokenizer,
+                                                                           sample_tokens)}
     dense_model = copy.deepcopy(model)
 
     print(f"\n== pruning {block_size}x{block_size} blocks to {sparsity:.0%} sparsity ({nsamples} calibration windows)")
     calib = calibration_samples(tokenizer, dataset, nsamples, seqlen)
-    t0 = time.perf_counter()
-    report = prune_model(model, calib, sparsity=sparsity, block_size=block_size, row_group=row_group,
-                         union_density=union_density, **recipe)
-    results["prune"] = {"total_density": report["total_density"], "seconds": time.perf_counter() - t0}
+    report = timed("prune", prune_model, model, calib, sparsity=sparsity, block_size=block_size,
+                   row_group=row_group, union_density=union_density, **recipe)
+    results["prune"] = {"total_density": report["total_density"], "seconds": stage_seconds["prune"]}
     results["pruned"] = ppl(model, "block-sparse model")
-    results["samples"]["pruned"] = samples(model, tokenizer, sample_tokens)
+    results["samples"]["pruned"] = timed("samples", samples, model, tokenizer, sample_tokens)
 
     print(f"\n== LoRA fine-tuning: {steps} steps x {batch_size} x {train_seqlen} tokens, fused block-sparse op")
-    peft_model, results["finetune"] = lora_step(model, tokenizer, dataset, out / "lora", target_modules, steps,
-                                                batch_size, train_seqlen, learning_rate, lora_r)
+    peft_model, results["finetune"] = timed("LoRA", lora_step, model, tokenizer, dataset, out / "lora",
+                                            target_modules, steps, batch_size, train_seqlen, learning_rate, lora_r)
     peft_model.save_pretrained(out / "adapter")
     results["lora"] = ppl(peft_model, "block-sparse model + LoRA (adapter unmerged)")
-    results["samples"]["lora"] = samples(peft_model, tokenizer, sample_tokens)
+    results["samples"]["lora"] = timed("samples", samples, peft_model, tokenizer, sample_tokens)
 
     print("\n== latency: dense vs block-sparse, each alone and with the same LoRA adapter (unmerged), interleaved")
     prompt = held_out[:, :seqlen]
@@ -181,13 +191,14 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
               else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     dense_lora = load_adapter(copy.deepcopy(dense_model), out / "adapter")
     models = {"dense": dense_model, "sparse": peft_model, "dense_lora": dense_lora, "sparse_lora": peft_model}
-    results["latency"] = {"device": device, **latency(models, prompt, decode_tokens,
-                                                       contexts={"sparse": peft_model.disable_adapter})}
+    results["latency"] = {"device": device, **timed("latency", latency, models, prompt, decode_tokens,
+                                                     contexts={"sparse": peft_model.disable_adapter})}
     results["seconds"] = time.perf_counter() - started
+    results["stage_seconds"] = stage_seconds
     results["versions"] = {"torch": torch.__version__, "python": platform.python_version()}
 
     table = _table(results)
-    print("\n" + table + "\n\n" + _samples_table(results["samples"]))
+    print("\n" + table + "\n\n" + _samples_table(results["samples"]) + "\n\n" + _stage_table(results))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     stages = [("dense", results["dense"]["ppl"]), (f"pruned {sparsity:.0%}", results["pruned"]["ppl"]),
               ("+ LoRA", results["lora"]["ppl"])]
@@ -195,7 +206,7 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
     (out / "report.md").write_text(
         f"# blocksparse demo\n\n{table}\n\n![perplexity and latency](demo.png)\n\n"
         f"Greedy samples ({sample_tokens} new tokens):\n\n{_samples_table(results['samples'])}\n\n"
-        f"Settings: `{json.dumps(results['settings'])}`\n\nTotal time {results['seconds'] / 60:.1f} min.\n")
+        f"Settings: `{json.dumps(results['settings'])}`\n\n{_stage_table(results)}\n")
     print(f"\nreport: {out / 'report.md'}")
     return results
 
@@ -221,6 +232,14 @@ def _table(results: dict) -> str:
                   f"{s['prefill_s'] * 1e3:.1f} | {d['prefill_s'] / s['prefill_s']:.2f}x |",
                   f"| decode (tokens/s){label} | {d['decode_tokens_per_s']:.1f} | {s['decode_tokens_per_s']:.1f} | "
                   f"{s['decode_tokens_per_s'] / d['decode_tokens_per_s']:.2f}x |"]
+    return "\n".join(lines)
+
+
+def _stage_table(results: dict) -> str:
+    """Where the demo's time went (wall seconds per stage; perplexity and samples summed)."""
+    lines = ["| stage | seconds |", "| --- | ---: |"]
+    lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in results["stage_seconds"].items()]
+    lines.append(f"| total (with setup between stages) | {results['seconds']:.1f} |")
     return "\n".join(lines)
 
 

@@ -38,6 +38,11 @@ def test_demo_runs_every_stage_and_writes_the_report(tiny_dir, corpus_file, tmp_
     assert len(found["prompts"]) == 3 and all(len(found[k]) == 3 for k in ("dense", "pruned", "lora"))
     assert "| prompt | dense | block-sparse (one-shot) | + LoRA |" in report
     assert " ".join(found["prompts"][0].split()) in report
+    # Where the time went, stage by stage, adding up to no more than the whole run.
+    seconds = saved["stage_seconds"]
+    assert set(seconds) == {"load", "perplexity", "samples", "prune", "LoRA", "latency"}
+    assert all(t > 0 for t in seconds.values()) and sum(seconds.values()) <= saved["seconds"]
+    assert seconds["prune"] == saved["prune"]["seconds"] and f"| prune | {seconds['prune']:.1f} |" in report
 
 
 def test_demo_cli_rejects_bad_input(capsys):
