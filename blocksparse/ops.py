@@ -180,16 +180,20 @@ def _sparse_matmul_small_m(x: torch.Tensor, weight: BlockSparseWeight) -> torch.
     plan = _row_chunks(weight, m)
     if plan["empty"] or m == 0:
         return x.new_zeros(m, plan["n"])
-    values, b = weight.values, plan["b"]
+    values, b, rows = weight.values, plan["b"], plan["rows"]
     x_blocks = x.reshape(m, plan["cols"], b)
-    out = x.new_empty(plan["rows"], m, b)  # storage order
-    for r0, r1, cols, index, valid in plan["chunks"]:
-        gathered = x_blocks.index_select(1, cols)  # [M, ch*P, b]
-        if valid is not None:
-            gathered = torch.where(valid.reshape(1, -1, 1), gathered, 0.0)  # not * (0 * NaN)
-        # [ch, M, P*b] as a strided view: bmm reads it in place.
-        torch.bmm(gathered.view(m, r1 - r0, -1).transpose(0, 1), _row_slabs(values, plan, r0, r1, index),
-                  out=out[r0:r1])
+    if len(plan["chunks"]) == 1 and plan["uniform"]:  # decode's usual case: one gather, one bmm
+        gathered = x_blocks.index_select(1, plan["chunks"][0][2]).view(m, rows, -1).transpose(0, 1)
+        out = torch.bmm(gathered, values.view(rows, -1, b))
+    else:
+        out = x.new_empty(rows, m, b)  # storage order
+        for r0, r1, cols, index, valid in plan["chunks"]:
+            gathered = x_blocks.index_select(1, cols)  # [M, ch*P, b]
+            if valid is not None:
+                gathered = torch.where(valid.reshape(1, -1, 1), gathered, 0.0)  # not * (0 * NaN)
+            # [ch, M, P*b] as a strided view: bmm reads it in place.
+            torch.bmm(gathered.view(m, r1 - r0, -1).transpose(0, 1), _row_slabs(values, plan, r0, r1, index),
+                      out=out[r0:r1])
     if plan["to_true"] is not None:
         out = out.index_select(0, plan["to_true"])
     return out.transpose(0, 1).reshape(m, plan["n"])

@@ -214,6 +214,18 @@ def test_row_groups_with_zero_tiles_keep_pruned_weights_out_of_a_non_finite_inpu
     assert torch.equal(torch.isnan(y[5]), mask[:, col].repeat_interleave(16))
 
 
+@pytest.mark.parametrize("m", [1, 7])
+@pytest.mark.parametrize("uniform_rows", [True, False])
+def test_stored_blocks_in_several_chunks_of_rows(monkeypatch, m, uniform_rows):
+    import blocksparse.ops as ops
+
+    monkeypatch.setattr(ops, "_CHUNK_BYTES", 400)  # a block row or two per chunk
+    w, *_ = make_case(m, 96, 80, 0.5, torch.float32, uniform_rows=uniform_rows)
+    assert len(ops._row_chunks(w, m)["chunks"]) > 1
+    run_and_compare(m, 96, 80, 0.5, torch.float32, lora_rank=4, uniform_rows=uniform_rows, train_values=True,
+                    schedule="blocks")
+
+
 @pytest.mark.parametrize("m", [1, 7, SMALL_M_MAX + 1, 130])
 @pytest.mark.parametrize("shared", [False, True])
 def test_inference_and_a_frozen_input_match_the_reference(m, shared):
