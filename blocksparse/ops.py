@@ -38,8 +38,9 @@ SMALL_M_MAX = 16
 BLOCKS_MAX_M_SHARED = 4
 SHARED_SLAB_MAX_M = 64
 # Above SMALL_M_MAX tokens, row groups whose unions (zero tiles included) cover more than
-# this fraction of W run dense BLAS instead of one GEMM per group (measured: docs/DESIGN.md).
-UNION_GEMM_MAX = 0.75
+# this fraction of W run dense BLAS on the masked weight instead of one GEMM per group: the
+# GEMMs cost about union x dense plus the gathers, and broke even near 0.6 (docs/DESIGN.md).
+UNION_GEMM_MAX = 0.6
 # Rows per group when the torch backend groups a free mask's rows itself.
 FREE_MASK_ROW_GROUP = 8
 # Working-set size of one chunk of block rows in the small-M path: the gathered
