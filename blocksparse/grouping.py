@@ -19,12 +19,9 @@ real masks: docs/DESIGN.md, section 5).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-__all__ = ["cluster_block_rows", "column_keepers", "group_of", "group_union_sizes", "shared_column_groups",
-           "union_density"]
+__all__ = ["cluster_block_rows", "group_of", "group_union_sizes", "shared_column_groups", "union_density"]
 
 
 def _check_mask(block_mask: torch.Tensor, group_size: int) -> None:
@@ -218,44 +215,16 @@ def group_of(perm: torch.Tensor, group_size: int) -> torch.Tensor:
     return group
 
 
-def column_keepers(importance: torch.Tensor, capacity: int) -> torch.Tensor | None:
-    """For grouped masks: a group that keeps each block column, so no input column is
-    read by no row. importance [groups, C]: what each group loses by dropping each
-    column (any non-negative measure); a group keeps at most `capacity` columns (its
-    union). Each column goes to the group that values it most relative to that group's
-    own median, most important columns first, among the groups with room. None when
-    the groups cannot hold every column between them (groups x capacity < C)."""
-    groups, cols = importance.shape
-    if groups * capacity < cols:
-        return None
-    scale = importance.float().median(dim=1, keepdim=True).values.clamp_min(1e-30)
-    relative = (importance.float() / scale).cpu()
-    room = [capacity] * groups
-    keepers = torch.empty(cols, dtype=torch.long)
-    for col in torch.argsort(relative.max(dim=0).values, descending=True).tolist():
-        for group in torch.argsort(relative[:, col], descending=True).tolist():
-            if room[group]:
-                keepers[col], room[group] = group, room[group] - 1
-                break
-    return keepers.to(importance.device)
-
-
 def _column_sets(scores: torch.Tensor, group: torch.Tensor, n_groups: int, union_blocks: int,
                  keep_per_row: int) -> torch.Tensor:
     """Bool [groups, C]: each group's `union_blocks` columns.
 
     Fully shared (union_blocks == keep_per_row): the columns of the largest summed
-    score, which is exact (every row keeps the whole set), each column kept by some
-    group (`column_keepers`) where the groups can hold them all. Wider sets: start there,
+    score, which is exact (every row keeps the whole set). Wider sets: start there,
     then repeatedly take the columns the rows' own top-`keep_per_row` choices inside
     the set value most (a fixed point in a few rounds).
     """
     totals = torch.zeros(n_groups, scores.shape[1], dtype=scores.dtype).index_add_(0, group, scores)
-    if union_blocks == keep_per_row:  # each column kept by some group where they can hold them all
-        keepers = column_keepers(totals, union_blocks)
-        if keepers is not None:
-            totals = totals.clone()
-            totals[keepers, torch.arange(totals.shape[1])] = math.inf
     sets = torch.zeros_like(totals, dtype=torch.bool).scatter_(1, totals.topk(union_blocks, dim=1).indices, True)
     if union_blocks == keep_per_row:
         return sets

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from blocksparse.grouping import (cluster_block_rows, column_keepers, group_union_sizes, shared_column_groups,
-                                  union_density)
+from blocksparse.grouping import cluster_block_rows, group_union_sizes, shared_column_groups, union_density
 
 
 def planted_mask(prototypes: int, copies: int, cols: int, keep: int, seed: int = 0) -> torch.Tensor:
@@ -124,25 +123,6 @@ def test_wider_sets_keep_more_and_respect_the_budget():
         kept[union] = float(inside.topk(6, dim=1).values.sum())
     free = float(scores.topk(6, dim=1).values.sum())
     assert kept[6] < kept[9] <= kept[20] == pytest.approx(free)
-
-
-def test_column_keepers_give_every_column_a_group_that_values_it():
-    importance = torch.tensor([[9.0, 1.0, 0.1, 5.0, 0.2, 3.0],
-                               [1.0, 8.0, 0.3, 4.0, 0.1, 3.0],
-                               [2.0, 2.0, 0.2, 2.0, 0.1, 2.0]])
-    keepers = column_keepers(importance, capacity=2)
-    assert keepers.tolist()[:2] == [0, 1]  # columns go where they matter most relative to the group
-    assert torch.bincount(keepers, minlength=3).tolist() == [2, 2, 2]  # and to the next group once it is full
-    assert column_keepers(importance, capacity=3)[2] == 1  # with room, column 2 goes to the group valuing it most
-    assert column_keepers(importance, capacity=1) is None  # 3 groups cannot hold 6 columns
-
-
-def test_fully_shared_groups_leave_no_input_column_unread():
-    # Every row prefers the first 12 columns: left alone, all groups drop the same 12 others.
-    gen = torch.Generator().manual_seed(5)
-    scores = torch.rand(32, 24, generator=gen) + torch.cat([torch.full((12,), 10.0), torch.zeros(12)])
-    perm, sets = shared_column_groups(scores, 4, keep_per_row=12, union_blocks=12)
-    assert bool(sets.any(0).all()) and sets.sum(1).tolist() == [12] * 8
 
 
 def test_shared_column_groups_validate():

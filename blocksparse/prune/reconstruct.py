@@ -10,8 +10,6 @@ import math
 
 import torch
 
-from ..grouping import column_keepers
-
 DEFAULT_DAMP = 0.01
 
 
@@ -71,12 +69,7 @@ def greedy_obs_mask(weight: torch.Tensor, gram: torch.Tensor, keep_per_row: int,
     mask. First whole group-columns are dropped, by the summed cost of their rows'
     blocks (each row's error is independent, so the sum is exact), until every
     group keeps union_blocks columns; then each row drops within its group's set.
-    The rounds are shared between the two phases by their number of drops. Where
-    the groups can hold every block column between them, each column keeps one
-    group (`column_keepers`): left to themselves the groups agree to drop the same
-    weak input columns, and a whole model with 31% of down_proj's inputs read by no
-    row lost what refinement and LoRA recover on free masks (README, "The trade-off,
-    measured").
+    The rounds are shared between the two phases by their number of drops.
     """
     n, k = weight.shape
     b = block_size
@@ -97,7 +90,6 @@ def greedy_obs_mask(weight: torch.Tensor, gram: torch.Tensor, keep_per_row: int,
     group_rounds = max(1, round(rounds * group_drops / to_drop)) if group_drops else 0
     row_rounds = max(1, rounds - group_rounds) if to_drop > group_drops else 0
     n_groups = 0 if row_groups is None else int(row_groups.max()) + 1
-    keepers = None
     steps = ([(0, count) for count in _drop_schedule(group_drops, group_rounds)]
              + [(1, count) for count in _drop_schedule(to_drop - group_drops, row_rounds)])
     for phase, count in steps:
@@ -109,10 +101,6 @@ def greedy_obs_mask(weight: torch.Tensor, gram: torch.Tensor, keep_per_row: int,
         cost = cost.masked_fill(~alive, math.inf)
         if phase == 0:  # whole group-columns: the summed cost of the group's rows
             group_cost = cost.new_zeros(n_groups, cols).index_add_(0, row_groups.to(cost.device), cost)
-            if keepers is None:
-                keepers = column_keepers(group_cost, union_blocks)
-            if keepers is not None:
-                group_cost[keepers, torch.arange(cols, device=cost.device)] = math.inf
             drop = group_cost.topk(count, dim=1, largest=False).indices[row_groups.to(cost.device)]
         else:
             drop = cost.topk(count, dim=1, largest=False).indices                          # [R, count]

@@ -173,9 +173,6 @@ def test_every_method_honours_the_row_groups(method, row_group, union_density):
             assert int(stored[g:g + row_group].any(0).sum()) <= union, (name, g)
         entry = report["layers"][name]["union_density"]
         assert entry["group_size"] == row_group and entry["forward"] <= union / cols + 1e-9
-        groups = -(-mask.shape[0] // row_group)
-        if union_density is None and groups * keep >= cols:  # fully shared, room for every column
-            assert bool(mask.any(0).all()), f"{name}: an input column no row reads"
 
 
 def test_grouped_model_computes_what_its_masked_weights_do():
