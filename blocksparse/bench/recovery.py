@@ -67,14 +67,14 @@ def one_shot_checkpoint(args) -> Path:
     from ..families import family_of
     from ..integration.data import calibration_samples
     from ..integration.model import load_model
-    from ..integration.recipes import prune_recipe
+    from ..integration.recipes import DEMO_ROW_GROUP, prune_recipe
     from ..prune import prune_model
 
     model, tokenizer = load_model(args.model)
     print(f"pruning {args.model!r} to {args.sparsity:.0%} with the demo's recipe (once; saved in {path})")
     start = time.perf_counter()
     report = prune_model(model, calibration_samples(tokenizer, args.dataset, 16, args.seqlen),
-                         sparsity=args.sparsity, **prune_recipe(family_of(model)))
+                         sparsity=args.sparsity, row_group=DEMO_ROW_GROUP, **prune_recipe(family_of(model)))
     report.update(model=args.model, prune_seconds=round(time.perf_counter() - start, 1))
     save_sparse_pretrained(model, tokenizer, path, report=report)
     return path

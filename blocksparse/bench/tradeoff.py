@@ -93,6 +93,7 @@ def run_quality(args, configs) -> None:
         common.write_json(dense_file, {"ppl": result["ppl"], "windows": result["windows"], "settings": settings})
     calib = calibration_samples(tokenizer, args.dataset, args.nsamples, args.seqlen)
     family = family_of(dense_model)
+    settings = settings | {"prune_recipe": prune_recipe(family)}  # a result of another recipe is not reused
     for group, union in configs:
         folder = args.out / config_name(group, union)
         if _read(folder / "result.json", required=False, settings=settings) is not None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..format import SUPPORTED_BLOCK_SIZES
-from ..integration.recipes import latency, lora_step, prune_recipe
+from ..integration.recipes import DEMO_ROW_GROUP, latency, lora_step, prune_recipe
 from .args import CLIError, add_dataset_flag, add_flag, check_finite
 
 
@@ -33,7 +33,7 @@ def add_parser(subparsers):
     add_flag(parser, "--sparsity", type=float, default=0.5, help="block sparsity (default: %(default)s)")
     add_flag(parser, "--sparse_block_size", type=int, default=16, choices=SUPPORTED_BLOCK_SIZES,
              help="sparse block edge (default: %(default)s)")
-    add_flag(parser, "--row_group", type=int, default=1, metavar="G",
+    add_flag(parser, "--row_group", type=int, default=DEMO_ROW_GROUP, metavar="G",
              help="grouped masks: every G block rows share their block columns (1 = free masks; "
                   "default: %(default)s)")
     add_flag(parser, "--union_density", type=float, default=None, metavar="U",
@@ -117,7 +117,7 @@ def _plot(stages: list[tuple[str, float]], timing: dict, path: Path) -> None:
 
 
 def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str = "default",
-             sparsity: float = 0.5, block_size: int = 16, row_group: int = 1,
+             sparsity: float = 0.5, block_size: int = 16, row_group: int = DEMO_ROW_GROUP,
              union_density: float | None = None, seqlen: int = 512, nsamples: int = 16,
              eval_windows: int | None = 12, steps: int = 40, batch_size: int = 1,
              train_seqlen: int = 256, learning_rate: float = 1e-3, lora_r: int = 16,

@@ -14,11 +14,21 @@ from torch import nn
 from ..families import Family
 
 
+# The demo's row grouping: every 8 block rows share their block columns (fully shared), so
+# the CPU's row-group GEMMs and the grouped kernels compute only the density. With greedy
+# block OBS choosing whole group-columns it matched the earlier demo recipe (Wanda, free
+# masks) after the LoRA step, and prefill runs faster than dense (README, "The trade-off,
+# measured").
+DEMO_ROW_GROUP = 8
+
+
 def prune_recipe(family: Family) -> dict:
-    """The demo's pruning recipe (PruneOptions fields), the fast one-shot recipe measured
-    best on the embedded model: the first layer's MLP and every value projection stay
-    dense, the other linears pay for them, and each layer is refined for 50 steps."""
-    return dict(method="wanda", comparison_group="block-row", reconstruct=True, reconstruct_target="dense",
+    """The demo's pruning recipe (PruneOptions fields; the row grouping is the caller's, the
+    demo's DEMO_ROW_GROUP): greedy block OBS masks (`method="obc"`, which drops whole
+    group-columns of a grouped mask by their summed reconstruction cost), the first layer's
+    MLP and every value projection dense, the other linears paying for them, and each layer
+    refined for 50 steps."""
+    return dict(method="obc", comparison_group="block-row", reconstruct=True, reconstruct_target="dense",
                 allocation={family.mlp_path(0): 1.0, family.value_path("*"): 1.0}, refine_steps=50)
 
 

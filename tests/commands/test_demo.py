@@ -54,7 +54,7 @@ def test_demo_cli_rejects_bad_input(capsys):
     assert "--learning_rate must be a finite number, got nan" in capsys.readouterr().err
     assert main(["demo", "--row_group", "0"]) == 2
     assert "--row_group must be >= 1" in capsys.readouterr().err
-    assert main(["demo", "--union_density", "0.7"]) == 2
+    assert main(["demo", "--row_group", "1", "--union_density", "0.7"]) == 2
     assert "--union_density needs --row_group > 1" in capsys.readouterr().err
     assert main(["demo", "--row_group", "8", "--union_density", "0.3"]) == 2
     assert "in [1 - sparsity, 1] = [0.5, 1], got 0.3" in capsys.readouterr().err
