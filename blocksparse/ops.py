@@ -262,7 +262,7 @@ def _row_groups(weight: BlockSparseWeight) -> dict:
     columns between it and the true order (None: the same). `usable` is False without
     blocks, or when the union is too dense (> UNION_GEMM_MAX) to beat dense BLAS."""
     (rows, cols_in), b = weight.block_grid, weight.block_size
-    if weight.nnz_blocks == 0:
+    if weight.nnz_blocks == 0 or weight.density > UNION_GEMM_MAX:  # a union is never below the density
         return {"usable": False}
     crow, col, device = weight.crow.long(), weight.col.long(), weight.col.device
     counts = crow[1:] - crow[:-1]
