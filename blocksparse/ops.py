@@ -416,6 +416,26 @@ def _shared_slab_matmul(x: torch.Tensor, weight: BlockSparseWeight, layout: dict
     return out
 
 
+def _tile_spans(step: dict, b: int) -> list[tuple[slice, slice]]:
+    """Per group of a step: its union's columns in the step's gathered slab, and its rows'
+    columns of Y (in schedule order)."""
+    spans, start = [], 0
+    for j, union in enumerate(step["unions"]):
+        first = (step["first"] + j * step["size"]) * b
+        spans.append((slice(start, start + union * b), slice(first, first + step["size"] * b)))
+        start += union * b
+    return spans
+
+
+def _gather_tokens(t: torch.Tensor, m0: int, r: int, index: torch.Tensor, count: int, buffer: torch.Tensor,
+                   b: int) -> torch.Tensor:
+    """[r, count * b] in `buffer`: token rows m0..m0+r of t at the `count` column blocks per
+    token that `index` names (a `_block_index` over a chunk of tokens, whose first r
+    tokens' entries are a prefix)."""
+    return torch.index_select(t[m0:m0 + r].view(-1, b), 0, index[:r * count],
+                              out=buffer[:r * count * b].view(-1, b)).view(r, count * b)
+
+
 def _grouped_matmul(x: torch.Tensor, weight: BlockSparseWeight, layout: dict) -> torch.Tensor:
     """Y = X W^T over row groups: per group one GEMM of the group's gathered union columns
     of X [M, U*b] with its packed tile [U*b, G*b], written into Y's columns in schedule
@@ -426,17 +446,13 @@ def _grouped_matmul(x: torch.Tensor, weight: BlockSparseWeight, layout: dict) ->
     x = x.contiguous()
     out = x.new_empty(m, n)  # block rows in schedule order
     for step, rows, buf in _group_steps(m, layout, x, b):
-        packed, size = _pack(weight, step, buf["tiles"]), step["size"]
-        gather, width = _block_index(cols_in, rows, step["cols"]), sum(step["unions"]) * b
+        packed, spans = _pack(weight, step, buf["tiles"]), _tile_spans(step, b)
+        gather = _block_index(cols_in, rows, step["cols"])
         for m0 in range(0, m, rows):
             r = min(rows, m - m0)
-            slab = torch.index_select(x[m0:m0 + r].view(-1, b), 0, gather[:r * step["cols"].numel()],
-                                      out=buf["slab"][:r * width].view(-1, b)).view(r, width)
-            start = 0
-            for j, tile in enumerate(packed):
-                col0 = (step["first"] + j * size) * b
-                torch.mm(slab[:, start:start + tile.shape[0]], tile, out=out[m0:m0 + r, col0:col0 + size * b])
-                start += tile.shape[0]
+            slab = _gather_tokens(x, m0, r, gather, step["cols"].numel(), buf["slab"], b)
+            for tile, (cols, outs) in zip(packed, spans):
+                torch.mm(slab[:, cols], tile, out=out[m0:m0 + r, outs])
     return _permute_block_columns(out, layout["to_true"])
 
 
@@ -449,17 +465,13 @@ def _grouped_matmul_t(grad_y: torch.Tensor, weight: BlockSparseWeight, layout: d
     grad_y = _permute_block_columns(grad_y.contiguous(), layout["to_schedule"])
     grad_x = grad_y.new_zeros(m, k)
     for step, rows, buf in _group_steps(m, layout, grad_y, b):
-        packed, size = _pack(weight, step, buf["tiles"]), step["size"]
+        packed, spans = _pack(weight, step, buf["tiles"]), _tile_spans(step, b)
         scatter, width = _block_index(cols_in, rows, step["cols"]), sum(step["unions"]) * b
         for m0 in range(0, m, rows):
             r = min(rows, m - m0)
             partial = buf["slab"][:r * width].view(r, width)
-            start = 0
-            for j, tile in enumerate(packed):
-                col0 = (step["first"] + j * size) * b
-                torch.mm(grad_y[m0:m0 + r, col0:col0 + size * b], tile.t(),
-                         out=partial[:, start:start + tile.shape[0]])
-                start += tile.shape[0]
+            for tile, (cols, outs) in zip(packed, spans):
+                torch.mm(grad_y[m0:m0 + r, outs], tile.t(), out=partial[:, cols])
             grad_x[m0:m0 + r].view(-1, b).index_add_(0, scatter[:r * step["cols"].numel()], partial.view(-1, b))
     return grad_x
 
@@ -476,19 +488,14 @@ def _grad_values_grouped(x: torch.Tensor, grad_y: torch.Tensor, weight: BlockSpa
     grad_y = _permute_block_columns(grad_y.contiguous(), layout["to_schedule"])
     grad = torch.empty_like(weight.values)
     for step, rows, buf in _group_steps(m, layout, x, b):
-        size, unions = step["size"], step["unions"]
-        total = sum(unions) * b * size * b
-        packed = _split_packed(buf["tiles"][:total].zero_(), unions, b, size)  # the tiles' gradient
-        gather, width = _block_index(cols_in, rows, step["cols"]), sum(unions) * b
+        total = sum(step["unions"]) * b * step["size"] * b
+        packed = _split_packed(buf["tiles"][:total].zero_(), step["unions"], b, step["size"])  # the tiles' gradient
+        spans, gather = _tile_spans(step, b), _block_index(cols_in, rows, step["cols"])
         for m0 in range(0, m, rows):
             r = min(rows, m - m0)
-            slab = torch.index_select(x[m0:m0 + r].view(-1, b), 0, gather[:r * step["cols"].numel()],
-                                      out=buf["slab"][:r * width].view(-1, b)).view(r, width)
-            start = 0
-            for j, tile in enumerate(packed):
-                col0 = (step["first"] + j * size) * b
-                tile.addmm_(slab[:, start:start + tile.shape[0]].t(), grad_y[m0:m0 + r, col0:col0 + size * b])
-                start += tile.shape[0]
+            slab = _gather_tokens(x, m0, r, gather, step["cols"].numel(), buf["slab"], b)
+            for tile, (cols, outs) in zip(packed, spans):
+                tile.addmm_(slab[:, cols].t(), grad_y[m0:m0 + r, outs])
         _unpack(weight, step, buf["tiles"], grad)
     return grad
 
