@@ -3,10 +3,8 @@ recipe, one LoRA recovery step (README, "Pruning" and "The demo", says what each
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
-from typing import Callable, ContextManager
 
 import torch
 from torch import nn
@@ -55,22 +53,19 @@ def lora_step(model: nn.Module, tokenizer, dataset: str, out: str | Path, target
                         "train_loss": train_output.training_loss}
 
 
-def latency(models: dict[str, nn.Module], prompt: torch.Tensor, decode_tokens: int, repeats: int = 3,
-            contexts: dict[str, Callable[[], ContextManager]] | None = None) -> dict[str, dict]:
+def latency(models: dict[str, nn.Module], prompt: torch.Tensor, decode_tokens: int, repeats: int = 3) -> dict[str, dict]:
     """Prefill seconds for `prompt` [1, T] and greedy decode tokens/s with the KV cache (a
     `generate` of `decode_tokens` after a 16-token prompt, its prefill included), per
     model: medians of `repeats` rounds that visit every model in turn (interleaved, so a
     slow moment of the machine hits them all), after one warm-up round. Prefill is the
     prompt pass that yields the first new token: the last position's logits only, as
     `generate` computes them (all T positions' would add a vocabulary-wide GEMM that no
-    backend sparsifies). contexts: a context to enter around a model's runs (e.g. a
-    PeftModel's `disable_adapter`)."""
-    contexts = contexts or {}
+    backend sparsifies)."""
     short = prompt[:, :16]
     times = {name: {"prefill": [], "decode": []} for name in models}
 
-    def once(name, model, record):
-        with contexts.get(name, contextlib.nullcontext)(), torch.inference_mode():
+    def once(model, record):
+        with torch.inference_mode():
             start = time.perf_counter()
             model(input_ids=prompt, use_cache=False, logits_to_keep=1)
             record["prefill"].append(time.perf_counter() - start)
@@ -84,7 +79,7 @@ def latency(models: dict[str, nn.Module], prompt: torch.Tensor, decode_tokens: i
         model.eval()
     for round_ in range(repeats + 1):  # round 0 warms up: layouts built, allocator settled
         for name, model in models.items():
-            once(name, model, times[name] if round_ else {"prefill": [], "decode": []})
+            once(model, times[name] if round_ else {"prefill": [], "decode": []})
     return {name: {"prefill_s": _median(t["prefill"]), "prefill_tokens": prompt.shape[1],
                    "decode_tokens_per_s": decode_tokens / _median(t["decode"])} for name, t in times.items()}
 
