@@ -32,15 +32,20 @@ BACKENDS = ("auto", "torch", "triton")
 # above it the dense product of the masked weight is faster on a CPU (measured:
 # docs/DESIGN.md, "The torch backend").
 SMALL_M_MAX = 16
-# Fully shared row groups (forward): up to BLOCKS_MAX_M_SHARED tokens each block row
-# gathers its own X columns, up to SHARED_SLAB_MAX_M a group's rows share one gathered
-# slab, above that each group runs one GEMM on its packed tiles (measured: docs/DESIGN.md).
+# Fully shared row groups: up to BLOCKS_MAX_M_SHARED tokens each block row gathers its
+# own X columns, forward and backward; above it the forward's group rows share one
+# gathered slab up to SHARED_SLAB_MAX_M, and beyond that (the backward at once) each
+# group runs one GEMM on its packed tiles (measured: docs/DESIGN.md).
 BLOCKS_MAX_M_SHARED = 4
 SHARED_SLAB_MAX_M = 64
 # Above SMALL_M_MAX tokens, row groups whose unions (zero tiles included) cover more than
 # this fraction of W run dense BLAS on the masked weight instead of one GEMM per group: the
 # GEMMs cost about union x dense plus the gathers, and broke even near 0.6 (docs/DESIGN.md).
 UNION_GEMM_MAX = 0.6
+# dX over row groups adds each group's product into its union's columns of dX: from this
+# many additions per dX entry on average (sum of unions x b / K), adding whole token-long
+# rows of dX^T beats adding b-wide blocks token by token (measured: docs/DESIGN.md).
+DX_TRANSPOSED_MIN_ADDS = 8
 # Rows per group when the torch backend groups a free mask's rows itself.
 FREE_MASK_ROW_GROUP = 8
 # Working-set size of one chunk of block rows in the small-M path: the gathered
@@ -311,6 +316,7 @@ def _row_groups(weight: BlockSparseWeight) -> dict:
     true_of = weight.row_perm.long() if order is None else weight.row_perm.long()[order]  # per schedule row
     identity = bool((true_of == torch.arange(rows, device=device)).all())
     return {"usable": True, "shared": shared, "union_density": union_density, "steps": steps,
+            "dx_adds": float(unions.sum()) / cols_in,
             "true_rows": weight.row_perm.long(), "to_schedule": None if identity else true_of,
             "to_true": None if identity else torch.argsort(true_of)}
 
@@ -457,9 +463,15 @@ def _grouped_matmul(x: torch.Tensor, weight: BlockSparseWeight, layout: dict) ->
 
 
 def _grouped_matmul_t(grad_y: torch.Tensor, weight: BlockSparseWeight, layout: dict) -> torch.Tensor:
-    """dX = dY W over row groups: dY's columns put in schedule order once, then per group
-    its [M, G*b] columns times the packed tile transposed, added into the group's union
-    columns of dX; blocked like the forward."""
+    """dX = dY W over row groups, in the orientation that adds faster for this weight."""
+    transposed = layout["dx_adds"] >= DX_TRANSPOSED_MIN_ADDS
+    return (_grouped_dx_transposed if transposed else _grouped_dx_by_tokens)(grad_y, weight, layout)
+
+
+def _grouped_dx_by_tokens(grad_y: torch.Tensor, weight: BlockSparseWeight, layout: dict) -> torch.Tensor:
+    """dX = dY W, few additions per dX entry: dY's columns put in schedule order once, then
+    per group its [M, G*b] columns times the packed tile transposed, added into the group's
+    union columns of dX (b-wide blocks per token); blocked like the forward."""
     m, (_, k), b = grad_y.shape[0], weight.shape, weight.block_size
     cols_in = weight.block_grid[1]
     grad_y = _permute_block_columns(grad_y.contiguous(), layout["to_schedule"])
@@ -474,6 +486,30 @@ def _grouped_matmul_t(grad_y: torch.Tensor, weight: BlockSparseWeight, layout: d
                 torch.mm(grad_y[m0:m0 + r, outs], tile.t(), out=partial[:, cols])
             grad_x[m0:m0 + r].view(-1, b).index_add_(0, scatter[:r * step["cols"].numel()], partial.view(-1, b))
     return grad_x
+
+
+def _grouped_dx_transposed(grad_y: torch.Tensor, weight: BlockSparseWeight, layout: dict) -> torch.Tensor:
+    """dX = dY W, many additions per dX entry, computed as dX^T = W^T dY^T: per group its
+    packed tile [U*b, G*b] times the group's rows of dY^T, then one `index_add_` per step of
+    whole token-long rows into the unions' rows of dX^T. Adding b-wide column blocks into dX
+    token by token ran at a fraction of copy speed, and blocking the tokens (short rows)
+    was slower too (docs/DESIGN.md); a step's products take [its U*b summed, M] of memory.
+    dY is put in schedule order once and read transposed; dX^T is transposed back once."""
+    m, (_, k), b = grad_y.shape[0], weight.shape, weight.block_size
+    steps = layout["steps"]
+    grad_yt = _permute_block_columns(grad_y.contiguous(), layout["to_schedule"]).t()  # BLAS reads it transposed
+    grad_xt = grad_y.new_zeros(k, m)
+    tiles = grad_y.new_empty(max(sum(s["unions"]) * b * s["size"] * b for s in steps))
+    products = grad_y.new_empty(max(sum(s["unions"]) for s in steps) * b * m)
+    within = torch.arange(b, device=grad_y.device)
+    for step in steps:
+        packed, spans = _pack(weight, step, tiles), _tile_spans(step, b)
+        rows = (step["cols"][:, None] * b + within).reshape(-1)  # the step's unions' rows of dX^T
+        partial = products[:rows.numel() * m].view(-1, m)
+        for tile, (cols, outs) in zip(packed, spans):
+            torch.mm(tile, grad_yt[outs], out=partial[cols])
+        grad_xt.index_add_(0, rows, partial)
+    return grad_xt.t().contiguous()
 
 
 def _grad_values_grouped(x: torch.Tensor, grad_y: torch.Tensor, weight: BlockSparseWeight,
@@ -518,10 +554,12 @@ def torch_schedule(weight: BlockSparseWeight, m: int, backward: bool = False) ->
     groups = weight.layout("row_groups", _row_groups)
     if not groups["usable"]:
         return "blocks" if m <= SMALL_M_MAX else "dense"
-    if backward or not groups["shared"]:
+    if not groups["shared"]:
         return "blocks" if m <= SMALL_M_MAX else "row-groups"
     if m <= BLOCKS_MAX_M_SHARED:
         return "blocks"
+    if backward:
+        return "row-groups"
     return "shared-slab" if m <= SHARED_SLAB_MAX_M else "row-groups"
 
 

@@ -1,5 +1,7 @@
 """The torch backend of block_sparse_linear against the dense-masked reference."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -9,6 +11,15 @@ from blocksparse.ops import SHARED_SLAB_MAX_M, SMALL_M_MAX, torch_schedule
 from helpers import assert_matches_reference, linear_lora, random_block_mask
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(params=["by-tokens", "transposed"])
+def dx_orientation(request, monkeypatch):
+    """Both ways of adding the row groups' dX products (the threshold picks one per weight)."""
+    import blocksparse.ops as ops
+
+    monkeypatch.setattr(ops, "DX_TRANSPOSED_MIN_ADDS", math.inf if request.param == "by-tokens" else 0.0)
+    return request.param
 
 
 def shared_group_mask(n_block_rows, n_block_cols, density, row_group, perm, generator, union=None):
@@ -98,6 +109,7 @@ def test_forward_and_gradients(dtype, m, density):
 @pytest.mark.parametrize("m", [1, 7, SMALL_M_MAX + 1, 130])
 @pytest.mark.parametrize("row_group", [2, 3])
 @pytest.mark.parametrize("uniform_rows", [True, False])
+@pytest.mark.usefixtures("dx_orientation")
 def test_row_grouped_weights_match_the_reference(m, row_group, uniform_rows):
     run_and_compare(m, 96, 64, 0.5, torch.float32, bias=True, lora_rank=4, uniform_rows=uniform_rows,
                     row_group=row_group)
@@ -108,6 +120,7 @@ def test_row_grouped_weights_match_the_reference(m, row_group, uniform_rows):
                                                     (SMALL_M_MAX + 1, 2, "shared-slab"), (40, 4, "shared-slab"),
                                                     (130, 3, "row-groups"), (70, 6, "row-groups"),
                                                     (SHARED_SLAB_MAX_M + 1, 4, "row-groups")])
+@pytest.mark.usefixtures("dx_orientation")
 def test_fully_shared_row_groups_share_their_gathered_input(dtype, m, row_group, schedule):
     # 6 block rows: row_group 4 leaves a short last group
     run_and_compare(m, 96, 80, 0.4, dtype, bias=True, lora_rank=4, row_group=row_group, shared=True,
@@ -117,6 +130,7 @@ def test_fully_shared_row_groups_share_their_gathered_input(dtype, m, row_group,
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m, row_group, schedule", [(7, 2, "blocks"), (SMALL_M_MAX + 1, 2, "row-groups"),
                                                     (130, 4, "row-groups"), (70, 3, "row-groups")])
+@pytest.mark.usefixtures("dx_orientation")
 def test_row_groups_with_zero_tiles_run_one_gemm_per_group(dtype, m, row_group, schedule):
     # Each group draws 3 of 5 block columns and each row keeps 2 of them (density 0.4,
     # union 0.6): the packed tiles hold zeros where a row lacks a union block.
@@ -142,7 +156,31 @@ def test_trained_block_values_get_the_reference_gradient(dtype, m, density, unif
                     row_group=row_group, shared=shared, schedule=schedule, train_values=True)
 
 
+def test_dx_orientation_follows_the_additions_per_entry(monkeypatch):
+    # 32 block rows in groups of 2, each group's union 2 of the 4 block columns: every dX
+    # entry receives 16 x 2 / 4 = 8 group products on average.
+    import blocksparse.ops as ops
+
+    w, x64, *_ = make_case(130, 512, 64, 0.5, torch.float32, bias=False, row_group=2, shared=True)
+    layout = ops._row_groups(w)
+    assert layout["dx_adds"] == 8.0 and torch_schedule(w, 130, backward=True) == "row-groups"
+    called = []
+    for name in ("_grouped_dx_by_tokens", "_grouped_dx_transposed"):
+        original = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _f=original, _n=name: called.append(_n) or _f(*a))
+    grads = {}
+    for threshold, expected in ((8.0, "_grouped_dx_transposed"), (8.5, "_grouped_dx_by_tokens")):
+        monkeypatch.setattr(ops, "DX_TRANSPOSED_MIN_ADDS", threshold)
+        called.clear()
+        x = x64.float().requires_grad_(True)
+        block_sparse_linear(x, w, backend="torch").sum().backward()
+        assert called == [expected]
+        grads[expected] = x.grad
+    torch.testing.assert_close(grads["_grouped_dx_transposed"], grads["_grouped_dx_by_tokens"])
+
+
 @pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.usefixtures("dx_orientation")
 def test_row_group_steps_cover_every_group_and_token_once(monkeypatch, shared):
     import blocksparse.ops as ops
 
@@ -163,6 +201,7 @@ def test_row_group_steps_cover_every_group_and_token_once(monkeypatch, shared):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [SMALL_M_MAX + 1, 130])
+@pytest.mark.usefixtures("dx_orientation")
 def test_free_masks_run_their_clustered_row_groups(dtype, m):
     # A free mask (no grouping of its own) whose rows follow 4 column patterns, shuffled:
     # the backend clusters rows into groups of FREE_MASK_ROW_GROUP, whose tiles are not
@@ -185,6 +224,7 @@ def test_free_masks_run_their_clustered_row_groups(dtype, m):
 
 
 @pytest.mark.parametrize("row_group", [1, 2])
+@pytest.mark.usefixtures("dx_orientation")
 def test_row_groups_with_empty_rows_and_groups(row_group):
     # Whole groups without a block (their output columns are zero) and a step of them.
     import blocksparse.ops as ops
