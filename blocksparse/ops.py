@@ -33,9 +33,9 @@ BACKENDS = ("auto", "torch", "triton")
 # docs/DESIGN.md, "The torch backend").
 SMALL_M_MAX = 16
 # Fully shared row groups: up to BLOCKS_MAX_M_SHARED tokens each block row gathers its
-# own X columns, forward and backward; above it the forward's group rows share one
-# gathered slab up to SHARED_SLAB_MAX_M, and beyond that (the backward at once) each
-# group runs one GEMM on its packed tiles (measured: docs/DESIGN.md).
+# own X columns (Y and dX; dW up to SMALL_M_MAX); above it the forward's group rows share
+# one gathered slab up to SHARED_SLAB_MAX_M, and beyond that (dX at once) each group runs
+# one GEMM on its packed tiles (measured at 4096-11008 wide weights: docs/DESIGN.md).
 BLOCKS_MAX_M_SHARED = 4
 SHARED_SLAB_MAX_M = 64
 # Above SMALL_M_MAX tokens, row groups whose unions (zero tiles included) cover more than
@@ -44,7 +44,8 @@ SHARED_SLAB_MAX_M = 64
 UNION_GEMM_MAX = 0.6
 # dX over row groups adds each group's product into its union's columns of dX: from this
 # many additions per dX entry on average (sum of unions x b / K), adding whole token-long
-# rows of dX^T beats adding b-wide blocks token by token (measured: docs/DESIGN.md).
+# rows of dX^T beats adding b-wide blocks token by token (measured: slower at 6, faster at
+# 16 and 43; 8 lies in that gap, docs/DESIGN.md).
 DX_TRANSPOSED_MIN_ADDS = 8
 # Rows per group when the torch backend groups a free mask's rows itself.
 FREE_MASK_ROW_GROUP = 8
@@ -264,7 +265,8 @@ def _row_groups(weight: BlockSparseWeight) -> dict:
     its blocks, and a step's `pack` says where each of its stored tiles' rows go in its
     packed matrices (`tiles`: the step's blocks, a range of `values` or their indices).
     The products write Y in schedule order; `to_true` / `to_schedule` reorder block
-    columns between it and the true order (None: the same). `usable` is False without
+    columns between it and the true order (None: the same). `dx_adds`: how many group
+    products each dX entry receives on average (sum of unions x b / K). `usable` is False without
     blocks, or when the union is too dense (> UNION_GEMM_MAX) to beat dense BLAS."""
     (rows, cols_in), b = weight.block_grid, weight.block_size
     if weight.nnz_blocks == 0 or weight.density > UNION_GEMM_MAX:  # a union is never below the density
@@ -493,7 +495,8 @@ def _grouped_dx_transposed(grad_y: torch.Tensor, weight: BlockSparseWeight, layo
     packed tile [U*b, G*b] times the group's rows of dY^T, then one `index_add_` per step of
     whole token-long rows into the unions' rows of dX^T. Adding b-wide column blocks into dX
     token by token ran at a fraction of copy speed, and blocking the tokens (short rows)
-    was slower too (docs/DESIGN.md); a step's products take [its U*b summed, M] of memory.
+    was slower too (docs/DESIGN.md). Memory at the peak: dX^T, its transposed copy and one
+    step's products ([the step's U*b summed, M]: half of dX^T at 4096x11008, G=8, 50%).
     dY is put in schedule order once and read transposed; dX^T is transposed back once."""
     m, (_, k), b = grad_y.shape[0], weight.shape, weight.block_size
     steps = layout["steps"]
@@ -504,11 +507,11 @@ def _grouped_dx_transposed(grad_y: torch.Tensor, weight: BlockSparseWeight, layo
     within = torch.arange(b, device=grad_y.device)
     for step in steps:
         packed, spans = _pack(weight, step, tiles), _tile_spans(step, b)
-        rows = (step["cols"][:, None] * b + within).reshape(-1)  # the step's unions' rows of dX^T
-        partial = products[:rows.numel() * m].view(-1, m)
+        targets = (step["cols"][:, None] * b + within).reshape(-1)  # the step's unions' rows of dX^T
+        partial = products[:targets.numel() * m].view(-1, m)
         for tile, (cols, outs) in zip(packed, spans):
             torch.mm(tile, grad_yt[outs], out=partial[cols])
-        grad_xt.index_add_(0, rows, partial)
+        grad_xt.index_add_(0, targets, partial)
     return grad_xt.t().contiguous()
 
 
@@ -536,19 +539,24 @@ def _grad_values_grouped(x: torch.Tensor, grad_y: torch.Tensor, weight: BlockSpa
     return grad
 
 
-def torch_schedule(weight: BlockSparseWeight, m: int, backward: bool = False) -> str:
-    """How the torch backend multiplies M tokens by `weight` (forward, or with `backward`
-    the products dX = dY W and dW): "blocks" (each block row's stored blocks against its
-    own gathered X columns), "shared-slab" (fully shared row groups, forward only: the
-    stored blocks against X gathered once per group), "row-groups" (one GEMM per row
-    group on its packed union tiles) or "dense" (BLAS on the masked weight, materialised
-    for the call). The token counts where each wins were measured (docs/DESIGN.md, "The
-    torch backend").
+SCHEDULED_PRODUCTS = ("y", "dx", "dw")
+
+
+def torch_schedule(weight: BlockSparseWeight, m: int, product: str = "y") -> str:
+    """How the torch backend computes `product` for M tokens: "y" = X W^T, "dx" = dY W or
+    "dw" (dY^T X at the stored blocks). Schedules: "blocks" (each block row's stored
+    blocks against its own gathered X columns), "shared-slab" (fully shared row groups,
+    forward only: the stored blocks against X gathered once per group), "row-groups"
+    (one GEMM per row group on its packed union tiles) or "dense" (BLAS on the masked
+    weight, materialised for the call). The token counts where each wins were measured
+    (docs/DESIGN.md, "The torch backend").
 
     Pruned weights do not exist on every path: a non-finite input reaches only the
     outputs whose stored blocks read it. Dense BLAS, and the row-group GEMMs over zero
     tiles, would compute 0 * NaN, so there an input holding NaN or inf takes the
     stored-blocks path."""
+    if product not in SCHEDULED_PRODUCTS:
+        raise ValueError(f"product must be one of {SCHEDULED_PRODUCTS}, got {product!r}")
     if m <= SMALL_M_MAX and weight.row_group == 1:  # (the free mask's row groups are built on first need)
         return "blocks"
     groups = weight.layout("row_groups", _row_groups)
@@ -556,9 +564,9 @@ def torch_schedule(weight: BlockSparseWeight, m: int, backward: bool = False) ->
         return "blocks" if m <= SMALL_M_MAX else "dense"
     if not groups["shared"]:
         return "blocks" if m <= SMALL_M_MAX else "row-groups"
-    if m <= BLOCKS_MAX_M_SHARED:
+    if m <= (SMALL_M_MAX if product == "dw" else BLOCKS_MAX_M_SHARED):
         return "blocks"
-    if backward:
+    if product != "y":
         return "row-groups"
     return "shared-slab" if m <= SHARED_SLAB_MAX_M else "row-groups"
 
@@ -582,7 +590,7 @@ def sparse_matmul_torch(x: torch.Tensor, weight: BlockSparseWeight) -> torch.Ten
 
 def sparse_matmul_t_torch(grad_y: torch.Tensor, weight: BlockSparseWeight) -> torch.Tensor:
     """dX = dY [M, N] W with W block-sparse."""
-    schedule = torch_schedule(weight, grad_y.shape[0], backward=True)
+    schedule = torch_schedule(weight, grad_y.shape[0], "dx")
     if schedule == "blocks" or not (_reads_only_stored_blocks(schedule, weight)
                                     or bool(torch.isfinite(grad_y).all())):
         return _sparse_matmul_t_small_m(grad_y, weight)
@@ -596,7 +604,7 @@ def sparse_grad_values_torch(x: torch.Tensor, grad_y: torch.Tensor, weight: Bloc
     (an SDD product: the structure never changes). Dense BLAS (or a group's GEMM over its
     union) computes more entries of dW and keeps the stored ones, which read no pruned
     weight: exact for any input."""
-    schedule = torch_schedule(weight, x.shape[0], backward=True)
+    schedule = torch_schedule(weight, x.shape[0], "dw")
     if schedule == "blocks":
         return _grad_values_small_m(x, grad_y, weight)
     if schedule == "row-groups":

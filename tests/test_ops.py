@@ -109,7 +109,6 @@ def test_forward_and_gradients(dtype, m, density):
 @pytest.mark.parametrize("m", [1, 7, SMALL_M_MAX + 1, 130])
 @pytest.mark.parametrize("row_group", [2, 3])
 @pytest.mark.parametrize("uniform_rows", [True, False])
-@pytest.mark.usefixtures("dx_orientation")
 def test_row_grouped_weights_match_the_reference(m, row_group, uniform_rows):
     run_and_compare(m, 96, 64, 0.5, torch.float32, bias=True, lora_rank=4, uniform_rows=uniform_rows,
                     row_group=row_group)
@@ -148,12 +147,26 @@ def test_row_groups_with_zero_tiles_run_one_gemm_per_group(dtype, m, row_group, 
     (7, 0.25, True, 1, False, "blocks"), (7, 0.5, False, 3, False, "blocks"),
     (SMALL_M_MAX + 1, 0.5, False, 1, False, "dense"), (130, 1.0, True, 1, False, "dense"),
     (130, 0.0, False, 1, False, "dense"), (SMALL_M_MAX + 1, 0.4, True, 2, True, "shared-slab"),
-    (70, 0.4, True, 6, True, "row-groups"), (40, 0.4, True, 4, True, "shared-slab")])
+    (70, 0.4, True, 6, True, "row-groups"), (40, 0.4, True, 4, True, "shared-slab"),
+    (7, 0.4, True, 2, True, "shared-slab")])
 def test_trained_block_values_get_the_reference_gradient(dtype, m, density, uniform_rows, row_group, shared,
                                                          schedule):
     # dW at the stored blocks on every schedule, with bias and LoRA beside it.
     run_and_compare(m, 96, 80, density, dtype, bias=True, lora_rank=4, uniform_rows=uniform_rows,
                     row_group=row_group, shared=shared, schedule=schedule, train_values=True)
+
+
+def test_each_product_of_fully_shared_groups_has_its_own_token_thresholds():
+    from blocksparse.ops import BLOCKS_MAX_M_SHARED
+
+    w, *_ = make_case(1, 96, 80, 0.4, torch.float32, row_group=2, shared=True)
+    lo, hi = BLOCKS_MAX_M_SHARED, SMALL_M_MAX
+    assert [torch_schedule(w, m, "y") for m in (lo, lo + 1, SHARED_SLAB_MAX_M + 1)] == [
+        "blocks", "shared-slab", "row-groups"]
+    assert [torch_schedule(w, m, "dx") for m in (lo, lo + 1)] == ["blocks", "row-groups"]
+    assert [torch_schedule(w, m, "dw") for m in (hi, hi + 1)] == ["blocks", "row-groups"]
+    with pytest.raises(ValueError, match="product must be one of"):
+        torch_schedule(w, 8, "dy")
 
 
 def test_dx_orientation_follows_the_additions_per_entry(monkeypatch):
@@ -163,7 +176,7 @@ def test_dx_orientation_follows_the_additions_per_entry(monkeypatch):
 
     w, x64, *_ = make_case(130, 512, 64, 0.5, torch.float32, bias=False, row_group=2, shared=True)
     layout = ops._row_groups(w)
-    assert layout["dx_adds"] == 8.0 and torch_schedule(w, 130, backward=True) == "row-groups"
+    assert layout["dx_adds"] == 8.0 and torch_schedule(w, 130, "dx") == "row-groups"
     called = []
     for name in ("_grouped_dx_by_tokens", "_grouped_dx_transposed"):
         original = getattr(ops, name)
@@ -218,7 +231,7 @@ def test_free_masks_run_their_clustered_row_groups(dtype, m):
     layout = ops._row_groups(w)
     assert layout["usable"] and not layout["shared"] and layout["to_true"] is not None
     assert not all(isinstance(step["tiles"], tuple) for step in layout["steps"])
-    assert torch_schedule(w, m) == "row-groups" and torch_schedule(w, m, backward=True) == "row-groups"
+    assert torch_schedule(w, m) == "row-groups" and torch_schedule(w, m, "dx") == "row-groups"
     gen_x = torch.Generator().manual_seed(1)
     check_fuzzed_case(w, m, dtype, 4, gen_x)
 
