@@ -76,7 +76,6 @@ def greedy_obs_mask(weight: torch.Tensor, gram: torch.Tensor, keep_per_row: int,
     rows, cols = n // b, k // b
     h = damped(gram.float(), damp)
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    hinv = hinv.expand(rows, k, k).contiguous()                  # [R, K, K], one per block row
     w = weight.detach().float().reshape(rows, b, k).clone()      # [R, b, K]
     alive = torch.ones(rows, cols, dtype=torch.bool, device=weight.device)
     eye = torch.eye(b, device=weight.device)
@@ -92,26 +91,37 @@ def greedy_obs_mask(weight: torch.Tensor, gram: torch.Tensor, keep_per_row: int,
     n_groups = 0 if row_groups is None else int(row_groups.max()) + 1
     steps = ([(0, count) for count in _drop_schedule(group_drops, group_rounds)]
              + [(1, count) for count in _drop_schedule(to_drop - group_drops, row_rounds)])
+    # Rows that have dropped the same blocks share one inverse Hessian: one per group while
+    # whole group-columns are dropped (all of a fully shared mask's drops: G times less
+    # downdate work and memory), one per block row after. `owner`: each row's copy (None:
+    # its own).
+    owner = row_groups.to(weight.device).long() if group_drops else None
+    hinv = hinv.expand(n_groups if group_drops else rows, k, k).contiguous()
     for phase, count in steps:
-        diag_blocks = torch.diagonal(hinv.view(rows, cols, b, cols, b), dim1=1, dim2=3)  # [R, b, b, C]
-        diag_blocks = diag_blocks.permute(0, 3, 1, 2)                                     # [R, C, b, b]
+        if phase == 1 and owner is not None:
+            hinv, owner = hinv[owner], None
+        per_row = (lambda t: t) if owner is None else (lambda t: t[owner])
+        copies = hinv.shape[0]
+        diag_blocks = torch.diagonal(hinv.view(copies, cols, b, cols, b), dim1=1, dim2=3)  # [H, b, b, C]
+        diag_blocks = per_row(diag_blocks.permute(0, 3, 1, 2))                             # [R, C, b, b]
         diag_blocks = torch.where(alive[:, :, None, None], diag_blocks, eye)
         w_blocks = w.view(rows, b, cols, b).permute(0, 2, 3, 1)                           # [R, C, b_in, b_out]
         cost = (w_blocks * torch.linalg.solve(diag_blocks, w_blocks)).sum(dim=(2, 3))
         cost = cost.masked_fill(~alive, math.inf)
         if phase == 0:  # whole group-columns: the summed cost of the group's rows
-            group_cost = cost.new_zeros(n_groups, cols).index_add_(0, row_groups.to(cost.device), cost)
-            drop = group_cost.topk(count, dim=1, largest=False).indices[row_groups.to(cost.device)]
+            group_cost = cost.new_zeros(n_groups, cols).index_add_(0, owner, cost)
+            dropped = group_cost.topk(count, dim=1, largest=False).indices                # [H, count]
         else:
-            drop = cost.topk(count, dim=1, largest=False).indices                          # [R, count]
+            dropped = cost.topk(count, dim=1, largest=False).indices                      # [R, count]
+        drop = per_row(dropped)
         alive.scatter_(1, drop, False)
-        idx = (drop[:, :, None] * b + arange_b).flatten(1)                                 # [R, m]
-        m = idx.shape[1]
-        hinv_cols = hinv.gather(2, idx[:, None, :].expand(rows, k, m))                     # [R, K, m]
-        hinv_gg = hinv_cols.gather(1, idx[:, :, None].expand(rows, m, m))                  # [R, m, m]
-        w_g = w.gather(2, idx[:, None, :].expand(rows, b, m))                              # [R, b_out, m]
-        inv_gg = torch.linalg.inv(hinv_gg)
-        w -= (w_g @ inv_gg) @ hinv_cols.transpose(1, 2)
+        idx_h = (dropped[:, :, None] * b + arange_b).flatten(1)                           # [H, m]
+        m = idx_h.shape[1]
+        hinv_cols = hinv.gather(2, idx_h[:, None, :].expand(copies, k, m))                # [H, K, m]
+        inv_gg = torch.linalg.inv(hinv_cols.gather(1, idx_h[:, :, None].expand(copies, m, m)))
+        idx = per_row(idx_h)                                                              # [R, m]
+        w_g = w.gather(2, idx[:, None, :].expand(rows, b, m))                             # [R, b_out, m]
+        w -= (w_g @ per_row(inv_gg)) @ per_row(hinv_cols).transpose(1, 2)
         hinv -= hinv_cols @ inv_gg @ hinv_cols.transpose(1, 2)
         w.scatter_(2, idx[:, None, :].expand(rows, b, m), 0.0)
     return alive

@@ -56,6 +56,31 @@ def test_greedy_obs_beats_wanda_scores_after_reconstruction():
     assert err["greedy"] >= best  # sanity: no mask can beat the exhaustive optimum
 
 
+def test_greedy_obs_groups_of_one_row_drop_what_free_rows_drop():
+    # Groups of one row share their inverse Hessian with nobody: the group-column phase
+    # (one Hessian per group) must choose exactly what the per-row phase chooses.
+    w, _, gram = _problem(n=48, k=64, seed=5)
+    free = greedy_obs_mask(w, gram, keep_per_row=3, block_size=8, rounds=3)
+    single = greedy_obs_mask(w, gram, 3, 8, rounds=3, row_groups=torch.arange(6), union_blocks=3)
+    assert torch.equal(single, free)
+
+
+def test_greedy_obs_groups_are_solved_independently():
+    # Each group's choice depends on its own rows only, also across the switch from one
+    # Hessian per group (group-columns) to one per row (union 5 of 8, each row keeps 3).
+    w, _, gram = _problem(n=64, k=64, seed=6)
+    groups = torch.tensor([1, 0, 2, 1, 3, 0, 2, 3])
+    mask = greedy_obs_mask(w, gram, 3, 8, rounds=4, row_groups=groups, union_blocks=5)
+    assert mask.sum(1).tolist() == [3] * 8
+    for g in range(4):
+        rows = torch.nonzero(groups == g).flatten()
+        element_rows = (rows[:, None] * 8 + torch.arange(8)).flatten()
+        alone = greedy_obs_mask(w[element_rows], gram, 3, 8, rounds=4, row_groups=torch.zeros(2, dtype=torch.long),
+                                union_blocks=5)
+        assert torch.equal(mask[rows], alone), g
+        assert int(mask[rows].any(0).sum()) <= 5
+
+
 def test_dense_target_is_the_weight_itself_when_inputs_agree():
     w, x, gram = _problem()
     assert torch.equal(dense_target_weight(w, gram, gram.clone(), 0.01), w)
