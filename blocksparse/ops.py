@@ -266,8 +266,8 @@ def _row_groups(weight: BlockSparseWeight) -> dict:
     packed matrices (`tiles`: the step's blocks, a range of `values` or their indices).
     The products write Y in schedule order; `to_true` / `to_schedule` reorder block
     columns between it and the true order (None: the same). `dx_adds`: how many group
-    products each dX entry receives on average (sum of unions x b / K). `usable` is False without
-    blocks, or when the union is too dense (> UNION_GEMM_MAX) to beat dense BLAS."""
+    products each dX entry receives on average (sum of unions x b / K). `usable` is False
+    without blocks, or when the union is too dense (> UNION_GEMM_MAX) to beat dense BLAS."""
     (rows, cols_in), b = weight.block_grid, weight.block_size
     if weight.nnz_blocks == 0 or weight.density > UNION_GEMM_MAX:  # a union is never below the density
         return {"usable": False}
@@ -333,10 +333,16 @@ def _group_steps(m: int, layout: dict, like: torch.Tensor, block_size: int):
     b, es = block_size, like.element_size()
     plan = [(step, max(1, min(m, _GROUP_SLAB_BYTES // max(sum(step["unions"]) * b * es, 1))))
             for step in layout["steps"]]
-    buffers = {"tiles": like.new_empty(max(sum(s["unions"]) * b * s["size"] * b for s, _ in plan)),
+    buffers = {"tiles": _tile_buffer(layout, like, b),
                "slab": like.new_empty(max(rows * sum(s["unions"]) * b for s, rows in plan))}
     for step, rows in plan:
         yield step, rows, buffers
+
+
+def _tile_buffer(layout: dict, like: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Flat storage for the largest step's packed tiles, reused by every step of a call."""
+    b = block_size
+    return like.new_empty(max(sum(s["unions"]) * b * s["size"] * b for s in layout["steps"]))
 
 
 def _pack(weight: BlockSparseWeight, step: dict, buffer: torch.Tensor) -> list[torch.Tensor]:
@@ -502,7 +508,7 @@ def _grouped_dx_transposed(grad_y: torch.Tensor, weight: BlockSparseWeight, layo
     steps = layout["steps"]
     grad_yt = _permute_block_columns(grad_y.contiguous(), layout["to_schedule"]).t()  # BLAS reads it transposed
     grad_xt = grad_y.new_zeros(k, m)
-    tiles = grad_y.new_empty(max(sum(s["unions"]) * b * s["size"] * b for s in steps))
+    tiles = _tile_buffer(layout, grad_y, b)
     products = grad_y.new_empty(max(sum(s["unions"]) for s in steps) * b * m)
     within = torch.arange(b, device=grad_y.device)
     for step in steps:

@@ -53,7 +53,8 @@ def lora_step(model: nn.Module, tokenizer, dataset: str, out: str | Path, target
                         "train_loss": train_output.training_loss}
 
 
-def latency(models: dict[str, nn.Module], prompt: torch.Tensor, decode_tokens: int, repeats: int = 3) -> dict[str, dict]:
+def latency(models: dict[str, nn.Module], prompt: torch.Tensor, decode_tokens: int,
+            repeats: int = 3) -> dict[str, dict]:
     """Prefill seconds for `prompt` [1, T] and greedy decode tokens/s with the KV cache (a
     `generate` of `decode_tokens` after a 16-token prompt, its prefill included), per
     model: medians of `repeats` rounds that visit every model in turn (interleaved, so a
