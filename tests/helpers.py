@@ -134,6 +134,7 @@ def fsdp_lora_worker(rank: int, world_size: int, init_file: str, out_file: str, 
         fully_shard(model)
         values = [m.sparse_weight.values for m in sparse_layers(model).values()]
         sharded = all(isinstance(v, DTensor) and v.to_local().shape[0] < v.shape[0] for v in values)
+        local_fraction = sum(v.to_local().numel() for v in values) / sum(v.numel() for v in values)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         losses = []
         for _ in range(steps):
@@ -150,7 +151,8 @@ def fsdp_lora_worker(rank: int, world_size: int, init_file: str, out_file: str, 
                             for name, tensors in before.items() for key, t in tensors.items())
             lora_b = [t for key, t in full.items() if "lora_B" in key]
             with open(out_file, "w") as f:
-                json.dump({"sharded": sharded, "unchanged": unchanged, "losses": losses,
+                json.dump({"sharded": sharded, "local_fraction": local_fraction, "unchanged": unchanged,
+                           "losses": losses,
                            "unsharded_loss": unsharded_loss,
                            "lora_b_trained": all(bool(t.abs().sum() > 0) for t in lora_b),
                            "lora_b_count": len(lora_b), "values_count": len(values)}, f)

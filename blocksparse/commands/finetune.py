@@ -23,7 +23,10 @@ fits that model; so is the model whose kept blocks were trained (the adapter's
 base is then `sparse_base/`).
 
 Several devices: run the same command under `torchrun --nproc_per_node N`
-(DDP; gloo on CPU; see `blocksparse.integration.train`).
+(DDP; gloo on CPU; see `blocksparse.integration.train`); add `--fsdp` to shard
+the block values, the adapter and the optimizer state over the ranks (FSDP2,
+each decoder layer gathered in turn; `blocksparse.integration.fsdp`), for
+models one device cannot hold.
 
 `--block_size` is run_clm's: tokens per training sequence. The sparse block
 edge of `--sparsity` is `--sparse_block_size`.
@@ -126,6 +129,9 @@ def add_parser(subparsers):
     add_flag(train, "--bf16", action="store_true", help="bf16 mixed precision (GPU)")
     add_flag(train, "--fp16", action="store_true", help="fp16 mixed precision (GPU)")
     add_flag(train, "--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    add_flag(train, "--fsdp", action="store_true",
+             help="under torchrun: shard the model, adapter and optimizer state over the ranks (FSDP2) instead "
+                  "of replicating them (DDP); LoRA only")
     add_flag(train, "--do_train", action="store_true", help="accepted for run_clm compatibility (always trains)")
     add_flag(train, "--do_eval", action="store_true", help="accepted for run_clm compatibility (always evaluates)")
     add_flag(train, "--no_eval", action="store_true", help="skip the final held-out perplexity")
@@ -209,15 +215,29 @@ def _check_args(args) -> None:
         raise CLIError(f"--output_dir {args.output_dir!r} is a file; expected a directory")
     if args.bf16 and args.fp16:
         raise CLIError("give --bf16 or --fp16, not both")
+    if args.fsdp and args.train_sparse_values:
+        raise CLIError("--fsdp trains LoRA adapters; --train_sparse_values under FSDP is not supported yet")
 
 
 def _run_settings(args) -> dict:
     return {name: getattr(args, name) for name in RUN_FLAGS}
 
 
+def _sharded(args) -> bool:
+    """Whether this run shards the model: --fsdp with several processes (torchrun sets WORLD_SIZE)."""
+    return args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def _check_same_run(checkpoint: str, args) -> None:
-    """Refuse a checkpoint whose run record (if any) names other RUN_FLAGS settings."""
+    """Refuse a checkpoint whose run record (if any) names other RUN_FLAGS settings, or whose
+    optimizer state this run cannot read (sharded by FSDP, or not)."""
+    from ..integration.fsdp import SHARDED_DIR
     from ..integration.train import RUN_RECORD
+
+    if os.path.isdir(os.path.join(checkpoint, SHARDED_DIR)) != _sharded(args):
+        raise CLIError(f"{checkpoint} was saved by an FSDP run (its optimizer state is in {SHARDED_DIR}/): resume "
+                       "it with --fsdp under torchrun, 2 or more processes" if not _sharded(args) else
+                       f"{checkpoint} was saved without FSDP (no {SHARDED_DIR}/): resume it without --fsdp")
 
     record = os.path.join(checkpoint, RUN_RECORD)
     if not os.path.isfile(record):
@@ -310,6 +330,7 @@ def run(args) -> int:
     from ..integration.checkpoint import is_sparse_checkpoint, save_sparse_pretrained
     from ..integration.data import DatasetError, eval_tokens, train_token_blocks
     from ..integration.evaluate import count_windows, perplexity
+    from ..integration.fsdp import full_trainable_state
     from ..integration.model_card import adapter_card, write_card
     from ..integration.peft import lora_config
     from ..integration.train import Distillation, NonFiniteTrainingError, train, training_arguments
@@ -352,13 +373,14 @@ def run(args) -> int:
         gradient_accumulation_steps=args.gradient_accumulation_steps, warmup_steps=args.warmup_steps,
         lr_scheduler_type=args.lr_scheduler_type, weight_decay=args.weight_decay, seed=args.seed,
         logging_steps=args.logging_steps, save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit, **device_args)
+        save_total_limit=args.save_total_limit, **device_args,
+        **({"save_only_model": True} if _sharded(args) else {}))  # FSDP's optimizer state is saved sharded
     trains = ([f"LoRA on {','.join(targets)}"] if use_lora else []) + (
         ["the kept block values"] if args.train_sparse_values else [])
     if _is_main_process():
         print(f"train: {blocks.shape[0]} sequences x {args.block_size} tokens (--block_size: tokens per "
               f"sequence) = {blocks.numel()} tokens from {args.dataset_name!r} | {' + '.join(trains)} | "
-              f"world size {train_args.world_size}")
+              f"world size {train_args.world_size}{_fsdp_note(args, train_args)}")
     config = lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, targets) if use_lora else None
     distillation = None
     if teacher is not None:
@@ -369,7 +391,7 @@ def run(args) -> int:
         trained, trainer, output = train(
             model, blocks, train_args, config, train_sparse_values=args.train_sparse_values,
             values_learning_rate=args.sparse_values_learning_rate, distillation=distillation,
-            resume_from_checkpoint=resume, run_record=_run_settings(args))
+            resume_from_checkpoint=resume, run_record=_run_settings(args), fsdp=args.fsdp)
     except ValueError as err:  # e.g. no module matches --target_modules
         raise CLIError(str(err)) from err
     except NonFiniteTrainingError as err:
@@ -381,11 +403,17 @@ def run(args) -> int:
     if use_lora:
         # Record where the adapter belongs; `blocksparse eval --model` needs the same base.
         trained.peft_config["default"].base_model_name_or_path = base_name
-    if not trainer.is_world_process_zero():
+    # A sharded model's forward and gathers need every rank: all of them stay for the adapter's
+    # gathering and the evaluation (each scores the same windows), rank 0 writes.
+    sharded = trainer.sharded
+    if not (trainer.is_world_process_zero() or sharded):
         return 0
+    main = trainer.is_world_process_zero()
     if use_lora:
         # The adapter alone, as safetensors (trainer.save_model would add a pickled training_args.bin).
-        trained.save_pretrained(args.output_dir)
+        state = full_trainable_state(trained) if sharded else None
+        if main:
+            trained.save_pretrained(args.output_dir, state_dict=state)
     metrics = dict(output.metrics, train_samples=blocks.shape[0], train_tokens_per_epoch=blocks.numel(),
                    model=args.model_name_or_path, sparsity=args.sparsity, dataset=args.dataset_name)
     trainer.save_metrics("train", metrics)
@@ -396,17 +424,21 @@ def run(args) -> int:
                        split="eval", seqlen=eval_seqlen, adapter=args.output_dir if use_lora else None,
                        steps=trainer.state.global_step)
         evaluate = dict(tokens=held_out, seqlen=eval_seqlen, max_windows=args.max_eval_samples,
-                        batch_size=args.per_device_eval_batch_size)
+                        batch_size=args.per_device_eval_batch_size, progress=main)
         if args.eval_base:
             with trained.disable_adapter():
                 results["base"] = perplexity(trained, **evaluate)
         results[evaluated] = perplexity(trained, **evaluate)
+        if not main:
+            return 0
         results["perplexity"] = results[evaluated]["ppl"]
         results["seconds"] = round(time.perf_counter() - started, 1)
         write_json(os.path.join(args.output_dir, EVAL_RESULTS), results)
         base = f" (without adapter {results['base']['ppl']:.3f})" if args.eval_base else ""
         print(f"held-out perplexity{' with adapter' if use_lora else ''}: {results['perplexity']:.3f}{base} | "
               f"{results[evaluated]['windows']} windows x {eval_seqlen} tokens")
+    if not main:
+        return 0
     tokens = round(blocks.numel() * (trainer.state.epoch or 0))  # epochs as the Trainer counts them
     if args.train_sparse_values:
         _save_trained_base(trained.unload() if use_lora else trained, tokenizer, base_name, args, trainer, tokens,
@@ -422,6 +454,14 @@ def run(args) -> int:
                                                                if args.train_sparse_values else []))
     print(f"{saved} saved to {args.output_dir} in {(time.perf_counter() - started) / 60:.1f} min")
     return 0
+
+
+def _fsdp_note(args, train_args) -> str:
+    if not args.fsdp:
+        return ""
+    if train_args.world_size == 1:
+        return " (--fsdp: one process, nothing to shard)"
+    return f" | FSDP: each rank holds 1/{train_args.world_size} of the weights, adapter and optimizer state"
 
 
 def _teacher_cache(args, teacher, blocks) -> dict:

@@ -32,7 +32,7 @@ def add_parser(subparsers):
     add_flag(parser, "--batch-size", type=int, default=1, help="per device (default: %(default)s)")
     add_flag(parser, "--world-size", type=int, default=1, help="ranks (DDP unless --fsdp; default: %(default)s)")
     add_flag(parser, "--fsdp", action="store_true",
-             help="shard over the ranks as FSDP would (a plan: finetune does not run FSDP yet)")
+             help="shard over the ranks as `finetune --fsdp` does (FSDP2)")
     add_flag(parser, "--backend", choices=["triton", "torch"], default="triton",
              help="whose saved tensors: the GPU's Triton op or the CPU's torch backend (default: %(default)s)")
     add_flag(parser, "--gradient-checkpointing", action="store_true", help="recompute activations in backward")
@@ -78,7 +78,7 @@ def run(args) -> int:
     print(f"{args.model}: {shape.layers} layers, hidden {shape.hidden}, MLP {shape.intermediate}; sparsity "
           f"{args.sparsity:g} at {args.block_size}x{args.block_size}, LoRA r={args.lora_r} "
           f"({args.lora_targets}), {args.batch_size} x {args.seqlen} tokens per rank, {args.world_size} rank(s) "
-          f"{'sharded as FSDP would (a plan: not built in finetune yet)' if args.fsdp else '(DDP)'}, {args.dtype}, "
+          f"{'sharded (FSDP)' if args.fsdp else '(DDP)'}, {args.dtype}, "
           f"{args.backend} backend{', gradient checkpointing' if args.gradient_checkpointing else ''}")
     print(markdown_table(["component", "GiB"], rows))
     if args.device_memory is not None:

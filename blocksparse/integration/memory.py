@@ -7,8 +7,8 @@ Adam states, and the activations saved for backward, with or without gradient
 checkpointing. Several ranks are DDP (everything on every rank) unless `fsdp`: then
 parameters, gradients and optimizer states are sharded, one decoder layer is
 gathered at a time (two with prefetch), the root unit (embeddings, head) stays
-gathered and the index arrays replicated (buffers). FSDP fine-tuning is not built
-in `blocksparse finetune` yet: with `fsdp` this is a plan, not a run.
+gathered and the index arrays replicated (buffers), as `blocksparse finetune --fsdp`
+runs it (`integration/fsdp.py`; LoRA only: the kept values are not trained under FSDP yet).
 
 The activation terms follow what the code saves for backward, per decoder layer and
 token: the two RMSNorms' fp32 inputs, SDPA's q, k, v, output and log-sum-exp (k and

@@ -8,7 +8,9 @@ only, so the structure never changes. `Distillation` adds a dense teacher's
 logits (KL) and per-layer hidden states (SquareHead) to the loss. Under
 torchrun the Trainer runs DDP (gloo on CPU): buffers are not re-broadcast each
 step (the sparse structure is identical on every rank) and every trained
-parameter is used, so `find_unused_parameters` is off.
+parameter is used, so `find_unused_parameters` is off. With `fsdp=True` it
+runs FSDP2 instead (`blocksparse.integration.fsdp`): each rank holds its share
+of the block values, the adapter and the optimizer state.
 
 A NaN or infinite loss or trained parameter stops training at once, without
 saving that step, and `train` raises NonFiniteTrainingError.
@@ -210,22 +212,81 @@ def hidden_mse(student_hidden, teacher_hidden) -> torch.Tensor:
 
 
 def _trainer_class():
+    import contextlib
+
     from transformers import Trainer
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    from . import fsdp
 
     class RecoveryTrainer(Trainer):
-        """Trainer with optional distillation (`Distillation`) and the trained block values
-        (if any) in their own optimizer group at their own learning rate."""
+        """Trainer with optional distillation (`Distillation`), the trained block values (if
+        any) in their own optimizer group at their own learning rate, and FSDP2 (`sharded`:
+        the model was `fsdp.shard_model`ed). A sharded model is marked as sharded before the
+        Trainer sees it, which keeps accelerate from wrapping it in DDP; its checkpoints are
+        written and read here (`fsdp.save_sharded`), since the Trainer's own would hold
+        DTensors. These overrides are of Trainer methods as of transformers 5.24 (tests:
+        tests/commands/test_finetune.py, FSDP cases)."""
 
         def __init__(self, *args, distillation: Distillation | None = None, values=(),
-                     values_learning_rate: float | None = None, **kwargs):
+                     values_learning_rate: float | None = None, sharded: bool = False, **kwargs):
             super().__init__(*args, **kwargs)
+            self.sharded = sharded
             self.distillation = distillation
             if distillation is not None:
                 if distillation.teacher is not None:
-                    distillation.teacher.eval().requires_grad_(False).to(self.args.device)
+                    distillation.teacher.eval().requires_grad_(False)
+                    if sharded:  # each rank holds 1/world_size of it too
+                        fsdp.shard_model(distillation.teacher)
+                    else:
+                        distillation.teacher.to(self.args.device)
                 # Its loss is a per-micro-batch mean: the Trainer scales it for accumulation.
                 self.loss_is_scaled_for_ga = False
             self.values, self.values_learning_rate = list(values), values_learning_rate
+
+        def _save(self, output_dir=None, state_dict=None):
+            if not self.sharded:
+                return super()._save(output_dir, state_dict)
+            output_dir = output_dir or self.args.output_dir
+            state = fsdp.full_trainable_state(self.model)  # every rank takes part
+            if self.args.should_save:
+                os.makedirs(output_dir, exist_ok=True)
+                self.model.save_pretrained(output_dir, state_dict=state)
+
+        def _save_checkpoint(self, model, trial):
+            super()._save_checkpoint(model, trial)
+            if self.sharded:
+                folder = os.path.join(self._get_output_dir(trial=trial),
+                                      f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+                fsdp.save_sharded(folder, self.model, self.optimizer, self.lr_scheduler)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            if not self.sharded:  # else the weights come with the optimizer state, once it exists
+                super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            if not self.sharded:
+                if checkpoint is not None and os.path.isdir(os.path.join(checkpoint, fsdp.SHARDED_DIR)):
+                    raise ValueError(f"{checkpoint} was saved by an FSDP run (its optimizer state is in "
+                                     f"{fsdp.SHARDED_DIR}/): resume it with --fsdp under torchrun, 2 or more processes")
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            if checkpoint is not None:
+                fsdp.load_sharded(checkpoint, self.model, self.optimizer, self.lr_scheduler)
+
+        def _load_rng_state(self, checkpoint):
+            if not self.sharded:
+                return super()._load_rng_state(checkpoint)
+            if checkpoint is not None:
+                fsdp.load_rng(checkpoint)
+
+        @contextlib.contextmanager
+        def _defer_fsdp_gradient_reduction(self):
+            # The Trainer's version reads a transformers DistributedConfig this model has not.
+            self.model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.model.set_requires_gradient_sync(True)
 
         def create_optimizer(self, model=None):
             optimizer = super().create_optimizer(model)
@@ -262,7 +323,19 @@ def _trainer_class():
 
 
 def _all_finite(params) -> bool:
-    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())  # one device sync
+    """Whether every parameter is finite: one device sync, and under FSDP one all-reduce, so
+    that every rank sees the same answer (each checks its own shards)."""
+    from .fsdp import local_tensor
+
+    params = list(params)
+    finite = torch.stack([torch.isfinite(local_tensor(p)).all() for p in params]).all()
+    if any(hasattr(p, "to_local") for p in params):
+        import torch.distributed as dist
+
+        flag = finite.to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        finite = flag
+    return bool(finite)
 
 
 def trained_block_values(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -349,7 +422,7 @@ def _callbacks():
 
 def train(model, train_blocks: torch.Tensor, args, lora=None, *, train_sparse_values: bool = False,
           values_learning_rate: float | None = None, distillation: Distillation | None = None,
-          resume_from_checkpoint=None, callbacks=None, run_record: dict | None = None):
+          resume_from_checkpoint=None, callbacks=None, run_record: dict | None = None, fsdp: bool = False):
     """Train `model` (block-sparse or dense) on `train_blocks` [N, L]: a LoRA adapter
     (`lora`, a LoraConfig, registered here for BlockSparseLinear), the kept block values
     (`train_sparse_values`: every BlockSparseLinear's values, structure fixed, at
@@ -358,8 +431,11 @@ def train(model, train_blocks: torch.Tensor, args, lora=None, *, train_sparse_va
     args: TrainingArguments (see `training_arguments`); distillation: a dense teacher
     and the loss weights (`Distillation`). run_record (JSON-able) goes into every
     checkpoint as RUN_RECORD, the trained block values as VALUES_FILE (resumed from
-    there). Returns (model, trainer, train_output), model the PeftModel when `lora` is
-    given. LoRA weights are drawn after seeding with `args.seed`, so runs with equal
+    there). fsdp: with several processes (torchrun), shard the model (and the teacher) with
+    FSDP2 (`blocksparse.integration.fsdp`); needs args.save_only_model there, as the optimizer
+    state is saved sharded by this module, not by the Trainer (one process: no effect). LoRA only: the trained block
+    values are saved whole, which FSDP does not do yet. Returns (model, trainer,
+    train_output), model the PeftModel when `lora` is given (sharded with `fsdp`). LoRA weights are drawn after seeding with `args.seed`, so runs with equal
     seeds start equal. Raises NonFiniteTrainingError when the loss or a trained
     parameter becomes NaN or inf.
     """
@@ -370,6 +446,12 @@ def train(model, train_blocks: torch.Tensor, args, lora=None, *, train_sparse_va
 
     if lora is None and not train_sparse_values:
         raise ValueError("nothing to train: give a LoRA config, train_sparse_values=True, or both")
+    if fsdp and train_sparse_values:
+        raise ValueError("fsdp trains LoRA adapters; training the kept block values under FSDP is not supported yet")
+    sharded = fsdp and args.world_size > 1
+    if sharded and not args.save_only_model:
+        raise ValueError("fsdp needs TrainingArguments(save_only_model=True): the optimizer state is saved "
+                         "sharded (blocksparse.integration.fsdp), not by the Trainer")
     set_seed(args.seed)
     model.config.use_cache = False
     if lora is not None:
@@ -386,6 +468,11 @@ def train(model, train_blocks: torch.Tensor, args, lora=None, *, train_sparse_va
             load_block_values(model, resume_from_checkpoint)
     if getattr(args, "gradient_checkpointing", False):
         model.enable_input_require_grads()
+    if sharded:
+        from .fsdp import shard_model
+
+        shard_model(model)
+        model.is_distributed_loading_by_transformers = True  # the Trainer then leaves it unwrapped
     trainer_cls = _trainer_class()
     stop_on_non_finite, record_run = _callbacks()
     guard = stop_on_non_finite(model)
@@ -394,7 +481,7 @@ def train(model, train_blocks: torch.Tensor, args, lora=None, *, train_sparse_va
     trainer = trainer_cls(model=model, args=args, train_dataset=TokenBlocks(train_blocks, cache),
                           data_collator=default_data_collator, callbacks=callbacks, distillation=distillation,
                           values=list(trained_block_values(model).values()),
-                          values_learning_rate=values_learning_rate)
+                          values_learning_rate=values_learning_rate, sharded=sharded)
     output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     problem = guard.problem
     if problem is None and not math.isfinite(output.training_loss):

@@ -17,6 +17,7 @@ def test_fsdp_shards_the_block_values_and_trains_lora_leaving_them_bit_identical
     mp.spawn(fsdp_lora_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
     result = json.loads(out.read_text())
     assert result["values_count"] == 14 and result["sharded"]       # 2 layers x 7 linears, each split over ranks
+    assert 0.45 < result["local_fraction"] <= 0.55                   # rank 0 holds about half of the values
     # The first step's loss (LoRA B = 0) is the unsharded model's: the gathered blocks are the blocks.
     assert result["losses"][0] == pytest.approx(result["unsharded_loss"], rel=1e-5)
     assert result["losses"][-1] < result["losses"][0]

@@ -218,11 +218,19 @@ def test_trained_values_resume_to_the_same_loss_curve(tmp_path):
               train_sparse_values=True, resume_from_checkpoint=str(tmp_path / "plain" / "checkpoint-2"))
 
 
-def test_nothing_to_train_is_refused():
+def test_what_cannot_be_trained_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="nothing to train"):
         train(make_tiny_llama(), memorisable_blocks(n=2), arguments("unused"), None)
     with pytest.raises(ValueError, match="has no BlockSparseLinear layer"):
         train(make_tiny_llama(), memorisable_blocks(n=2), arguments("unused"), None, train_sparse_values=True)
+    with pytest.raises(ValueError, match="training the kept block values under FSDP is not supported"):
+        train(make_tiny_llama(), memorisable_blocks(n=2), arguments("unused"), None, train_sparse_values=True,
+              fsdp=True)
+    from transformers import TrainingArguments
+
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))  # as under torchrun
+    with pytest.raises(ValueError, match=r"fsdp needs TrainingArguments\(save_only_model=True\)"):
+        train(make_tiny_llama(), memorisable_blocks(n=2), arguments("unused"), lora_config(), fsdp=True)
 
 
 def test_topk_kl_is_the_full_kl_at_k_equal_the_vocabulary_and_renormalises_below_it():
