@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -99,6 +100,9 @@ def add_parser(subparsers):
     add_flag(parser, "--eval-max-windows", type=int, default=None, help="eval at most this many windows")
     add_flag(parser, "--out", required=True, metavar="DIR", help="output directory (sparse checkpoint)")
     add_flag(parser, "--overwrite", action="store_true", help="write into --out even if it is not empty")
+    add_flag(parser, "--max-shard-size", default="50GB",
+             help="largest weights file; larger checkpoints are written as shards with an index, as "
+                  "save_pretrained does (bytes or e.g. 5GB; default: %(default)s, the hub's file limit)")
     add_flag(parser, "--device", default=None, help="torch device (default: cuda if available, else cpu)")
     add_dtype_flag(parser, "dtype the model is loaded, pruned and saved in")
     add_flag(parser, "--offload", choices=["cpu"], default=None,
@@ -125,6 +129,12 @@ def _check_args(args) -> None:
         except HFValidationError as err:
             raise CLIError(f"--push-to-hub {args.push_to_hub!r} is not a hub repository id "
                            f"(expected user/name)") from err
+    size = re.fullmatch(r"(\d+)\s*([KMGT]B)?", args.max_shard_size.strip(), re.IGNORECASE)
+    if size is None or int(size.group(1)) < 1:
+        raise CLIError(f"--max-shard-size must be a positive number of bytes or of KB, MB, GB or TB (e.g. 5GB), "
+                       f"got {args.max_shard_size!r}")
+    # The hub's parser takes "5GB", not a bare byte count.
+    args.max_shard_size = int(size.group(1)) if size.group(2) is None else size.group(0).replace(" ", "").upper()
     if args.offload and args.eval_dataset is not None:
         raise CLIError("--eval-dataset evaluates the whole model on --device, which --offload says it does not "
                        "fit; evaluate the saved checkpoint with `blocksparse eval` instead")
@@ -215,7 +225,7 @@ def run(args) -> int:
     report["calibration"].update(dataset=args.calib, seed=args.seed)
     report["cli_args"] = {key: value for key, value in sorted(vars(args).items()) if key not in ("func", "command")}
     # Saved before the (slow) evaluation, so the checkpoint is usable as soon as possible.
-    save_sparse_pretrained(model, tokenizer, args.out, report=report)
+    save_sparse_pretrained(model, tokenizer, args.out, report=report, max_shard_size=args.max_shard_size)
     print(f"saved {args.out} | total density {report['total_density']:.4f} | "
           f"{report['prune_seconds']:.0f} s pruning")
     if eval_tokens is not None:

@@ -6,14 +6,18 @@ Layout of a directory written by `save_sparse_pretrained`:
     model.safetensors        every tensor of the state dict; a BlockSparseLinear
                              `<name>` is stored as `<name>.sparse_weight.crow` (int32
                              [N/b+1]), `.col` (int32 [nnz]), `.values` ([nnz, b, b])
-                             and `<name>.bias` if it has one; all the rest is dense
+                             and `<name>.bias` if it has one; all the rest is dense.
+                             Above `max_shard_size` (50 GB, as transformers and the
+                             hub's file limit): model-0000i-of-0000n.safetensors and
+                             model.safetensors.index.json, as `save_pretrained` shards
     blocksparse_config.json  the marker: format version, block size, and which
                              modules are block-sparse (with their shapes)
     prune_report.json        what pruning did (optional)
 
 `load_sparse_pretrained(dir)` builds the model from config.json (nothing is
 downloaded), swaps BlockSparseLinear in for the listed modules and loads the
-safetensors file, validating every tensor: names, shapes, dtypes and the BSR
+safetensors file(s) (an index must name plain files in the directory, each tensor
+in exactly the file it names), validating every tensor: names, shapes, dtypes and the BSR
 structure (BlockSparseLinear rebuilds it through `BlockSparseWeight.from_bsr`,
 which checks index ranges, ordering and counts). Anything malformed raises
 `SparseCheckpointError` naming the file and the offending tensor. No pickle.
@@ -44,6 +48,9 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 _GROUPING_LEAVES = (".sparse_weight.row_perm", ".sparse_weight.row_group")
 WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"  # a sharded checkpoint's map of tensor -> file
+SHARD_PATTERN = "model{suffix}.safetensors"  # huggingface_hub's: model-00001-of-00003.safetensors
+DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers' default, and the hub's largest file
 REPORT_NAME = "prune_report.json"
 # How the tensors of a BlockSparseLinear end in WEIGHTS_NAME.
 SPARSE_TENSOR_SUFFIXES = (".sparse_weight.values", ".sparse_weight.crow", ".sparse_weight.col")
@@ -74,14 +81,13 @@ def _tied_groups(model: nn.Module) -> list[list[str]]:
 
 
 def save_sparse_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
-                           report: dict | None = None) -> Path:
+                           report: dict | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write `model` (with BlockSparseLinear layers) as a sparse Hugging Face directory.
 
     tokenizer may be None. report (a JSON-able dict, e.g. prune_model's) goes to
-    prune_report.json. Returns the directory.
+    prune_report.json. max_shard_size (bytes, or "5GB"-style): larger weights are split
+    into shards with an index, as `save_pretrained` does. Returns the directory.
     """
-    from safetensors.torch import save_file
-
     sparse = {name: module for name, module in model.named_modules() if isinstance(module, BlockSparseLinear)}
     if not sparse:
         raise ValueError("the model has no BlockSparseLinear layer; prune or sparsify_model it first, "
@@ -96,7 +102,7 @@ def save_sparse_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLi
     state = model.state_dict()
     duplicates = {key for keys in _tied_groups(model) for key in keys[1:]}
     tensors = {key: tensor.detach().contiguous().cpu() for key, tensor in state.items() if key not in duplicates}
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    _write_weights(tensors, out, max_shard_size)
 
     model.config.save_pretrained(out)
     generation_config = getattr(model, "generation_config", None)
@@ -125,6 +131,75 @@ def save_sparse_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLi
     return out
 
 
+def _write_weights(tensors: dict[str, torch.Tensor], out: Path, max_shard_size: int | str) -> None:
+    """`tensors` as model.safetensors, or as shards of at most `max_shard_size` with an index;
+    the weight files of an earlier save into `out` that this one does not overwrite are removed,
+    since a loader would read them with the new ones."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    split = split_torch_state_dict_into_shards(tensors, filename_pattern=SHARD_PATTERN, max_shard_size=max_shard_size)
+    for stale in [*out.glob("model-*-of-*.safetensors"), out / WEIGHTS_NAME, out / INDEX_NAME]:
+        if stale.is_file() and stale.name not in split.filename_to_tensors:
+            stale.unlink()
+    for filename, names in split.filename_to_tensors.items():
+        save_file({name: tensors[name] for name in names}, str(out / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {"total_size": split.metadata["total_size"]}, "weight_map": split.tensor_to_filename}
+        (out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def weight_files(path: str | os.PathLike) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files of checkpoint directory `path` and, when it is sharded, its index's
+    {tensor: file} map (validated: plain file names inside `path` that exist); ([], None) when
+    it has neither model.safetensors nor an index."""
+    path = Path(path)
+    index = path / INDEX_NAME
+    if not index.is_file():
+        return ([path / WEIGHTS_NAME] if (path / WEIGHTS_NAME).is_file() else []), None
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (OSError, ValueError, AttributeError) as err:
+        raise SparseCheckpointError(f"{index}: not a JSON object with a weight_map ({err})") from err
+    if not (isinstance(weight_map, dict) and weight_map
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):
+        raise SparseCheckpointError(f"{index}: weight_map must map tensor names to file names, got "
+                                    f"{type(weight_map).__name__}")
+    files = sorted(set(weight_map.values()))
+    for name in files:
+        if Path(name).name != name or not name.endswith(".safetensors"):
+            raise SparseCheckpointError(f"{index}: {name!r} is not a .safetensors file name inside the directory")
+        if not (path / name).is_file():
+            raise SparseCheckpointError(f"{index}: names {name!r}, which is missing")
+    return [path / name for name in files], weight_map
+
+
+def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """Every tensor of checkpoint `path` (all its shards), and the file errors are reported on."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files, weight_map = weight_files(path)
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            part = load_file(str(file))
+        except (SafetensorError, OSError) as err:
+            raise SparseCheckpointError(f"{file}: not a readable safetensors file ({err})") from err
+        for name in part:
+            if name in state:
+                raise SparseCheckpointError(f"{file}: tensor {name!r} is in another shard too")
+            if weight_map is not None and weight_map.get(name) != file.name:
+                raise SparseCheckpointError(f"{file}: holds {name!r}, which {INDEX_NAME} puts in "
+                                            f"{weight_map.get(name)!r}")
+        state.update(part)
+    missing = sorted(weight_map.keys() - state.keys()) if weight_map is not None else []
+    if missing:
+        more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise SparseCheckpointError(f"{path / INDEX_NAME}: lists {missing[0]!r}{more}, which no shard holds")
+    return state, (path / INDEX_NAME if weight_map is not None else path / WEIGHTS_NAME)
+
+
 def push_sparse_checkpoint(path: str | os.PathLike, repo_id: str, *, private: bool | None = None,
                            token: str | None = None) -> list[str]:
     """Upload a sparse checkpoint directory to the Hugging Face hub as it lies: the weights, the
@@ -139,10 +214,11 @@ def push_sparse_checkpoint(path: str | os.PathLike, repo_id: str, *, private: bo
     if pickled:
         raise SparseCheckpointError(f"{path}: {pickled[0]} is a pickle file; it is not uploaded with the checkpoint "
                                     f"(remove it)")
-    for needed in (WEIGHTS_NAME, "config.json", "README.md"):
+    for needed in (INDEX_NAME if INDEX_NAME in files else WEIGHTS_NAME, "config.json", "README.md"):
         if needed not in files:
             raise SparseCheckpointError(f"{path}: {needed} is missing; save the checkpoint with "
                                         f"save_sparse_pretrained (or blocksparse prune) first")
+    weight_files(path)  # an index naming missing or outside files is not uploaded
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     if private and not api.repo_info(repo_id).private:
@@ -170,17 +246,17 @@ def is_sparse_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def block_sparse_tensors(path: str | os.PathLike) -> list[str]:
-    """The block-sparse tensors in directory `path`'s model.safetensors (only its header is read)."""
+    """The block-sparse tensors in directory `path`'s weights (model.safetensors or its shards;
+    only their headers are read)."""
     from safetensors import SafetensorError, safe_open
 
-    file = Path(path) / WEIGHTS_NAME
-    if not file.is_file():
-        return []
-    try:
-        with safe_open(str(file), framework="pt") as weights:
-            keys = list(weights.keys())
-    except (SafetensorError, OSError) as err:
-        raise SparseCheckpointError(f"{file}: not a readable safetensors file ({err})") from err
+    keys = []
+    for file in weight_files(path)[0]:
+        try:
+            with safe_open(str(file), framework="pt") as weights:
+                keys += list(weights.keys())
+        except (SafetensorError, OSError) as err:
+            raise SparseCheckpointError(f"{file}: not a readable safetensors file ({err})") from err
     return [key for key in keys if key.endswith(SPARSE_TENSOR_SUFFIXES)]
 
 
@@ -270,23 +346,21 @@ def load_sparse_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = 
     is built in it, so float buffers that are no weights (RoPE's inv_freq) stay fp32, as
     `from_pretrained` keeps them. tokenizer is None when the directory holds none.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     sparse_tensors = block_sparse_tensors(path)
+    weights = f"the shards of {INDEX_NAME}" if (path / INDEX_NAME).is_file() else WEIGHTS_NAME
     if sparse_tensors and not is_sparse_checkpoint(path):
         # Loaded as a dense model, every pruned projection would be randomly initialised.
-        raise SparseCheckpointError(f"{path}: {WEIGHTS_NAME} holds block-sparse tensors ({sparse_tensors[0]!r}, "
+        raise SparseCheckpointError(f"{path}: {weights} holds block-sparse tensors ({sparse_tensors[0]!r}, "
                                     f"...) but {SPARSE_CHECKPOINT_MARKER} is missing")
     marker = read_marker(path)
-    weights_file = path / WEIGHTS_NAME
-    if not weights_file.is_file():
+    if not weight_files(path)[0]:
         raise SparseCheckpointError(f"{path}: {WEIGHTS_NAME} is missing")
     if not sparse_tensors:
         raise SparseCheckpointError(f"{path}: {SPARSE_CHECKPOINT_MARKER} marks a sparse checkpoint but "
-                                    f"{WEIGHTS_NAME} holds no block-sparse tensor "
+                                    f"{weights} holds no block-sparse tensor "
                                     f"(*{', *'.join(SPARSE_TENSOR_SUFFIXES)})")
     dtype = dtype or DTYPES[marker.get("dtype", "float32")]
     try:
@@ -317,10 +391,7 @@ def load_sparse_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = 
             raise SparseCheckpointError(f"{path}: module {name!r}: {err}") from err
         replace_module(model, name, sparse)
 
-    try:
-        state = load_file(str(weights_file))
-    except (SafetensorError, OSError) as err:
-        raise SparseCheckpointError(f"{weights_file}: not a readable safetensors file ({err})") from err
+    state, weights_file = _read_weights(path)
     _check_tensors(model, state, weights_file, marker["format_version"])
     try:
         result = model.load_state_dict(state, strict=False)

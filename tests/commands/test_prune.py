@@ -52,14 +52,17 @@ def test_cli_prunes_saves_and_reloads(tiny_dir, text_file, tmp_path, capsys):
     assert "4 windows x 64 tokens" in card and f"blocksparse generate --model {out}" in card
 
 
-def test_cli_offload_prunes_the_same_checkpoint(tiny_dir, text_file, tmp_path):
+def test_cli_offload_prunes_the_same_checkpoint_in_shards_if_asked(tiny_dir, text_file, tmp_path):
     from safetensors.torch import load_file
 
     args = ["prune", "--model", str(tiny_dir), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "64",
             "--method", "wanda", "--device", "cpu", "--no-progress"]
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
-    assert main(args + ["--offload", "cpu", "--out", str(tmp_path / "b")]) == 0
-    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert main(args + ["--offload", "cpu", "--max-shard-size", "100000", "--out", str(tmp_path / "b")]) == 0
+    a = load_file(tmp_path / "a" / "model.safetensors")
+    shards = sorted((tmp_path / "b").glob("model-*-of-*.safetensors"))
+    assert len(shards) >= 2 and (tmp_path / "b" / "model.safetensors.index.json").is_file()
+    b = {key: t for shard in shards for key, t in load_file(shard).items()}
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "b" / "prune_report.json").read_text())["cli_args"]["offload"] == "cpu"
 
@@ -131,6 +134,8 @@ def test_a_hub_failure_is_one_line_and_keeps_the_checkpoint(tiny_dir, text_file,
     (["--offload", "cpu", "--eval-dataset", "default"], r"evaluate the saved checkpoint with `blocksparse eval`"),
     (["--push-to-hub", "not a repo"], r"--push-to-hub 'not a repo' is not a hub repository id"),
     (["--hub-private"], r"give --push-to-hub with it"),
+    (["--max-shard-size", "5GiB"], r"--max-shard-size must be a positive number of bytes or of KB, MB, GB or TB"),
+    (["--max-shard-size", "0"], r"--max-shard-size must be a positive number .* got '0'"),
 ])
 def test_cli_bad_input_is_one_line_error(tiny_dir, text_file, tmp_path, capsys, extra, message):
     args = ["prune", "--model", str(tiny_dir), "--calib", str(text_file), "--nsamples", "2", "--seqlen", "32",

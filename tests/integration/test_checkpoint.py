@@ -185,3 +185,42 @@ def test_push_private_to_an_existing_public_repository_uploads_nothing(saved, mo
     monkeypatch.setattr(HfApi, "upload_folder", lambda *a, **k: pytest.fail("nothing may be uploaded"))
     with pytest.raises(SparseCheckpointError, match="exists and is public; private was asked"):
         push_sparse_checkpoint(saved[1], "me/x", private=True)
+
+
+def test_a_sharded_checkpoint_round_trips_and_a_resave_leaves_no_stale_shard(saved):
+    model, out = saved
+    save_sparse_pretrained(model, byte_tokenizer(), out, max_shard_size="100KB")  # over the unsharded save
+    shards = sorted(p.name for p in out.glob("model-*-of-*.safetensors"))
+    assert len(shards) >= 3 and not (out / "model.safetensors").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == shards
+    # Each shard within the limit (headers aside), unless one tensor alone is larger.
+    for shard in shards:
+        held = load_file(str(out / shard))
+        assert len(held) == 1 or sum(t.numel() * t.element_size() for t in held.values()) <= 100_000, shard
+    loaded, _ = load_sparse_pretrained(out)
+    assert torch.equal(loaded(PROBE).logits, model(PROBE).logits)
+    save_sparse_pretrained(model, byte_tokenizer(), out)  # one file again: the shards and index go
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda index, out: index["weight_map"].update({"model.norm.weight": "../model.safetensors"}),
+     "'../model.safetensors' is not a .safetensors file name inside the directory"),
+    (lambda index, out: (out / sorted(set(index["weight_map"].values()))[-1]).unlink(), "which is missing"),
+    (lambda index, out: index["weight_map"].update({"model.extra.weight": index["weight_map"]["model.norm.weight"]}),
+     "lists 'model.extra.weight', which no shard holds"),
+    (lambda index, out: index["weight_map"].update(
+        {"model.norm.weight": next(f for f in set(index["weight_map"].values())
+                                   if f != index["weight_map"]["model.norm.weight"])}),
+     "holds 'model.norm.weight', which model.safetensors.index.json puts in"),
+    (lambda index, out: index.update({"weight_map": []}), "weight_map must map tensor names to file names"),
+])
+def test_a_malformed_shard_index_is_one_clear_error(saved, change, message):
+    model, out = saved
+    save_sparse_pretrained(model, byte_tokenizer(), out, max_shard_size="100KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    change(index, out)
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(SparseCheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_sparse_pretrained(out)
