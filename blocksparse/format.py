@@ -48,6 +48,7 @@ can never make a kernel read out of bounds.
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -192,6 +193,7 @@ class BlockSparseWeight(nn.Module):
         for name, tensor in derived.items():
             self.register_buffer(name, tensor.to(torch.int32), persistent=False)
         self._layouts: dict[str, dict] = {}
+        self._cast_layouts: dict[torch.dtype, dict] = {}  # the layouts of `cast` views, per dtype
 
     def layout(self, key: str, build: Callable[["BlockSparseWeight"], dict]) -> dict:
         """A backend's derived layout of this weight: `build(self)` runs once per key,
@@ -209,8 +211,21 @@ class BlockSparseWeight(nn.Module):
         before = (self.values.device, self.values.dtype)
         result = super()._apply(fn, recurse)
         if (self.values.device, self.values.dtype) != before:
-            self._layouts = {}
+            self._layouts, self._cast_layouts = {}, {}
         return result
+
+    def cast(self, dtype: torch.dtype) -> "BlockSparseWeight":
+        """This weight with its values cast to `dtype`, for one op call (how autocast runs a
+        linear in its lower precision): the structure buffers are shared, the layouts kept
+        per dtype, and the cast is an autograd op, so trained values get their gradient in
+        their own dtype. The view is not a module to train or save."""
+        if dtype == self.values.dtype:
+            return self
+        view = copy.copy(self)
+        view._parameters = {}
+        view.__dict__["values"] = self.values.to(dtype)
+        view._layouts = self._cast_layouts.setdefault(dtype, {})
+        return view
 
     # ------------------------------------------------------------------ builders
     @classmethod

@@ -703,7 +703,16 @@ def block_sparse_linear(
     `lora_dropout` is applied (whenever > 0) to the LoRA path's input only, as
     in PEFT; pass 0 in eval mode. W receives a gradient at its stored blocks
     only, and only when `weight.values.requires_grad` (frozen by default).
+    Under autocast it runs in autocast's dtype, as F.linear does: every operand is
+    cast (outside the op, so fp32 parameters get fp32 gradients).
     """
+    if (isinstance(x, torch.Tensor) and torch.amp.is_autocast_available(x.device.type)
+            and torch.is_autocast_enabled(x.device.type)):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        cast = (lambda t: t if t is None else t.to(dtype))
+        with torch.autocast(x.device.type, enabled=False):
+            return block_sparse_linear(cast(x), weight.cast(dtype) if isinstance(weight, BlockSparseWeight) else weight,
+                                       cast(bias), cast(lora_a), cast(lora_b), scaling, lora_dropout, backend)
     check_inputs(x, weight, bias, lora_a, lora_b)
     if not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")

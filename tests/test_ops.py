@@ -510,3 +510,37 @@ def test_a_non_finite_lora_scaling_is_refused(scaling):
     w = BlockSparseWeight.from_dense(torch.randn(32, 48), torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match=f"scaling must be a finite number, got {scaling}"):
         block_sparse_linear(torch.randn(4, 48), w, None, torch.randn(4, 48), torch.randn(32, 4), scaling=scaling)
+
+
+@pytest.mark.parametrize("row_group", [1, 4])
+def test_under_autocast_it_runs_as_f_linear_does_in_the_lower_precision(row_group):
+    # fp32 weights, values trained, LoRA: autocast casts every operand, the gradients
+    # come back in fp32 and equal the op's on the bf16-cast operands.
+    gen = torch.Generator().manual_seed(5)
+    mask = random_block_mask(8, 4, 0.5, generator=gen)
+    weight = BlockSparseWeight.from_dense(torch.randn(128, 64, generator=gen), mask,
+                                          row_perm=torch.randperm(8, generator=gen), row_group=row_group)
+    weight.values.requires_grad_(True)
+    bias = torch.randn(128, generator=gen, requires_grad=True)
+    lora_a = torch.randn(4, 64, generator=gen, requires_grad=True)
+    lora_b = torch.randn(128, 4, generator=gen, requires_grad=True)
+    x = torch.randn(3, 64, generator=gen, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = block_sparse_linear(x, weight, bias, lora_a, lora_b, scaling=0.5)
+    grad_y = torch.randn(y.shape, generator=gen, dtype=torch.bfloat16)
+    y.backward(grad_y)
+    assert y.dtype == torch.bfloat16 and weight.values.dtype == torch.float32
+    grads = [t.grad for t in (x, weight.values, bias, lora_a, lora_b)]
+    assert all(g.dtype == torch.float32 for g in grads)
+
+    half = BlockSparseWeight.from_dense(weight.to_dense().detach().bfloat16(), mask, row_perm=weight.row_perm,
+                                        row_group=row_group)
+    half.values.requires_grad_(True)
+    ref_in = [t.detach().bfloat16().requires_grad_(True) for t in (x, bias, lora_a, lora_b)]
+    ref = block_sparse_linear(ref_in[0], half, ref_in[1], ref_in[2], ref_in[3], scaling=0.5)
+    ref.backward(grad_y)
+    assert torch.equal(y, ref)
+    for got, want in zip(grads, [ref_in[0].grad, half.values.grad, *(t.grad for t in ref_in[1:])]):
+        assert torch.equal(got, want.float())
+    # The cast views keep their own layouts; the weight's own are untouched.
+    assert torch.bfloat16 in weight._cast_layouts and all(isinstance(v, dict) for v in weight._layouts.values())

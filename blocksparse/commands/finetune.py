@@ -126,7 +126,7 @@ def add_parser(subparsers):
              help="a checkpoint-N directory, or 'last' for the newest one in --output_dir")
     add_flag(train, "--overwrite_output_dir", action="store_true",
              help="start afresh even if --output_dir holds checkpoints")
-    add_flag(train, "--bf16", action="store_true", help="bf16 mixed precision (GPU)")
+    add_flag(train, "--bf16", action="store_true", help="bf16 mixed precision (autocast; GPU, or a CPU with native bf16)")
     add_flag(train, "--fp16", action="store_true", help="fp16 mixed precision (GPU)")
     add_flag(train, "--gradient_checkpointing", action="store_true", help="recompute activations in backward")
     add_flag(train, "--fsdp", action="store_true",

@@ -301,6 +301,19 @@ def test_fsdp_checkpoints_are_sharded_safetensors_and_resume_exactly(tiny_model_
     assert len(err) == 1 and "was saved by an FSDP run" in err[0], err
 
 
+def test_bf16_mixed_precision_trains_an_fp32_model_through_the_op(tiny_model_and_text, tmp_path):
+    # Autocast runs the block-sparse linears in bf16 as it runs nn.Linear; the adapter stays fp32.
+    model_dir, text = tiny_model_and_text
+    out = tmp_path / "bf16"
+    assert cli_main(["finetune", *cli_flags(model_dir, text, out, **{"--max_steps": 2, "--save_steps": 100}),
+                     "--bf16"]) == 0
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert len(adapter) == 8 and all(t.dtype == torch.float32 and bool(torch.isfinite(t).all())
+                                     for t in adapter.values())
+    assert any(not torch.equal(t, torch.zeros_like(t)) for key, t in adapter.items() if "lora_B" in key)
+    assert 1.0 < json.loads((out / "eval_results.json").read_text())["perplexity"] < 1000
+
+
 def test_scripts_train_then_evaluate_the_adapter_unmerged(tiny_model_and_text, tmp_path):
     model_dir, text = tiny_model_and_text
     out = tmp_path / "lora"
