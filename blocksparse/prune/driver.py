@@ -32,7 +32,7 @@ from .calibration import (DEFAULT_SINK_TOKENS, DEFAULT_SINK_WEIGHT, InputStats, 
                           advance, collect_stats, dense_sq_norms, layer0_inputs, linear_groups,
                           placed_on, sink_probe_ids)
 from .reconstruct import DEFAULT_DAMP, dense_target_weight, greedy_obs_mask, output_error, reconstruct_block_rows
-from .refine import refine_layer
+from .refine import REFINE_PRECISIONS, refine_layer
 
 # A score of `blocksparse.masks.SCORES`, or greedy block OBS.
 METHODS = (*SCORES, "obc")
@@ -71,6 +71,9 @@ class PruneOptions:
       refine_steps / refine_lr: Adam steps on each pruned decoder layer's kept weights
         so that its output on the pruned hidden states matches the dense layer's on the
         dense ones (`refine_layer`); lr relative to each matrix's RMS weight; 0 = off.
+      refine_precision: "float32", or "bfloat16": the refinement steps' forward and
+        backward under bf16 autocast (weights, Adam and the losses that decide whether
+        a refinement is kept stay fp32); about half the time where bf16 matmuls are native.
     Calibration:
       sink_weight: how many ordinary tokens the first token of every window (the
         attention sink, with a residual norm ~100x the others) counts for in scores
@@ -96,6 +99,7 @@ class PruneOptions:
     obc_rounds: int | None = 8
     refine_steps: int = 0
     refine_lr: float = 0.03
+    refine_precision: str = "float32"
     sink_weight: float = DEFAULT_SINK_WEIGHT
     sink_tokens: int = DEFAULT_SINK_TOKENS
     batch_size: int = 8
@@ -136,6 +140,9 @@ class PruneOptions:
             raise ValueError(f"refine_steps must be an integer >= 0 (0 = no refinement), got {self.refine_steps!r}")
         if self.refine_steps and not self.refine_lr > 0:
             raise ValueError(f"refine_lr must be > 0, got {self.refine_lr}")
+        if self.refine_precision not in REFINE_PRECISIONS:
+            raise ValueError(f"refine_precision must be one of {tuple(REFINE_PRECISIONS)}, "
+                             f"got {self.refine_precision!r}")
         if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
             raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
 
@@ -254,7 +261,7 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, options: PruneOpti
         "sink_weight": options.sink_weight,
         "sink_tokens": 0 if probes is None else int(probes.shape[0]),
         "obc_rounds": options.obc_rounds if options.method == "obc" else None,
-        "refine": ({"steps": options.refine_steps, "lr": options.refine_lr,
+        "refine": ({"steps": options.refine_steps, "lr": options.refine_lr, "precision": options.refine_precision,
                     "layer_loss_before_after": {str(i): list(v) for i, v in refine_loss.items()}}
                    if options.refine_steps > 0 else None),
         "calibration": {"nsamples": int(calib_inputs.shape[0]), "seqlen": int(calib_inputs.shape[1])},
@@ -307,7 +314,7 @@ def _prune_layers(layers, linears_by_layer, hidden, kwargs, n_calib, keep, sink_
                 sink = (hidden[n_calib], kwargs[n_calib], dense_hidden[n_calib]) if has_probes else None
                 refine_loss[i] = refine_layer(layer, weights, hidden[:n_calib], kwargs[:n_calib],
                                               dense_hidden[:n_calib], options.refine_steps, options.refine_lr,
-                                              sink=sink)
+                                              sink=sink, precision=REFINE_PRECISIONS[options.refine_precision])
             advance(layer, hidden, kwargs)
             del dense_layer
         for name, lin in linears.items():  # the permutations go where the layer is again (masks are on the CPU)

@@ -14,12 +14,15 @@ from torch import nn
 
 from .calibration import layer_output, slice_kwargs
 
+# The dtype the refinement steps' matmuls run in (None: as the weights, fp32).
+REFINE_PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
+
 
 def refine_layer(layer: nn.Module, weights: Mapping[str, tuple[nn.Parameter, torch.Tensor]],
                  hidden: Sequence[torch.Tensor], kwargs: Sequence[dict], targets: Sequence[torch.Tensor],
                  steps: int, lr: float, micro_batch: int = 2,
                  sink: tuple[torch.Tensor, dict, torch.Tensor] | None = None,
-                 sink_micro_batch: int = 256) -> tuple[float, float]:
+                 sink_micro_batch: int = 256, precision: torch.dtype | None = None) -> tuple[float, float]:
     """Adam on the kept weights of one pruned decoder layer so that its output matches `targets`.
 
     weights: {name: (weight parameter, boolean element mask)}; the mask is re-applied after every
@@ -30,8 +33,10 @@ def refine_layer(layer: nn.Module, weights: Mapping[str, tuple[nn.Parameter, tor
     probes (`sink_probe_ids`); each step adds their mean loss (a micro-batch of
     `sink_micro_batch` of them) to the windows', so the sink counts as much as all the
     other tokens: a refinement fitted to the windows alone broke the sink for first tokens
-    it had not seen. Returns the mean loss over the calibration data before and after;
-    a refinement that does not lower it is undone.
+    it had not seen. precision: the steps' forward and backward run under autocast to it
+    (e.g. torch.bfloat16), all but the last fifth, which settle in fp32; the weights, Adam
+    and the loss stay fp32. Returns the mean loss over the calibration data before and
+    after, in fp32; a refinement that does not lower it is undone.
     """
     def split(h, kw, t, size):
         return [(h[s:s + size], slice_kwargs(kw, h.shape[0], s, s + size, float32=True), t[s:s + size])
@@ -40,9 +45,11 @@ def refine_layer(layer: nn.Module, weights: Mapping[str, tuple[nn.Parameter, tor
     chunks = [chunk for h, kw, t in zip(hidden, kwargs, targets) for chunk in split(h, kw, t, micro_batch)]
     sink_chunks = [] if sink is None else split(*sink, sink_micro_batch)
 
-    def loss_of(h, kw, t):
+    def loss_of(h, kw, t, autocast=None):
         h, t = h.float(), t.float()
-        err = (layer_output(layer(h, **kw)) - t).square().sum(-1) / t.square().sum(-1).clamp_min(1e-12)
+        with torch.autocast(h.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            out = layer_output(layer(h, **kw)).float()
+        err = (out - t).square().sum(-1) / t.square().sum(-1).clamp_min(1e-12)
         return err.mean()
 
     def mean_loss():
@@ -68,11 +75,15 @@ def refine_layer(layer: nn.Module, weights: Mapping[str, tuple[nn.Parameter, tor
         optimizer = torch.optim.Adam([{"params": [p], "lr": lr * float(p.detach()[m.bool()].square().mean().sqrt())}
                                       for p, m in zip(params, masks)])
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+        # bf16 throughout lost one-shot quality on the demo; the last fifth in fp32 won it
+        # back (docs/DESIGN.md, section 6).
+        low_precision_steps = steps - steps // 5 if precision is not None else 0
         with torch.enable_grad():
             for step in range(steps):
-                loss = loss_of(*chunks[step % len(chunks)])
+                autocast = precision if step < low_precision_steps else None
+                loss = loss_of(*chunks[step % len(chunks)], autocast=autocast)
                 if sink_chunks:
-                    loss = loss + loss_of(*sink_chunks[step % len(sink_chunks)])
+                    loss = loss + loss_of(*sink_chunks[step % len(sink_chunks)], autocast=autocast)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -35,8 +35,27 @@ def test_refinement_of_a_bfloat16_model_keeps_its_dtype_and_leaves_no_gradients(
     assert all(after < before for before, after in losses), losses
 
 
+def test_bfloat16_refinement_steps_lower_the_fp32_loss_and_keep_the_pattern_and_dtypes():
+    exact, exact_report = prune_tiny(method="wanda", refine_steps=30)
+    fast, report = prune_tiny(method="wanda", refine_steps=30, refine_precision="bfloat16")
+    assert report["refine"]["precision"] == "bfloat16"
+    losses, exact_losses = report["refine"]["layer_loss_before_after"], exact_report["refine"]["layer_loss_before_after"]
+    # Layer 0 starts from the same fit in both runs and its loss is measured in fp32 either way.
+    assert losses["0"][0] == exact_losses["0"][0]
+    assert all(after < before for before, after in losses.values()), losses
+    assert all(p.dtype == torch.float32 for p in fast.parameters())
+    for name, m in sparse_layers(fast).items():
+        if name.startswith("model.layers.0."):
+            assert torch.equal(m.block_mask, sparse_layers(exact)[name].block_mask), name
+    # The steps did run in bf16: the refined weights are not the fp32 run's.
+    q = "model.layers.0.self_attn.q_proj"
+    assert not torch.equal(sparse_layers(fast)[q].sparse_weight.values, sparse_layers(exact)[q].sparse_weight.values)
+
+
 def test_refinement_options_are_validated():
     with pytest.raises(ValueError, match="refine_steps"):
         prune_tiny(refine_steps=-1)
     with pytest.raises(ValueError, match="refine_lr"):
         prune_tiny(refine_steps=2, refine_lr=0.0)
+    with pytest.raises(ValueError, match=r"refine_precision must be one of \('float32', 'bfloat16'\), got 'half'"):
+        prune_tiny(refine_steps=2, refine_precision="half")
