@@ -126,7 +126,8 @@ def add_parser(subparsers):
              help="a checkpoint-N directory, or 'last' for the newest one in --output_dir")
     add_flag(train, "--overwrite_output_dir", action="store_true",
              help="start afresh even if --output_dir holds checkpoints")
-    add_flag(train, "--bf16", action="store_true", help="bf16 mixed precision (autocast; GPU, or a CPU with native bf16)")
+    add_flag(train, "--bf16", action="store_true",
+             help="bf16 mixed precision (autocast; GPU, or a CPU with native bf16)")
     add_flag(train, "--fp16", action="store_true", help="fp16 mixed precision (GPU)")
     add_flag(train, "--gradient_checkpointing", action="store_true", help="recompute activations in backward")
     add_flag(train, "--fsdp", action="store_true",
@@ -234,10 +235,12 @@ def _check_same_run(checkpoint: str, args) -> None:
     from ..integration.fsdp import SHARDED_DIR
     from ..integration.train import RUN_RECORD
 
-    if os.path.isdir(os.path.join(checkpoint, SHARDED_DIR)) != _sharded(args):
+    saved_sharded = os.path.isdir(os.path.join(checkpoint, SHARDED_DIR))
+    if saved_sharded and not _sharded(args):
         raise CLIError(f"{checkpoint} was saved by an FSDP run (its optimizer state is in {SHARDED_DIR}/): resume "
-                       "it with --fsdp under torchrun, 2 or more processes" if not _sharded(args) else
-                       f"{checkpoint} was saved without FSDP (no {SHARDED_DIR}/): resume it without --fsdp")
+                       "it with --fsdp under torchrun, 2 or more processes")
+    if _sharded(args) and not saved_sharded:
+        raise CLIError(f"{checkpoint} was saved without FSDP (no {SHARDED_DIR}/): resume it without --fsdp")
 
     record = os.path.join(checkpoint, RUN_RECORD)
     if not os.path.isfile(record):

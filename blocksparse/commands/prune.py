@@ -215,7 +215,8 @@ def run(args) -> int:
                                allocation=allocation, reconstruct_target=args.reconstruct_target, damp=args.damp,
                                sink_weight=args.sink_weight, sink_tokens=args.sink_tokens,
                                refine_steps=args.refine_steps, refine_lr=args.refine_lr,
-                               refine_precision=args.refine_precision, owl_spread=args.owl_spread, batch_size=args.batch_size)
+                               refine_precision=args.refine_precision, owl_spread=args.owl_spread,
+                               batch_size=args.batch_size)
     except ValueError as err:
         raise CLIError(str(err)) from err
     prune_started = time.perf_counter()

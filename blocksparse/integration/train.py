@@ -433,9 +433,10 @@ def train(model, train_blocks: torch.Tensor, args, lora=None, *, train_sparse_va
     checkpoint as RUN_RECORD, the trained block values as VALUES_FILE (resumed from
     there). fsdp: with several processes (torchrun), shard the model (and the teacher) with
     FSDP2 (`blocksparse.integration.fsdp`); needs args.save_only_model there, as the optimizer
-    state is saved sharded by this module, not by the Trainer (one process: no effect). LoRA only: the trained block
-    values are saved whole, which FSDP does not do yet. Returns (model, trainer,
-    train_output), model the PeftModel when `lora` is given (sharded with `fsdp`). LoRA weights are drawn after seeding with `args.seed`, so runs with equal
+    state is saved sharded by that module, not by the Trainer (one process: no effect). LoRA
+    only: trained block values are saved whole, which is not built under FSDP. Returns
+    (model, trainer, train_output), model the PeftModel when `lora` is given (sharded with
+    `fsdp`). LoRA weights are drawn after seeding with `args.seed`, so runs with equal
     seeds start equal. Raises NonFiniteTrainingError when the loss or a trained
     parameter becomes NaN or inf.
     """

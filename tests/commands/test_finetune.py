@@ -277,8 +277,9 @@ def test_fsdp_checkpoints_are_sharded_safetensors_and_resume_exactly(tiny_model_
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     torchrun(cli_flags(model_dir, text, whole, **common) + ["--fsdp", "--no_eval"], port=29519)
     shards = sorted(os.listdir(whole / "checkpoint-2" / "fsdp"))
-    assert shards == ["rng_state_0.safetensors", "rng_state_1.safetensors", "shard-00001-model-00001-of-00001.safetensors",
-                      "shard-00002-model-00001-of-00001.safetensors", "state.json"]
+    assert shards == ["rng_state_0.safetensors", "rng_state_1.safetensors",
+                      "shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors",
+                      "state.json"]
     assert json.loads((whole / "checkpoint-2" / "fsdp" / "state.json").read_text())["world_size"] == 2
     assert len(load_file(whole / "checkpoint-2" / "adapter_model.safetensors")) == 8  # gathered: a usable adapter
     written = [name for _, _, files in os.walk(whole) for name in files]
@@ -287,8 +288,8 @@ def test_fsdp_checkpoints_are_sharded_safetensors_and_resume_exactly(tiny_model_
     shutil.copytree(whole, resumed)
     shutil.rmtree(resumed / "checkpoint-4")
     (resumed / "adapter_model.safetensors").unlink()
-    torchrun(cli_flags(model_dir, text, resumed, **common) + ["--fsdp", "--no_eval", "--resume_from_checkpoint", "last"],
-             port=29519)
+    torchrun(cli_flags(model_dir, text, resumed, **common)
+             + ["--fsdp", "--no_eval", "--resume_from_checkpoint", "last"], port=29519)
     ours, reference = load_file(resumed / "adapter_model.safetensors"), load_file(whole / "adapter_model.safetensors")
     assert ours.keys() == reference.keys() and all(torch.equal(ours[key], reference[key]) for key in ours)
     assert logged_losses(resumed / "checkpoint-4") == logged_losses(whole / "checkpoint-4")
