@@ -25,9 +25,11 @@ def prune_recipe(family: Family) -> dict:
     demo's DEMO_ROW_GROUP): greedy block OBS masks (`method="obc"`, which drops whole
     group-columns of a grouped mask by their summed reconstruction cost), the first layer's
     MLP and every value projection dense, the other linears paying for them, and each layer
-    refined for 50 steps."""
+    refined for 45 steps, the first 36 under bf16 autocast (`refine_precision`; the
+    measurements behind these choices are in docs/DESIGN.md, section 6)."""
     return dict(method="obc", comparison_group="block-row", reconstruct=True, reconstruct_target="dense",
-                allocation={family.mlp_path(0): 1.0, family.value_path("*"): 1.0}, refine_steps=50)
+                allocation={family.mlp_path(0): 1.0, family.value_path("*"): 1.0}, refine_steps=45,
+                refine_precision="bfloat16")
 
 
 def lora_step(model: nn.Module, tokenizer, dataset: str, out: str | Path, target_modules: tuple[str, ...],
@@ -58,29 +60,31 @@ def latency(models: dict[str, nn.Module], prompt: torch.Tensor, decode_tokens: i
     """Prefill seconds for `prompt` [1, T] and greedy decode tokens/s with the KV cache (a
     `generate` of `decode_tokens` after a 16-token prompt, its prefill included), per
     model: medians of `repeats` rounds that visit every model in turn (interleaved, so a
-    slow moment of the machine hits them all), after one warm-up round. Prefill is the
+    slow moment of the machine hits them all), after a warm-up that runs every shape
+    once (prefill, the short prompt, one decode step). Prefill is the
     prompt pass that yields the first new token: the last position's logits only, as
     `generate` computes them (all T positions' would add a vocabulary-wide GEMM that no
     backend sparsifies)."""
     short = prompt[:, :16]
     times = {name: {"prefill": [], "decode": []} for name in models}
 
-    def once(model, record):
+    def once(model, record, new_tokens):
         with torch.inference_mode():
             start = time.perf_counter()
             model(input_ids=prompt, use_cache=False, logits_to_keep=1)
             record["prefill"].append(time.perf_counter() - start)
             start = time.perf_counter()
             model.generate(input_ids=short, attention_mask=torch.ones_like(short), do_sample=False,
-                           max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, use_cache=True,
-                           pad_token_id=0)
+                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=True, pad_token_id=0)
             record["decode"].append(time.perf_counter() - start)
 
     for model in models.values():
         model.eval()
-    for round_ in range(repeats + 1):  # round 0 warms up: layouts built, allocator settled
+    for model in models.values():  # warm-up: every layout built, the allocator settled
+        once(model, {"prefill": [], "decode": []}, 2)
+    for _ in range(repeats):
         for name, model in models.items():
-            once(model, times[name] if round_ else {"prefill": [], "decode": []})
+            once(model, times[name], decode_tokens)
     return {name: {"prefill_s": _median(t["prefill"]), "prefill_tokens": prompt.shape[1],
                    "decode_tokens_per_s": decode_tokens / _median(t["decode"])} for name, t in times.items()}
 
