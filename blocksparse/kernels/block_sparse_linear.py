@@ -321,14 +321,16 @@ def _lora_shrink_kernel(X, A, T, PARTIAL, COUNTER, SEED, KEEP_BITS, M, K, lora_r
         tl.store(t_ptrs, acc.to(T.dtype.element_ty), mask=m_mask[:, None])
     else:
         local = rm.to(tl.int64)[:, None] * RP + rr[None, :]
-        split_rows = tl.cdiv(M, BM) * BM  # the partial buffer is [SPLITS, M tiles * BM, RP]
-        tl.store(PARTIAL + pid_s * split_rows * RP + local, acc)
+        # The partial buffer is [SPLITS, M tiles * BM, RP]; a split's offset in int64, as every
+        # row offset here: SPLITS * M * RP passes 2^31 from ~2M tokens at 16 splits of rank 64.
+        split_elems = (tl.cdiv(M, BM) * BM).to(tl.int64) * RP
+        tl.store(PARTIAL + pid_s * split_elems + local, acc)
         tl.debug_barrier()
         arrived = tl.atomic_add(COUNTER + pid_m, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLITS - 1:
             acc = tl.zeros((BM, RP), dtype=tl.float32)
             for s in tl.static_range(SPLITS):
-                acc += tl.load(PARTIAL + s * split_rows * RP + local, cache_modifier=".cg")
+                acc += tl.load(PARTIAL + s * split_elems + local, cache_modifier=".cg")
             tl.atomic_xchg(COUNTER + pid_m, 0)
             tl.store(t_ptrs, acc.to(T.dtype.element_ty), mask=m_mask[:, None])
 
