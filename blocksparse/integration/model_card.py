@@ -42,7 +42,8 @@ def _recipe(report: dict) -> list[str]:
         lines.append(f"- allocation: `{allocation}`")
     refine = report.get("refine")
     if refine:
-        lines.append(f"- layer refinement: {refine['steps']} steps per decoder layer (lr {refine['lr']:g})")
+        precision = (", bf16 autocast but the last fifth" if refine.get("precision") == "bfloat16" else "")
+        lines.append(f"- layer refinement: {refine['steps']} steps per decoder layer (lr {refine['lr']:g}{precision})")
     calibration = report.get("calibration") or {}
     if {"nsamples", "seqlen"} <= set(calibration):
         lines.append(f"- calibration: {calibration['nsamples']} windows x {calibration['seqlen']} tokens"

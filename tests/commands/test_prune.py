@@ -28,7 +28,7 @@ def test_cli_prunes_saves_and_reloads(tiny_dir, text_file, tmp_path, capsys):
     out = tmp_path / "pruned"
     code = main(["prune", "--model", str(tiny_dir), "--calib", str(text_file), "--nsamples", "4",
                  "--seqlen", "64", "--method", "wanda", "--module-density", "model.layers.0.mlp=1.0",
-                 "--refine-steps", "4",
+                 "--refine-steps", "4", "--refine-precision", "bfloat16",
                  "--eval_dataset", str(text_file), "--eval-seqlen", "64",
                  "--eval-max-windows", "2", "--out", str(out), "--no-progress"])
     assert code == 0
@@ -40,6 +40,7 @@ def test_cli_prunes_saves_and_reloads(tiny_dir, text_file, tmp_path, capsys):
     assert report["layers"]["model.layers.1.mlp.up_proj"]["blocks_per_row"] == [1]  # pays for it
     assert report["allocation"] == {"explicit": {"model.layers.0.mlp": 1.0}}
     assert report["refine"]["steps"] == 4 and set(report["refine"]["layer_loss_before_after"]) == {"0", "1"}
+    assert report["refine"]["precision"] == "bfloat16"
     model, _ = load_model(str(out))
     assert isinstance(model.model.layers[1].mlp.down_proj, BlockSparseLinear)
     assert "-> pruned" in capsys.readouterr().out
@@ -48,7 +49,7 @@ def test_cli_prunes_saves_and_reloads(tiny_dir, text_file, tmp_path, capsys):
     assert f"block-sparse pruned from `{tiny_dir}`" in card and "total density **0.5000**" in card
     assert f"| this checkpoint | {report['perplexity']['pruned']:.2f} (" in card
     assert f"| dense | {report['perplexity']['dense']:.2f} |" in card and "2 windows of 64 tokens" in card
-    assert "`model.layers.0.mlp` = 1" in card and "4 steps per decoder layer" in card
+    assert "`model.layers.0.mlp` = 1" in card and "4 steps per decoder layer (lr 0.03, bf16 autocast but" in card
     assert "4 windows x 64 tokens" in card and f"blocksparse generate --model {out}" in card
 
 
