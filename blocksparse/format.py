@@ -222,7 +222,7 @@ class BlockSparseWeight(nn.Module):
         if dtype == self.values.dtype:
             return self
         view = copy.copy(self)
-        view._parameters = {}
+        view._parameters, view._buffers = {}, dict(self._buffers)  # nothing done to the view reaches self
         view.__dict__["values"] = self.values.to(dtype)
         view._layouts = self._cast_layouts.setdefault(dtype, {})
         return view

@@ -218,6 +218,9 @@ def _check_args(args) -> None:
         raise CLIError("give --bf16 or --fp16, not both")
     if args.fsdp and args.train_sparse_values:
         raise CLIError("--fsdp trains LoRA adapters; --train_sparse_values under FSDP is not supported yet")
+    if args.fsdp and args.fp16:
+        raise CLIError("--fsdp with --fp16: the loss scaler would check for infs per rank, not over the shards; "
+                       "use --bf16")
 
 
 def _run_settings(args) -> dict:

@@ -139,14 +139,16 @@ def _write_weights(tensors: dict[str, torch.Tensor], out: Path, max_shard_size: 
     from safetensors.torch import save_file
 
     split = split_torch_state_dict_into_shards(tensors, filename_pattern=SHARD_PATTERN, max_shard_size=max_shard_size)
-    for stale in [*out.glob("model-*-of-*.safetensors"), out / WEIGHTS_NAME, out / INDEX_NAME]:
-        if stale.is_file() and stale.name not in split.filename_to_tensors:
-            stale.unlink()
+    earlier = [*out.glob("model-*-of-*.safetensors"), out / WEIGHTS_NAME, out / INDEX_NAME]
     for filename, names in split.filename_to_tensors.items():
         save_file({name: tensors[name] for name in names}, str(out / filename), metadata={"format": "pt"})
     if split.is_sharded:
         index = {"metadata": {"total_size": split.metadata["total_size"]}, "weight_map": split.tensor_to_filename}
         (out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    written = set(split.filename_to_tensors) | ({INDEX_NAME} if split.is_sharded else set())
+    for stale in earlier:  # only once the new weights are whole
+        if stale.is_file() and stale.name not in written:
+            stale.unlink()
 
 
 def weight_files(path: str | os.PathLike) -> tuple[list[Path], dict[str, str] | None]:
@@ -163,8 +165,8 @@ def weight_files(path: str | os.PathLike) -> tuple[list[Path], dict[str, str] | 
         raise SparseCheckpointError(f"{index}: not a JSON object with a weight_map ({err})") from err
     if not (isinstance(weight_map, dict) and weight_map
             and all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):
-        raise SparseCheckpointError(f"{index}: weight_map must map tensor names to file names, got "
-                                    f"{type(weight_map).__name__}")
+        raise SparseCheckpointError(f"{index}: weight_map must be a non-empty object of tensor name -> file name, "
+                                    f"got {json.dumps(weight_map)[:80]}")
     files = sorted(set(weight_map.values()))
     for name in files:
         if Path(name).name != name or not name.endswith(".safetensors"):

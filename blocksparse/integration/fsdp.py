@@ -8,10 +8,11 @@ forward and backward. The index arrays (crow, col, row_perm) stay buffers, repli
 they are what every rank needs to run the op, and they are ~1/128 of the values' bytes.
 
 A checkpoint-N of such a run holds the PEFT adapter gathered on rank 0 (a usable adapter,
-as in every other run), and in `fsdp/` every rank's shards of the trained parameters and
-optimizer moments (torch.distributed.checkpoint with its safetensors writer, so a resume
-may use another world size), the optimizer's and scheduler's plain settings as JSON, and
-each rank's RNG state.
+as in every other run), each rank's RNG state (rng_state_<rank>.safetensors), and in
+`fsdp/` every rank's shards of the trained parameters and optimizer moments
+(torch.distributed.checkpoint with its safetensors writer, so a resume may use another
+world size: it continues, though not bit for bit, as the data and dropout draws are
+then split differently) and the optimizer's and scheduler's plain settings as JSON.
 """
 
 from __future__ import annotations
@@ -87,12 +88,17 @@ def save_sharded(folder: str, model: nn.Module, optimizer, scheduler) -> None:
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
     from torch.distributed.checkpoint import save as dcp_save
 
+    import shutil
+
     path = os.path.join(folder, SHARDED_DIR)
-    os.makedirs(path, exist_ok=True)
+    rank = dist.get_rank()
+    if rank == 0:  # the reader takes every shard file there: none may be left from an earlier save
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path)
+    dist.barrier()
     tensors, _, groups = _split(model, optimizer)
     dcp_save(tensors, storage_writer=HuggingFaceStorageWriter(path, save_distributed=True))
-    rank = dist.get_rank()
-    _save_rng(path, rank)
+    _save_rng(folder, rank)
     if rank == 0:
         state = {"world_size": dist.get_world_size(), "param_groups": groups,
                  "scheduler": _plain(scheduler.state_dict()) if scheduler is not None else None}
@@ -135,7 +141,7 @@ def load_rng(folder: str) -> None:
     continue where they stopped)."""
     from safetensors.torch import load_file
 
-    path = os.path.join(folder, SHARDED_DIR, f"rng_state_{dist.get_rank()}.safetensors")
+    path = os.path.join(folder, f"rng_state_{dist.get_rank()}.safetensors")
     if not os.path.isfile(path):  # a resume on more ranks than wrote it: those draw afresh
         return
     states = load_file(path)
@@ -144,13 +150,13 @@ def load_rng(folder: str) -> None:
         torch.cuda.set_rng_state(states["cuda"])
 
 
-def _save_rng(path: str, rank: int) -> None:
+def _save_rng(folder: str, rank: int) -> None:
     from safetensors.torch import save_file
 
     states = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state()
-    save_file(states, os.path.join(path, f"rng_state_{rank}.safetensors"))
+    save_file(states, os.path.join(folder, f"rng_state_{rank}.safetensors"))
 
 
 def _plain(value):

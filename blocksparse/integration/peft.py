@@ -137,7 +137,8 @@ class LoraBlockSparseLinear(_PeftLoraLinear):
         base = self.get_base_layer()
         dtype = base.sparse_weight.dtype
         first = active[0]
-        # The fused op computes in the base dtype; casts keep A/B gradients in their own dtype.
+        # The fused op computes in the base dtype (in autocast's under autocast); the casts keep
+        # A/B gradients in their own dtype.
         result = block_sparse_linear(
             x.to(dtype), base.sparse_weight, base.bias,
             self.lora_A[first].weight.to(dtype), self.lora_B[first].weight.to(dtype),

@@ -248,17 +248,19 @@ def _trainer_class():
             if not self.sharded:
                 return super()._save(output_dir, state_dict)
             output_dir = output_dir or self.args.output_dir
-            state = fsdp.full_trainable_state(self.model)  # every rank takes part
-            if self.args.should_save:
+            state = fsdp.full_trainable_state(self.model)  # every rank takes part; rank 0 gets it
+            if self.is_world_process_zero():  # not `should_save`: with save_on_each_node others hold {}
                 os.makedirs(output_dir, exist_ok=True)
                 self.model.save_pretrained(output_dir, state_dict=state)
 
         def _save_checkpoint(self, model, trial):
-            super()._save_checkpoint(model, trial)
+            # The shards first: the Trainer's part ends with trainer_state.json (what marks a
+            # checkpoint complete) and then deletes the older checkpoints.
             if self.sharded:
                 folder = os.path.join(self._get_output_dir(trial=trial),
                                       f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
                 fsdp.save_sharded(folder, self.model, self.optimizer, self.lr_scheduler)
+            super()._save_checkpoint(model, trial)
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             if not self.sharded:  # else the weights come with the optimizer state, once it exists
@@ -453,6 +455,9 @@ def train(model, train_blocks: torch.Tensor, args, lora=None, *, train_sparse_va
     if sharded and not args.save_only_model:
         raise ValueError("fsdp needs TrainingArguments(save_only_model=True): the optimizer state is saved "
                          "sharded (blocksparse.integration.fsdp), not by the Trainer")
+    if sharded and args.fp16:
+        raise ValueError("fsdp with fp16: the loss scaler would check for infs per rank, not over the shards; "
+                         "use bf16")
     set_seed(args.seed)
     model.config.use_cache = False
     if lora is not None:
@@ -485,9 +490,10 @@ def train(model, train_blocks: torch.Tensor, args, lora=None, *, train_sparse_va
                           values_learning_rate=values_learning_rate, sharded=sharded)
     output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     problem = guard.problem
+    finite = _all_finite(guard.trained())  # on every rank: under FSDP it is a collective
     if problem is None and not math.isfinite(output.training_loss):
         problem = f"mean training loss {output.training_loss}"
-    if problem is None and not _all_finite(guard.trained()):
+    if problem is None and not finite:
         problem = "non-finite trained parameters"
     if problem is not None:
         raise NonFiniteTrainingError(f"training diverged: {problem}")

@@ -77,7 +77,7 @@ def refine_layer(layer: nn.Module, weights: Mapping[str, tuple[nn.Parameter, tor
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
         # bf16 throughout lost one-shot quality on the demo; the last fifth in fp32 won it
         # back (docs/DESIGN.md, section 6).
-        low_precision_steps = steps - steps // 5 if precision is not None else 0
+        low_precision_steps = steps - (steps + 4) // 5 if precision is not None else 0  # fp32: at least one
         with torch.enable_grad():
             for step in range(steps):
                 autocast = precision if step < low_precision_steps else None

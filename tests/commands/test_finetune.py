@@ -68,6 +68,8 @@ def test_cli_rejects_bad_input(tiny_model_and_text, tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
     assert cli_main(["finetune", *cli_flags(model_dir, text, tmp_path), "--fsdp", "--train_sparse_values"]) == 2
     assert "--train_sparse_values under FSDP is not supported yet" in capsys.readouterr().err
+    assert cli_main(["finetune", *cli_flags(model_dir, text, tmp_path), "--fsdp", "--fp16"]) == 2
+    assert "--fsdp with --fp16: the loss scaler would check for infs per rank" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -277,9 +279,9 @@ def test_fsdp_checkpoints_are_sharded_safetensors_and_resume_exactly(tiny_model_
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     torchrun(cli_flags(model_dir, text, whole, **common) + ["--fsdp", "--no_eval"], port=29519)
     shards = sorted(os.listdir(whole / "checkpoint-2" / "fsdp"))
-    assert shards == ["rng_state_0.safetensors", "rng_state_1.safetensors",
-                      "shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors",
+    assert shards == ["shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors",
                       "state.json"]
+    assert {"rng_state_0.safetensors", "rng_state_1.safetensors"} <= set(os.listdir(whole / "checkpoint-2"))
     assert json.loads((whole / "checkpoint-2" / "fsdp" / "state.json").read_text())["world_size"] == 2
     assert len(load_file(whole / "checkpoint-2" / "adapter_model.safetensors")) == 8  # gathered: a usable adapter
     written = [name for _, _, files in os.walk(whole) for name in files]
