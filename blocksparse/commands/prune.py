@@ -25,6 +25,7 @@ from ..masks import COMPARISON_GROUPS, SCORES
 from ..prune import METHODS, RECONSTRUCT_TARGETS, PruneOptions
 from ..prune.allocation import ALLOCATIONS
 from ..prune.calibration import DEFAULT_SINK_TOKENS, DEFAULT_SINK_WEIGHT
+from ..prune.refine import REFINE_PRECISIONS
 from .args import CLIError, add_dataset_flag, add_dtype_flag, add_flag, check_finite, resolve_device
 
 _METHOD_HELP = "; ".join([f"{name}: {score.help}" for name, score in SCORES.items()]
@@ -85,7 +86,7 @@ def add_parser(subparsers):
                   "(default: %(default)s)")
     add_flag(parser, "--refine-lr", type=float, default=0.03,
              help="refinement step size relative to each matrix's RMS weight (default: %(default)s)")
-    add_flag(parser, "--refine-precision", choices=("float32", "bfloat16"), default="float32",
+    add_flag(parser, "--refine-precision", choices=tuple(REFINE_PRECISIONS), default="float32",
              help="matmul precision of the refinement steps: bfloat16 runs them under autocast (weights, Adam "
                   "and loss in fp32), about twice as fast where bf16 is native (default: %(default)s)")
     add_flag(parser, "--damp", type=float, default=0.01,

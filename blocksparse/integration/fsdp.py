@@ -42,12 +42,6 @@ def shard_model(model: nn.Module) -> None:
     fully_shard(model)
 
 
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of `t`: its shard for a DTensor, `t` itself otherwise."""
     return t.to_local() if hasattr(t, "to_local") else t
@@ -68,7 +62,7 @@ def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: t for name, t in state.items() if name in names}
 
 
-def _split(model: nn.Module, optimizer) -> tuple[dict, dict, list]:
+def _split(model: nn.Module, optimizer) -> tuple[dict, dict]:
     """(model state, optimizer state) of the trained parameters as DCP sees them: tensors by
     flat name, and the optimizer's param groups (plain values) apart."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -79,7 +73,7 @@ def _split(model: nn.Module, optimizer) -> tuple[dict, dict, list]:
     for fqn, moments in optim_state["state"].items():
         for key, t in moments.items():
             tensors[f"{_OPTIM}{fqn}.{key}"] = t
-    return tensors, optim_state, optim_state["param_groups"]
+    return tensors, optim_state
 
 
 def save_sharded(folder: str, model: nn.Module, optimizer, scheduler) -> None:
@@ -96,11 +90,11 @@ def save_sharded(folder: str, model: nn.Module, optimizer, scheduler) -> None:
         shutil.rmtree(path, ignore_errors=True)
         os.makedirs(path)
     dist.barrier()
-    tensors, _, groups = _split(model, optimizer)
+    tensors, optim_state = _split(model, optimizer)
     dcp_save(tensors, storage_writer=HuggingFaceStorageWriter(path, save_distributed=True))
     _save_rng(folder, rank)
     if rank == 0:
-        state = {"world_size": dist.get_world_size(), "param_groups": groups,
+        state = {"world_size": dist.get_world_size(), "param_groups": optim_state["param_groups"],
                  "scheduler": _plain(scheduler.state_dict()) if scheduler is not None else None}
         with open(os.path.join(path, STATE_FILE), "w") as f:
             json.dump(state, f, indent=1)
@@ -120,7 +114,7 @@ def load_sharded(folder: str, model: nn.Module, optimizer, scheduler) -> None:
                          "saved by an FSDP run (resume it without --fsdp), or its save was cut short")
     with open(os.path.join(path, STATE_FILE)) as f:
         saved = json.load(f)
-    tensors, optim_state, _ = _split(model, optimizer)
+    tensors, optim_state = _split(model, optimizer)
     try:
         dcp_load(tensors, storage_reader=HuggingFaceStorageReader(path))
     except Exception as err:  # DCP wraps a missing or mis-shaped tensor in its own CheckpointException

@@ -78,9 +78,8 @@ def latency(models: dict[str, nn.Module], prompt: torch.Tensor, decode_tokens: i
                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=True, pad_token_id=0)
             record["decode"].append(time.perf_counter() - start)
 
-    for model in models.values():
+    for model in models.values():  # a warm-up: every layout built, the allocator settled
         model.eval()
-    for model in models.values():  # warm-up: every layout built, the allocator settled
         once(model, {"prefill": [], "decode": []}, 2)
     for _ in range(repeats):
         for name, model in models.items():
