@@ -27,27 +27,25 @@ def reconstruct_block_rows(weight: torch.Tensor, block_mask: torch.Tensor, gram:
     """Re-solve the kept weights of every block row against the calibration inputs.
 
     For block row r with kept input columns S: argmin_V ||X W_r^T - X_S V^T||^2,
-    i.e. H[S, S] V^T = H[S, :] W_r^T with H damped. The b rows of a block row share
-    S, so one Cholesky factor serves all of them; block rows with the same number
-    of kept blocks are solved as one batch. Returns the new W, zero outside the mask.
+    i.e. H[S, S] V^T = H[S, :] W_r^T with H damped. All block rows that keep the same
+    columns (the b rows of one block row; a grouped mask's whole row group) share one
+    Cholesky factor and are solved together. Returns the new W, zero outside the mask.
     """
     n, k = weight.shape
     b = n // block_mask.shape[0]
     h = damped(gram.double(), damp)
     w = weight.detach().double()
     out = torch.zeros_like(w)
-    counts = block_mask.sum(1)
-    for count in counts.unique().tolist():
-        rows = torch.nonzero(counts == count).flatten()
-        cols = torch.nonzero(block_mask[rows])[:, 1].view(len(rows), count)          # [R, count]
-        idx = (cols[:, :, None] * b + torch.arange(b, device=cols.device)).flatten(1)  # [R, m]
-        h_ss = h[idx[:, :, None], idx[:, None, :]]                                     # [R, m, m]
-        w_rows = w.view(n // b, b, k)[rows]                                            # [R, b, K]
-        rhs = h[idx] @ w_rows.transpose(1, 2)                                          # [R, m, b]
-        solved = torch.cholesky_solve(rhs, torch.linalg.cholesky(h_ss))               # [R, m, b]
-        block = torch.zeros(len(rows), b, k, dtype=w.dtype, device=w.device)
-        block.scatter_(2, idx[:, None, :].expand(-1, b, -1), solved.transpose(1, 2))
-        out.view(n // b, b, k)[rows] = block
+    arange_b = torch.arange(b, device=w.device)
+    patterns, which = torch.unique(block_mask, dim=0, return_inverse=True)
+    for p, pattern in enumerate(patterns):
+        if not pattern.any():  # a block row that keeps nothing stays zero
+            continue
+        cols = (torch.nonzero(pattern).flatten()[:, None] * b + arange_b).flatten()         # S: [m]
+        rows = (torch.nonzero(which == p).flatten()[:, None] * b + arange_b).flatten()      # [n_p * b]
+        h_s = h[cols]                                                                        # [m, K]
+        solved = torch.cholesky_solve(h_s @ w[rows].T, torch.linalg.cholesky(h_s[:, cols]))  # [m, n_p * b]
+        out[rows[:, None], cols] = solved.T
     return out.to(weight.dtype)
 
 
