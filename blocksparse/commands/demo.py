@@ -68,13 +68,13 @@ SAMPLE_PROMPTS = ("Write one sentence about the history of a river city.",
 
 
 def samples(model, tokenizer, new_tokens: int) -> list[str]:
-    """Greedy continuations of SAMPLE_PROMPTS (chat template where the tokenizer has one)."""
-    from ..integration.generation import Sampling, generate
+    """Greedy continuations of SAMPLE_PROMPTS, generated as one batch (chat template where the
+    tokenizer has one)."""
+    from ..integration.generation import Sampling, generate_batch
 
-    texts = []
-    for prompt in SAMPLE_PROMPTS:
-        texts.append(generate(model, tokenizer, prompt, Sampling(max_new_tokens=new_tokens))["text"])
-        print(f"   {prompt!r} -> {texts[-1]!r}")
+    texts = generate_batch(model, tokenizer, list(SAMPLE_PROMPTS), Sampling(max_new_tokens=new_tokens))
+    for prompt, text in zip(SAMPLE_PROMPTS, texts):
+        print(f"   {prompt!r} -> {text!r}")
     return texts
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from blocksparse.commands import main
-from blocksparse.integration.generation import Sampling, generate
+from blocksparse.integration.generation import Sampling, generate, generate_batch
 from helpers import byte_tokenizer, make_tiny_llama
 
 
@@ -16,6 +16,16 @@ def test_greedy_generation_is_deterministic_and_matches_the_model(tiny_llama):
     ids = tokenizer("the river", return_tensors="pt")["input_ids"]
     expected = tiny_llama.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert first["text"] == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_a_left_padded_batch_writes_what_each_prompt_writes_alone():
+    from helpers import prune_tiny
+
+    tokenizer = byte_tokenizer()
+    prompts = ["the river", "a", "winter mornings in the hills"]  # three lengths: two are padded
+    for model in (make_tiny_llama(), prune_tiny(0.5)[0]):
+        alone = [generate(model, tokenizer, p, Sampling(max_new_tokens=8))["text"] for p in prompts]
+        assert generate_batch(model, tokenizer, prompts, Sampling(max_new_tokens=8)) == alone
 
 
 def test_sampling_is_seeded():
