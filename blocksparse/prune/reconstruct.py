@@ -95,24 +95,31 @@ def greedy_obs_mask(weight: torch.Tensor, gram: torch.Tensor, keep_per_row: int,
     # its own).
     owner = row_groups.to(weight.device).long() if group_drops else None
     hinv = hinv.expand(n_groups if group_drops else rows, k, k).contiguous()
-    for phase, count in steps:
+    for step, (phase, count) in enumerate(steps):
         if phase == 1 and owner is not None:
             hinv, owner = hinv[owner], None
         per_row = (lambda t: t) if owner is None else (lambda t: t[owner])
         copies = hinv.shape[0]
         diag_blocks = torch.diagonal(hinv.view(copies, cols, b, cols, b), dim1=1, dim2=3)  # [H, b, b, C]
-        diag_blocks = per_row(diag_blocks.permute(0, 3, 1, 2))                             # [R, C, b, b]
-        diag_blocks = torch.where(alive[:, :, None, None], diag_blocks, eye)
+        diag_blocks = diag_blocks.permute(0, 3, 1, 2)                                      # [H, C, b, b]
         w_blocks = w.view(rows, b, cols, b).permute(0, 2, 3, 1)                           # [R, C, b_in, b_out]
-        cost = (w_blocks * torch.linalg.solve(diag_blocks, w_blocks)).sum(dim=(2, 3))
-        cost = cost.masked_fill(~alive, math.inf)
-        if phase == 0:  # whole group-columns: the summed cost of the group's rows
-            group_cost = cost.new_zeros(n_groups, cols).index_add_(0, owner, cost)
-            dropped = group_cost.topk(count, dim=1, largest=False).indices                # [H, count]
+        if phase == 0:
+            # Whole group-columns, by the summed cost of the group's rows, which share Hinv:
+            # sum_r tr(w_r^T D^-1 w_r) = tr(D^-1 sum_r w_r w_r^T), one solve per group-column.
+            alive_h = alive[torch.zeros(n_groups, dtype=torch.long, device=alive.device).scatter_(
+                0, owner, torch.arange(rows, device=alive.device))]  # any member's: they agree
+            outer = torch.zeros(n_groups, cols, b, b, device=w.device).index_add_(
+                0, owner, w_blocks @ w_blocks.transpose(2, 3))
+            diag_blocks = torch.where(alive_h[:, :, None, None], diag_blocks, eye)
+            cost = torch.linalg.solve(diag_blocks, outer).diagonal(dim1=2, dim2=3).sum(-1)
+            dropped = cost.masked_fill(~alive_h, math.inf).topk(count, dim=1, largest=False).indices  # [H, count]
         else:
-            dropped = cost.topk(count, dim=1, largest=False).indices                      # [R, count]
-        drop = per_row(dropped)
-        alive.scatter_(1, drop, False)
+            diag_blocks = torch.where(alive[:, :, None, None], diag_blocks, eye)
+            cost = (w_blocks * torch.linalg.solve(diag_blocks, w_blocks)).sum(dim=(2, 3))
+            dropped = cost.masked_fill(~alive, math.inf).topk(count, dim=1, largest=False).indices    # [R, count]
+        alive.scatter_(1, per_row(dropped), False)
+        if step == len(steps) - 1:  # the caller re-solves the kept weights: no downdate left to do
+            break
         idx_h = (dropped[:, :, None] * b + arange_b).flatten(1)                           # [H, m]
         m = idx_h.shape[1]
         hinv_cols = hinv.gather(2, idx_h[:, None, :].expand(copies, k, m))                # [H, K, m]
