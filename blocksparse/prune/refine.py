@@ -73,7 +73,7 @@ def refine_layer(layer: nn.Module, weights: Mapping[str, tuple[nn.Parameter, tor
         # Adam moves every weight by ~lr per step whatever its gradient's scale, so the step
         # is set relative to each matrix's RMS weight (0.02 in a fresh model, 0.2 in SmolLM2).
         optimizer = torch.optim.Adam([{"params": [p], "lr": lr * float(p.detach()[m.bool()].square().mean().sqrt())}
-                                      for p, m in zip(params, masks)])
+                                      for p, m in zip(params, masks)], fused=True)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
         # bf16 throughout lost one-shot quality on the demo; the last fifth in fp32 won it
         # back (docs/DESIGN.md, section 6).
