@@ -359,13 +359,15 @@ class BlockSparseWeight(nn.Module):
             return
         crow, col, values, row_perm, row_group = loaded
         device, dtype = self.values.device, self.values.dtype
-        # Copies: the loaded weight never shares memory with the state dict it came from.
-        self.register_buffer("crow", crow.to(device=device, dtype=torch.int32, copy=True))
-        self.register_buffer("col", col.to(device=device, dtype=torch.int32, copy=True))
+        # Copies: the loaded weight never shares memory with the state dict it came from,
+        # unless the caller asked for that (load_state_dict(..., assign=True)).
+        copy = not local_metadata.get("assign_to_params_buffers", False)
+        self.register_buffer("crow", crow.to(device=device, dtype=torch.int32, copy=copy))
+        self.register_buffer("col", col.to(device=device, dtype=torch.int32, copy=copy))
         # The same Parameter, new storage (its number of blocks may differ): an optimizer
         # holding it, and its requires_grad, stay valid.
-        self.values.data = values.detach().to(device=device, dtype=dtype, copy=True).contiguous()
-        self.register_buffer("row_perm", row_perm.to(device=device, dtype=torch.int32, copy=True))
+        self.values.data = values.detach().to(device=device, dtype=dtype, copy=copy).contiguous()
+        self.register_buffer("row_perm", row_perm.to(device=device, dtype=torch.int32, copy=copy))
         self.row_group = row_group
         self._register_derived(self.crow.long(), self.col.long(), self.row_perm.long(), self.block_grid[1])
 

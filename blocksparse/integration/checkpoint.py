@@ -75,7 +75,9 @@ def _tied_groups(model: nn.Module) -> list[list[str]]:
     """State-dict keys that share one tensor (e.g. lm_head.weight tied to the embeddings)."""
     groups: dict[tuple, list[str]] = {}
     for key, tensor in model.state_dict(keep_vars=True).items():
-        if tensor.numel():  # empty tensors all sit at address 0 without sharing anything
+        if tensor.is_meta:  # no storage to compare: tied parameters are one object
+            groups.setdefault(("meta", id(tensor)), []).append(key)
+        elif tensor.numel():  # empty tensors all sit at address 0 without sharing anything
             groups.setdefault(_storage_key(tensor), []).append(key)
     return [keys for keys in groups.values() if len(keys) > 1]
 
@@ -369,7 +371,15 @@ def load_sparse_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = 
         config = read_config(path, dtype)
     except OSError as err:
         raise SparseCheckpointError(f"{path}: cannot read config.json ({err})") from err
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    from accelerate import init_empty_weights
+
+    # Parameters on the meta device: the dense projections are never allocated (a 70B model's
+    # would not fit beside its sparse weights) and every parameter is assigned from the file;
+    # buffers that are no weights (RoPE's inv_freq) are built as from_config builds them.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()  # the context re-wraps every parameter, ties included
 
     block_size = marker["block_size"]
     modules = dict(model.named_modules())
@@ -393,16 +403,24 @@ def load_sparse_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = 
             raise SparseCheckpointError(f"{path}: module {name!r}: {err}") from err
         replace_module(model, name, sparse)
 
+    tied = {key for keys in _tied_groups(model) for key in keys}  # before assigning unties them
     state, weights_file = _read_weights(path)
     _check_tensors(model, state, weights_file, marker["format_version"])
+    expected = model.state_dict()
+    for key, tensor in state.items():
+        # Owned copies, one at a time, in the dtype asked for: the files' memory maps are let
+        # go, so the checkpoint may be overwritten while the model lives.
+        dtype = expected[key].dtype if key in expected and tensor.is_floating_point() else tensor.dtype
+        state[key] = tensor.to(dtype=dtype, copy=True)
+    del expected
     try:
-        result = model.load_state_dict(state, strict=False)
+        # assign: the file's tensors become the parameters, so the weights exist once in memory.
+        result = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as err:  # the BSR validation of BlockSparseLinear reports here
         # torch wraps it as "Error(s) in loading state_dict for ...:\n\t<error>": keep the error, one line.
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         detail = "; ".join(lines[1:]) if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else str(err)
         raise SparseCheckpointError(f"{weights_file}: {detail}") from err
-    tied = {key for keys in _tied_groups(model) for key in keys}
     missing = [key for key in result.missing_keys if key not in tied and not key.endswith(_GROUPING_LEAVES)]
     if missing or result.unexpected_keys:
         raise SparseCheckpointError(f"{weights_file}: missing tensors {missing[:5]}, "
