@@ -156,5 +156,49 @@ def fsdp_lora_worker(rank: int, world_size: int, init_file: str, out_file: str, 
                            "unsharded_loss": unsharded_loss,
                            "lora_b_trained": all(bool(t.abs().sum() > 0) for t in lora_b),
                            "lora_b_count": len(lora_b), "values_count": len(values)}, f)
+        dist.barrier()  # no rank tears its connections down while another still uses them
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp_skeleton_worker(rank: int, world_size: int, init_file: str, checkpoint: str, out_file: str):
+    """One rank of the sharded-loading test (tests/integration/test_fsdp.py): the checkpoint's
+    skeleton with LoRA, sharded, then each rank reading its own shards (`fsdp.load_weights`);
+    rank 0 compares the gathered model with `load_sparse_pretrained` + the same LoRA."""
+    import json
+
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from blocksparse.integration.checkpoint import load_sparse_pretrained, sparse_skeleton
+    from blocksparse.integration.fsdp import load_weights, shard_model
+    from blocksparse.integration.peft import get_peft_model, lora_config
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        def with_lora(model):
+            torch.manual_seed(0)
+            return get_peft_model(model, lora_config(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                     target_modules=["q_proj", "v_proj"]))
+
+        model = with_lora(sparse_skeleton(checkpoint)[0])
+        shard_model(model)
+        load_weights(model, checkpoint)
+        values = [m.sparse_weight.values for m in sparse_layers(model).values()]
+        local_fraction = sum(v.to_local().numel() for v in values) / sum(v.numel() for v in values)
+        ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            reference = with_lora(load_sparse_pretrained(checkpoint)[0])
+            expected = reference.state_dict()
+            with torch.no_grad():
+                same_logits = torch.equal(logits, reference(input_ids=ids).logits)
+            with open(out_file, "w") as f:
+                json.dump({"local_fraction": local_fraction, "same_logits": same_logits,
+                           "same_keys": sorted(full) == sorted(k for k in expected if k in full),
+                           "differ": [k for k in full if not torch.equal(full[k], expected[k])]}, f)
+        dist.barrier()  # no rank tears its connections down while another still uses them
     finally:
         dist.destroy_process_group()

@@ -47,6 +47,7 @@ FORMAT_NAME = "blocksparse-bsr"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 _GROUPING_LEAVES = (".sparse_weight.row_perm", ".sparse_weight.row_group")
+_STRUCTURE_LEAVES = (".sparse_weight.crow", ".sparse_weight.col", *_GROUPING_LEAVES)
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"  # a sharded checkpoint's map of tensor -> file
 SHARD_PATTERN = "model{suffix}.safetensors"  # huggingface_hub's: model-00001-of-00003.safetensors
@@ -178,26 +179,30 @@ def weight_files(path: str | os.PathLike) -> tuple[list[Path], dict[str, str] | 
     return [path / name for name in files], weight_map
 
 
-def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], Path]:
-    """Every tensor of checkpoint `path` (all its shards), and the file errors are reported on."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _read_weights(path: Path, wanted=None) -> tuple[dict[str, torch.Tensor], Path]:
+    """The tensors of checkpoint `path` (all its shards; with `wanted`, a predicate on the names,
+    only those), and the file errors are reported on. Every shard's names are checked."""
+    from safetensors import SafetensorError, safe_open
 
     files, weight_map = weight_files(path)
     state: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
     for file in files:
         try:
-            part = load_file(str(file))
+            with safe_open(str(file), framework="pt") as f:
+                names = list(f.keys())
+                for name in names:
+                    if name in seen:
+                        raise SparseCheckpointError(f"{file}: tensor {name!r} is in another shard too")
+                    if weight_map is not None and weight_map.get(name) != file.name:
+                        raise SparseCheckpointError(f"{file}: holds {name!r}, which {INDEX_NAME} puts in "
+                                                    f"{weight_map.get(name)!r}")
+                    seen.add(name)
+                    if wanted is None or wanted(name):
+                        state[name] = f.get_tensor(name)
         except (SafetensorError, OSError) as err:
             raise SparseCheckpointError(f"{file}: not a readable safetensors file ({err})") from err
-        for name in part:
-            if name in state:
-                raise SparseCheckpointError(f"{file}: tensor {name!r} is in another shard too")
-            if weight_map is not None and weight_map.get(name) != file.name:
-                raise SparseCheckpointError(f"{file}: holds {name!r}, which {INDEX_NAME} puts in "
-                                            f"{weight_map.get(name)!r}")
-        state.update(part)
-    missing = sorted(weight_map.keys() - state.keys()) if weight_map is not None else []
+    missing = sorted(weight_map.keys() - seen) if weight_map is not None else []
     if missing:
         more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
         raise SparseCheckpointError(f"{path / INDEX_NAME}: lists {missing[0]!r}{more}, which no shard holds")
@@ -249,8 +254,8 @@ def is_sparse_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / SPARSE_CHECKPOINT_MARKER).is_file()
 
 
-def block_sparse_tensors(path: str | os.PathLike) -> list[str]:
-    """The block-sparse tensors in directory `path`'s weights (model.safetensors or its shards;
+def tensor_names(path: str | os.PathLike) -> list[str]:
+    """The names of the tensors in directory `path`'s weights (model.safetensors or its shards;
     only their headers are read)."""
     from safetensors import SafetensorError, safe_open
 
@@ -261,7 +266,12 @@ def block_sparse_tensors(path: str | os.PathLike) -> list[str]:
                 keys += list(weights.keys())
         except (SafetensorError, OSError) as err:
             raise SparseCheckpointError(f"{file}: not a readable safetensors file ({err})") from err
-    return [key for key in keys if key.endswith(SPARSE_TENSOR_SUFFIXES)]
+    return keys
+
+
+def block_sparse_tensors(path: str | os.PathLike) -> list[str]:
+    """The block-sparse tensors in directory `path`'s weights (headers only)."""
+    return [key for key in tensor_names(path) if key.endswith(SPARSE_TENSOR_SUFFIXES)]
 
 
 def _parameter_count(config) -> int | None:
@@ -342,17 +352,13 @@ def read_marker(path: str | os.PathLike) -> dict:
     return marker
 
 
-def load_sparse_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                           device: str | torch.device = "cpu"):
-    """Load a directory written by `save_sparse_pretrained`: returns `(model, tokenizer)`.
+def _skeleton(path: Path, dtype: torch.dtype | None):
+    """(model, marker) of a validated sparse checkpoint directory: its parameters on the meta
+    device (the dense projections never allocated), its block-sparse linears BlockSparseLinear
+    with no structure yet, its buffers that are no weights (RoPE's inv_freq) built."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
 
-    dtype: the dtype of the returned model (default: the one it was saved in); the model
-    is built in it, so float buffers that are no weights (RoPE's inv_freq) stay fp32, as
-    `from_pretrained` keeps them. tokenizer is None when the directory holds none.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path)
     sparse_tensors = block_sparse_tensors(path)
     weights = f"the shards of {INDEX_NAME}" if (path / INDEX_NAME).is_file() else WEIGHTS_NAME
     if sparse_tensors and not is_sparse_checkpoint(path):
@@ -371,8 +377,6 @@ def load_sparse_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = 
         config = read_config(path, dtype)
     except OSError as err:
         raise SparseCheckpointError(f"{path}: cannot read config.json ({err})") from err
-    from accelerate import init_empty_weights
-
     # Parameters on the meta device: the dense projections are never allocated (a 70B model's
     # would not fit beside its sparse weights) and every parameter is assigned from the file;
     # buffers that are no weights (RoPE's inv_freq) are built as from_config builds them.
@@ -402,7 +406,19 @@ def load_sparse_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = 
         except ValueError as err:
             raise SparseCheckpointError(f"{path}: module {name!r}: {err}") from err
         replace_module(model, name, sparse)
+    return model, marker
 
+
+def load_sparse_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                           device: str | torch.device = "cpu"):
+    """Load a directory written by `save_sparse_pretrained`: returns `(model, tokenizer)`.
+
+    dtype: the dtype of the returned model (default: the one it was saved in); the model
+    is built in it, so float buffers that are no weights (RoPE's inv_freq) stay fp32, as
+    `from_pretrained` keeps them. tokenizer is None when the directory holds none.
+    """
+    path = Path(path)
+    model, marker = _skeleton(path, dtype)
     tied = {key for keys in _tied_groups(model) for key in keys}  # before assigning unties them
     state, weights_file = _read_weights(path)
     _check_tensors(model, state, weights_file, marker["format_version"])
@@ -417,21 +433,59 @@ def load_sparse_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = 
         # assign: the file's tensors become the parameters, so the weights exist once in memory.
         result = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as err:  # the BSR validation of BlockSparseLinear reports here
-        # torch wraps it as "Error(s) in loading state_dict for ...:\n\t<error>": keep the error, one line.
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        detail = "; ".join(lines[1:]) if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else str(err)
-        raise SparseCheckpointError(f"{weights_file}: {detail}") from err
+        raise SparseCheckpointError(f"{weights_file}: {_one_line(err)}") from err
     missing = [key for key in result.missing_keys if key not in tied and not key.endswith(_GROUPING_LEAVES)]
     if missing or result.unexpected_keys:
         raise SparseCheckpointError(f"{weights_file}: missing tensors {missing[:5]}, "
                                     f"unexpected tensors {result.unexpected_keys[:5]}")
-    if getattr(config, "tie_word_embeddings", False):
+    if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    model = model.to(device=device).eval()
-    tokenizer = None
+    return model.to(device=device).eval(), _tokenizer(path)
+
+
+def sparse_skeleton(path: str | os.PathLike, dtype: torch.dtype | None = None):
+    """`(model, tokenizer)` of a sparse checkpoint with its structure (block indices, row
+    groupings) read and every parameter allocated but NOT read: uninitialised memory, which
+    a machine commits only where it is written. For a model sharded before its weights are
+    read: `fsdp.load_weights` fills each rank's shards, so no rank holds the whole model."""
+    path = Path(path)
+    model, _ = _skeleton(path, dtype)
+    structure, weights_file = _read_weights(path, lambda key: key.endswith(_STRUCTURE_LEAVES))
+    for name, module in model.named_modules():
+        if isinstance(module, BlockSparseLinear) and name + ".sparse_weight.col" in structure:
+            b = module.block_size
+            structure[name + ".sparse_weight.values"] = torch.empty(
+                structure[name + ".sparse_weight.col"].numel(), b, b, dtype=module.weight.dtype)
+    try:
+        model.load_state_dict(structure, strict=False, assign=True)
+    except RuntimeError as err:
+        raise SparseCheckpointError(f"{weights_file}: {_one_line(err)}") from err
+    for module in model.modules():
+        for key, param in list(module._parameters.items()):
+            if param is not None and param.is_meta:
+                module._parameters[key] = nn.Parameter(torch.empty(param.shape, dtype=param.dtype),
+                                                       requires_grad=param.requires_grad)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [name for name, module in model.named_modules() if isinstance(module, BlockSparseLinear)
+               and not all(name + leaf in structure for leaf in (".sparse_weight.crow", ".sparse_weight.col"))]
+    if missing:
+        raise SparseCheckpointError(f"{weights_file}: no block structure (crow, col) for {missing[:5]}")
+    return model.eval(), _tokenizer(path)
+
+
+def _tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
     if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+        return AutoTokenizer.from_pretrained(path)
+    return None
+
+
+def _one_line(err: RuntimeError) -> str:
+    """torch's "Error(s) in loading state_dict for ...:\n\t<error>", as the error on one line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return "; ".join(lines[1:]) if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else str(err)
 
 
 def _check_tensors(model: nn.Module, state: dict[str, torch.Tensor], weights_file: Path,

@@ -42,6 +42,37 @@ def shard_model(model: nn.Module) -> None:
     fully_shard(model)
 
 
+def load_weights(model: nn.Module, path: str) -> None:
+    """Fill the parameters of a sharded `model` built by `checkpoint.sparse_skeleton` (or a
+    PeftModel around one) from that sparse checkpoint: DCP's Hugging Face reader over its
+    safetensors files, each rank reading only its own shards. Every parameter the file lacks
+    must be a trainable adapter's (PEFT initialised it). Collective."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint import load as dcp_load
+
+    from .checkpoint import SparseCheckpointError, tensor_names
+
+    in_file = set(tensor_names(path))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    prefix = next(name for name, m in model.named_modules() if m is base)
+    wanted, missing = {}, []
+    for name, param in model.named_parameters():  # a tied parameter once, under its first name
+        key = name[len(prefix) + 1:] if prefix else name
+        key = key.replace(".base_layer.", ".")  # PEFT's wrapped linear
+        if key in in_file:
+            wanted[key] = param
+        elif not param.requires_grad:
+            missing.append(key)
+    if missing:
+        raise SparseCheckpointError(f"{path}: holds no {missing[0]!r}" + (f" (+{len(missing) - 1} more)"
+                                                                        if len(missing) > 1 else ""))
+    try:
+        dcp_load(wanted, storage_reader=HuggingFaceStorageReader(path))
+    except Exception as err:  # DCP wraps a missing or mis-shaped tensor in its own CheckpointException
+        raise SparseCheckpointError(f"{path}: its tensors do not fit the model ({type(err).__name__}: "
+                                    f"{str(err).strip().splitlines()[0][:300]})") from err
+
+
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of `t`: its shard for a DTensor, `t` itself otherwise."""
     return t.to_local() if hasattr(t, "to_local") else t

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from blocksparse import sparsify_model
 from blocksparse.commands import main as cli_main
 from helpers import byte_tokenizer, make_tiny_llama
 
@@ -25,11 +26,12 @@ def tiny_model_and_text(tmp_path_factory, corpus_file):
 
 
 def cli_flags(model_dir, text, out, **extra):
+    """finetune's flags; an extra flag given as None is left out."""
     flags = {"--model-name-or-path": model_dir, "--dataset_name": text, "--block_size": 96,
              "--sparsity": 0.5, "--lora-r": 4, "--logging_steps": 1, "--max_eval_samples": 4,
              "--output_dir": out}
     flags.update(extra)
-    return [str(a) for kv in flags.items() for a in kv]
+    return [str(a) for kv in flags.items() if kv[1] is not None for a in kv]
 
 
 def test_cli_trains_saves_evaluates_and_resumes(tiny_model_and_text, tmp_path, capsys):
@@ -259,10 +261,20 @@ def test_torchrun_two_processes_train_like_one_process_with_twice_the_batch(tiny
 def test_fsdp_ranks_train_like_one_process_with_twice_the_batch_teacher_and_accumulation_included(
         tiny_model_and_text, tmp_path):
     # FSDP reduce-scatters the mean gradient, so two ranks with batch 1 follow one process with
-    # batch 2, through accumulated micro-batches (deferred reduction) and a sharded teacher.
+    # batch 2, through accumulated micro-batches (deferred reduction) and a sharded teacher. The
+    # model is a sparse checkpoint: sharded, each rank reads only its shards of it
+    # (`sparse_skeleton` + `fsdp.load_weights`); one process loads it whole.
+    from blocksparse.integration.checkpoint import save_sparse_pretrained
+    from blocksparse.integration.model import load_model
+
     model_dir, text = tiny_model_and_text
+    dense, tokenizer = load_model(str(model_dir))
+    checkpoint = save_sparse_pretrained(sparsify_model(dense, sparsity=0.5), tokenizer, tmp_path / "sparse",
+                                        report={"model": str(model_dir)})  # the teacher
     common = {"--max_steps": 3, "--save_steps": 3, "--learning_rate": 1e-2, "--lora_dropout": 0.0,
-              "--gradient_accumulation_steps": 2, "--max_eval_samples": 2}  # logit KD: a per-token mean
+              "--gradient_accumulation_steps": 2, "--max_eval_samples": 2,  # logit KD: a per-token mean
+              "--sparsity": None}
+    model_dir = checkpoint
     single, sharded = tmp_path / "single", tmp_path / "fsdp"
     assert cli_main(["finetune", *cli_flags(model_dir, text, single, **common,
                                             **{"--per_device_train_batch_size": 2}), "--distill"]) == 0

@@ -8,9 +8,9 @@ from safetensors.torch import load_file, save_file
 
 from blocksparse import BlockSparseLinear, sparsify_model
 from blocksparse.integration.checkpoint import (SparseCheckpointError, load_sparse_pretrained,
-                                                save_sparse_pretrained)
+                                                save_sparse_pretrained, sparse_skeleton)
 from blocksparse.prune import prune_model
-from helpers import byte_tokenizer, make_tiny_llama
+from helpers import byte_tokenizer, make_tiny_llama, sparse_layers
 
 
 PROBE = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
@@ -97,6 +97,21 @@ def test_loading_never_builds_the_dense_projections(tmp_path):
     # The file's pages while they are copied, the copies, and ~90 MB of Python and modules:
     # 210 MiB measured; building the dense model first took 800.
     assert grew < dense_bytes / 2, f"peak RSS grew {grew / 2**20:.0f} MiB for {sparse_bytes / 2**20:.0f} MiB of weights"
+
+
+def test_a_skeleton_has_the_structure_and_every_parameter_but_reads_no_values(saved):
+    model, out = saved
+    skeleton, tokenizer = sparse_skeleton(out)
+    assert tokenizer is not None and not any(p.is_meta for p in skeleton.parameters())
+    for name, layer in sparse_layers(model).items():
+        ours = skeleton.get_submodule(name)
+        assert torch.equal(ours.block_mask, layer.block_mask) and ours.sparse_weight.row_group == 1
+        assert ours.weight.shape == layer.weight.shape and ours.weight.dtype == layer.weight.dtype
+    assert {k: v.shape for k, v in skeleton.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    # Without a module's structure there is nothing to shard: refused, naming it.
+    _rewrite(out, "model.layers.1.mlp.up_proj.sparse_weight.crow", lambda t, k: t.pop(k))
+    with pytest.raises(SparseCheckpointError, match=r"no block structure \(crow, col\) for \['model.layers.1.mlp.up_proj'\]"):
+        sparse_skeleton(out)
 
 
 def test_stores_only_the_kept_blocks(saved):
