@@ -288,24 +288,27 @@ def _resolve_resume(args) -> str | None:
 
 
 def _load(args):
-    """(model, tokenizer, teacher, weights_from): the model to adapt, sparsified if asked, and
-    the distillation teacher. Sharded on several ranks, a sparse checkpoint comes as its
-    skeleton and weights_from is its path: each rank reads its own shards once sharded."""
-    from ..integration.checkpoint import is_sparse_checkpoint, pruned_from, sparse_skeleton
-    from ..integration.model import ModelNotFoundError, load_model
+    """(model, tokenizer, teacher, weights_from, teacher_weights_from): the model to adapt,
+    sparsified if asked, and the distillation teacher. Sharded on several ranks, a local
+    safetensors model comes as its skeleton and *weights_from is its path: each rank reads
+    its own shards once the model is sharded, so no rank holds it whole."""
+    from ..integration.checkpoint import pruned_from
+    from ..integration.model import ModelNotFoundError, load_model, load_skeleton
     from ..nn import BlockSparseLinear
     from ..sparsify import sparsify_model
 
-    weights_from = None
+    weights_from = teacher_weights_from = None
     try:
-        if _sharded(args) and args.sparsity is None and is_sparse_checkpoint(args.model_name_or_path):
+        # --sparsity sparsifies the dense weights here: they are read whole then.
+        found = (load_skeleton(args.model_name_or_path, dtype=DTYPES[args.dtype])
+                 if _sharded(args) and args.sparsity is None else None)
+        if found is None:
+            model, tokenizer = load_model(args.model_name_or_path, dtype=DTYPES[args.dtype])
+        else:
             from transformers import AutoTokenizer
 
             weights_from = args.model_name_or_path
-            model, tokenizer = sparse_skeleton(weights_from, dtype=DTYPES[args.dtype])
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(weights_from)
-        else:
-            model, tokenizer = load_model(args.model_name_or_path, dtype=DTYPES[args.dtype])
+            model, tokenizer = found[0], found[1] or AutoTokenizer.from_pretrained(weights_from)
     except (ModelNotFoundError, ValueError) as err:
         raise CLIError(str(err)) from err
     is_sparse = any(isinstance(m, BlockSparseLinear) for m in model.modules())
@@ -327,10 +330,16 @@ def _load(args):
         if source is None:
             raise CLIError("--distill needs --teacher_model (the dense model the checkpoint was pruned from)")
         try:
-            teacher, _ = load_model(source, dtype=DTYPES[args.dtype])
+            # A teacher cache is computed from the teacher before training: read whole then.
+            found = (load_skeleton(source, dtype=DTYPES[args.dtype])
+                     if _sharded(args) and not args.teacher_cache else None)
+            if found is None:
+                teacher, _ = load_model(source, dtype=DTYPES[args.dtype])
+            else:
+                teacher, teacher_weights_from = found[0], source
         except (ModelNotFoundError, ValueError) as err:
             raise CLIError(f"--teacher_model: {err}") from err
-    return model, tokenizer, teacher, weights_from
+    return model, tokenizer, teacher, weights_from, teacher_weights_from
 
 
 def _lora_targets(model) -> tuple[str, ...]:
@@ -354,7 +363,7 @@ def run(args) -> int:
     _check_args(args)
     started = time.perf_counter()
     resume = _resolve_resume(args)
-    model, tokenizer, teacher, weights_from = _load(args)
+    model, tokenizer, teacher, weights_from, teacher_weights_from = _load(args)
     eval_seqlen = args.eval_seqlen or args.block_size
     try:
         blocks = train_token_blocks(tokenizer, args.dataset_name, args.block_size, args.max_train_samples)
@@ -408,7 +417,7 @@ def run(args) -> int:
             model, blocks, train_args, config, train_sparse_values=args.train_sparse_values,
             values_learning_rate=args.sparse_values_learning_rate, distillation=distillation,
             resume_from_checkpoint=resume, run_record=_run_settings(args), fsdp=args.fsdp,
-            weights_from=weights_from)
+            weights_from=weights_from, teacher_weights_from=teacher_weights_from)
     except ValueError as err:  # e.g. no module matches --target_modules
         raise CLIError(str(err)) from err
     except NonFiniteTrainingError as err:

@@ -440,7 +440,7 @@ def load_sparse_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = 
                                     f"unexpected tensors {result.unexpected_keys[:5]}")
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    return model.to(device=device).eval(), _tokenizer(path)
+    return model.to(device=device).eval(), tokenizer_of(path)
 
 
 def sparse_skeleton(path: str | os.PathLike, dtype: torch.dtype | None = None):
@@ -460,6 +460,17 @@ def sparse_skeleton(path: str | os.PathLike, dtype: torch.dtype | None = None):
         model.load_state_dict(structure, strict=False, assign=True)
     except RuntimeError as err:
         raise SparseCheckpointError(f"{weights_file}: {_one_line(err)}") from err
+    allocate_unread(model)
+    missing = [name for name, module in model.named_modules() if isinstance(module, BlockSparseLinear)
+               and not all(name + leaf in structure for leaf in (".sparse_weight.crow", ".sparse_weight.col"))]
+    if missing:
+        raise SparseCheckpointError(f"{weights_file}: no block structure (crow, col) for {missing[:5]}")
+    return model.eval(), tokenizer_of(path)
+
+
+def allocate_unread(model: nn.Module) -> None:
+    """Give every meta parameter of `model` CPU memory that is allocated but not written
+    (torch.empty: the host commits only the pages something writes), ties kept. In place."""
     for module in model.modules():
         for key, param in list(module._parameters.items()):
             if param is not None and param.is_meta:
@@ -467,16 +478,13 @@ def sparse_skeleton(path: str | os.PathLike, dtype: torch.dtype | None = None):
                                                        requires_grad=param.requires_grad)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    missing = [name for name, module in model.named_modules() if isinstance(module, BlockSparseLinear)
-               and not all(name + leaf in structure for leaf in (".sparse_weight.crow", ".sparse_weight.col"))]
-    if missing:
-        raise SparseCheckpointError(f"{weights_file}: no block structure (crow, col) for {missing[:5]}")
-    return model.eval(), _tokenizer(path)
 
 
-def _tokenizer(path: Path):
+def tokenizer_of(path: str | os.PathLike):
+    """The tokenizer saved in directory `path`, or None."""
     from transformers import AutoTokenizer
 
+    path = Path(path)
     if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(path)
     return None

@@ -43,9 +43,9 @@ def shard_model(model: nn.Module) -> None:
 
 
 def load_weights(model: nn.Module, path: str) -> None:
-    """Fill the parameters of a sharded `model` built by `checkpoint.sparse_skeleton` (or a
-    PeftModel around one) from that sparse checkpoint: DCP's Hugging Face reader over its
-    safetensors files, each rank reading only its own shards. Every parameter the file lacks
+    """Fill the parameters of a sharded `model` built by `model.load_skeleton(path)` (or a
+    PeftModel around one) from that directory: DCP's Hugging Face reader over its
+    safetensors files, each rank reading only its own shards. Every parameter the files lack
     must be a trainable adapter's (PEFT initialised it). Collective."""
     from torch.distributed.checkpoint import HuggingFaceStorageReader
     from torch.distributed.checkpoint import load as dcp_load

@@ -155,3 +155,28 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
         raise ModelNotFoundError(f"cannot load model {path!r}: it is not a local directory and {why}. "
                                  f"Use one of {', '.join(_local_models())}, or a local model directory") from err
     return model.to(device).eval(), tokenizer
+
+
+def load_skeleton(path: str, dtype: torch.dtype = torch.float32):
+    """`(model, tokenizer or None)` of a local model directory with every parameter allocated but
+    NOT read (uninitialised memory; a sparse checkpoint's block structure is read): for a model
+    sharded before its weights are read, each rank then reading its own shards
+    (`fsdp.load_weights`). None where the directory has no safetensors weights to read
+    shards from (e.g. the embedded GGUF default, or a hub id): load it whole."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from .checkpoint import allocate_unread, sparse_skeleton, tokenizer_of, weight_files
+
+    path = os.path.expanduser(path)
+    if not os.path.isdir(path) or not weight_files(path)[0]:
+        return None
+    if is_sparse_checkpoint(path):
+        model, tokenizer = sparse_skeleton(path, dtype=dtype)
+    else:
+        _refuse_pickle_weights(Path(path))
+        with init_empty_weights(include_buffers=False):  # RoPE's inv_freq is built for real
+            model = AutoModelForCausalLM.from_config(read_config(path, dtype), dtype=dtype)
+        allocate_unread(model)
+        model, tokenizer = model.eval(), tokenizer_of(path)
+    return model, tokenizer

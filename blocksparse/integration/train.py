@@ -236,9 +236,7 @@ def _trainer_class():
             if distillation is not None:
                 if distillation.teacher is not None:
                     distillation.teacher.eval().requires_grad_(False)
-                    if sharded:  # each rank holds 1/world_size of it too
-                        fsdp.shard_model(distillation.teacher)
-                    else:
+                    if not sharded:  # sharded, `train` has placed it
                         distillation.teacher.to(self.args.device)
                 # Its loss is a per-micro-batch mean: the Trainer scales it for accumulation.
                 self.loss_is_scaled_for_ga = False
@@ -425,7 +423,7 @@ def _callbacks():
 def train(model, train_blocks: torch.Tensor, args, lora=None, *, train_sparse_values: bool = False,
           values_learning_rate: float | None = None, distillation: Distillation | None = None,
           resume_from_checkpoint=None, callbacks=None, run_record: dict | None = None, fsdp: bool = False,
-          weights_from: str | None = None):
+          weights_from: str | None = None, teacher_weights_from: str | None = None):
     """Train `model` (block-sparse or dense) on `train_blocks` [N, L]: a LoRA adapter
     (`lora`, a LoraConfig, registered here for BlockSparseLinear), the kept block values
     (`train_sparse_values`: every BlockSparseLinear's values, structure fixed, at
@@ -438,8 +436,9 @@ def train(model, train_blocks: torch.Tensor, args, lora=None, *, train_sparse_va
     FSDP2 (`blocksparse.integration.fsdp`); needs args.save_only_model there, as the optimizer
     state is saved sharded by that module, not by the Trainer (one process: no effect). LoRA
     only: trained block values are saved whole, which is not built under FSDP. weights_from:
-    with fsdp on several ranks, `model` is `checkpoint.sparse_skeleton(weights_from)` and each
-    rank reads its own shards of that checkpoint once the model is sharded. Returns
+    with fsdp on several ranks, `model` is `model.load_skeleton(weights_from)` and each rank
+    reads its own shards of that checkpoint once the model is sharded (teacher_weights_from:
+    the same for the distillation teacher, which is sharded too). Returns
     (model, trainer, train_output), model the PeftModel when `lora` is given (sharded with
     `fsdp`). LoRA weights are drawn after seeding with `args.seed`, so runs with equal
     seeds start equal. Raises NonFiniteTrainingError when the loss or a trained
@@ -455,7 +454,7 @@ def train(model, train_blocks: torch.Tensor, args, lora=None, *, train_sparse_va
     if fsdp and train_sparse_values:
         raise ValueError("fsdp trains LoRA adapters; training the kept block values under FSDP is not supported yet")
     sharded = fsdp and args.world_size > 1
-    if weights_from is not None and not sharded:
+    if (weights_from is not None or teacher_weights_from is not None) and not sharded:
         raise ValueError("weights_from fills a sharded skeleton: it needs fsdp on several processes")
     if sharded and not args.save_only_model:
         raise ValueError("fsdp needs TrainingArguments(save_only_model=True): the optimizer state is saved "
@@ -485,6 +484,11 @@ def train(model, train_blocks: torch.Tensor, args, lora=None, *, train_sparse_va
         shard_model(model)
         if weights_from is not None:
             load_weights(model, weights_from)
+        teacher = distillation.teacher if distillation is not None else None
+        if teacher is not None:  # each rank holds 1/world_size of it too
+            shard_model(teacher.eval().requires_grad_(False))
+            if teacher_weights_from is not None:
+                load_weights(teacher, teacher_weights_from)
         model.is_distributed_loading_by_transformers = True  # the Trainer then leaves it unwrapped
     trainer_cls = _trainer_class()
     stop_on_non_finite, record_run = _callbacks()

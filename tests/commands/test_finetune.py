@@ -262,8 +262,9 @@ def test_fsdp_ranks_train_like_one_process_with_twice_the_batch_teacher_and_accu
         tiny_model_and_text, tmp_path):
     # FSDP reduce-scatters the mean gradient, so two ranks with batch 1 follow one process with
     # batch 2, through accumulated micro-batches (deferred reduction) and a sharded teacher. The
-    # model is a sparse checkpoint: sharded, each rank reads only its shards of it
-    # (`sparse_skeleton` + `fsdp.load_weights`); one process loads it whole.
+    # model is a sparse checkpoint and the teacher a dense safetensors directory: sharded, each
+    # rank reads only its shards of both (`load_skeleton` + `fsdp.load_weights`); one process
+    # loads them whole.
     from blocksparse.integration.checkpoint import save_sparse_pretrained
     from blocksparse.integration.model import load_model
 

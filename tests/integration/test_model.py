@@ -9,7 +9,7 @@ from blocksparse.integration import model as model_module
 from blocksparse.integration.cache import atomic_directory
 from blocksparse.integration.checkpoint import SPARSE_CHECKPOINT_MARKER
 from blocksparse.integration.evaluate import perplexity
-from blocksparse.integration.model import ModelNotFoundError, load_model
+from blocksparse.integration.model import ModelNotFoundError, load_model, load_skeleton
 from blocksparse.sparsify import check_block_divisible, target_linears
 from helpers import byte_tokenizer, make_tiny_llama
 
@@ -18,6 +18,18 @@ def test_load_local_directory(tiny_dir):
     model, tokenizer = load_model(str(tiny_dir), dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16 and not model.training
     assert tokenizer("Zürich").input_ids == byte_tokenizer()("Zürich").input_ids
+
+
+def test_a_skeleton_has_every_parameter_and_buffer_but_no_weight_read(tiny_dir, tmp_path):
+    model, _ = load_model(str(tiny_dir))
+    skeleton, tokenizer = load_skeleton(str(tiny_dir))
+    assert tokenizer is not None and not any(p.is_meta for p in skeleton.parameters())
+    ours, expected = skeleton.state_dict(), model.state_dict()
+    assert {k: (v.shape, v.dtype) for k, v in ours.items()} == {k: (v.shape, v.dtype) for k, v in expected.items()}
+    inv_freq = [name for name, _ in model.named_buffers() if name.endswith("inv_freq")]
+    assert inv_freq and all(torch.equal(skeleton.get_buffer(n), model.get_buffer(n)) for n in inv_freq)
+    # Nothing to read shards from: the caller loads those whole.
+    assert load_skeleton("default") is None and load_skeleton(str(tmp_path)) is None
 
 
 def test_sparse_checkpoint_goes_through_load_sparse_pretrained(tiny_dir, monkeypatch):
