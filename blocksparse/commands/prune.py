@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -109,9 +111,11 @@ def add_parser(subparsers):
                   "save_pretrained does (bytes or e.g. 5GB; default: %(default)s, the hub's file limit)")
     add_flag(parser, "--device", default=None, help="torch device (default: cuda if available, else cpu)")
     add_dtype_flag(parser, "dtype the model is loaded, pruned and saved in")
-    add_flag(parser, "--offload", choices=["cpu"], default=None,
-             help="keep the model on the CPU and move one decoder layer at a time to --device: for models "
-                  "larger than the device (docs/DESIGN.md: the peak memory)")
+    add_flag(parser, "--offload", choices=["cpu", "disk"], default=None,
+             help="cpu: keep the model in host memory and move one decoder layer at a time to --device, for "
+                  "models larger than the device (docs/DESIGN.md: the peak memory); disk: also keep it out of "
+                  "host memory: memory-mapped from its safetensors, each pruned layer written beside --out and "
+                  "mapped from there (a local dense safetensors model)")
     add_flag(parser, "--push-to-hub", default=None, metavar="REPO_ID",
              help="upload the finished checkpoint (marker, card and report included) to this hub repository")
     add_flag(parser, "--hub-private", action="store_true", help="with --push-to-hub: create the repository private")
@@ -188,7 +192,7 @@ def run(args) -> int:
     from ..integration.checkpoint import REPORT_NAME, push_sparse_checkpoint, save_sparse_pretrained
     from ..integration.data import DatasetError, calibration_samples, load_text, tokenize_text
     from ..integration.evaluate import count_windows, perplexity
-    from ..integration.model import ModelNotFoundError, load_model
+    from ..integration.model import ModelNotFoundError, load_mapped, load_model
     from ..integration.model_card import sparse_checkpoint_card, write_card
     from ..prune import prune_model
     from ..sparsify import check_block_divisible, target_linears
@@ -197,7 +201,13 @@ def run(args) -> int:
     device = resolve_device(args.device)
     started = time.perf_counter()
     try:
-        model, tokenizer = load_model(args.model, device=args.offload or device, dtype=DTYPES[args.dtype])
+        if args.offload == "disk":
+            from transformers import AutoTokenizer
+
+            model, tokenizer = load_mapped(args.model, dtype=DTYPES[args.dtype])
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(args.model)
+        else:
+            model, tokenizer = load_model(args.model, device=args.offload or device, dtype=DTYPES[args.dtype])
         check_block_divisible(target_linears(model), args.block_size)
         calib = calibration_samples(tokenizer, args.calib, args.nsamples, args.seqlen, seed=args.seed)
         eval_tokens = None
@@ -221,16 +231,27 @@ def run(args) -> int:
     except ValueError as err:
         raise CLIError(str(err)) from err
     prune_started = time.perf_counter()
+    offload_dir = None
+    if args.offload == "disk":  # the pruned layers wait in files beside --out until the checkpoint is written
+        parent = Path(args.out).resolve().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        offload_dir = Path(tempfile.mkdtemp(prefix=".offload-", dir=parent))
     try:
-        report = prune_model(model, calib, options, progress=progress, execution_device=device)
-    except ValueError as err:  # options that only the model can check (e.g. --module-density names)
-        raise CLIError(str(err)) from err
-    report["prune_seconds"] = round(time.perf_counter() - prune_started, 1)
-    report["model"] = args.model
-    report["calibration"].update(dataset=args.calib, seed=args.seed)
-    report["cli_args"] = {key: value for key, value in sorted(vars(args).items()) if key not in ("func", "command")}
-    # Saved before the (slow) evaluation, so the checkpoint is usable as soon as possible.
-    save_sparse_pretrained(model, tokenizer, args.out, report=report, max_shard_size=args.max_shard_size)
+        try:
+            report = prune_model(model, calib, options, progress=progress, execution_device=device,
+                                 offload_dir=offload_dir)
+        except ValueError as err:  # options that only the model can check (e.g. --module-density names)
+            raise CLIError(str(err)) from err
+        report["prune_seconds"] = round(time.perf_counter() - prune_started, 1)
+        report["model"] = args.model
+        report["calibration"].update(dataset=args.calib, seed=args.seed)
+        report["cli_args"] = {key: value for key, value in sorted(vars(args).items())
+                              if key not in ("func", "command")}
+        # Saved before the (slow) evaluation, so the checkpoint is usable as soon as possible.
+        save_sparse_pretrained(model, tokenizer, args.out, report=report, max_shard_size=args.max_shard_size)
+    finally:
+        if offload_dir is not None:  # the model maps these files: Linux keeps them while it does
+            shutil.rmtree(offload_dir, ignore_errors=True)
     print(f"saved {args.out} | total density {report['total_density']:.4f} | "
           f"{report['prune_seconds']:.0f} s pruning")
     if eval_tokens is not None:

@@ -180,3 +180,39 @@ def load_skeleton(path: str, dtype: torch.dtype = torch.float32):
         allocate_unread(model)
         model, tokenizer = model.eval(), tokenizer_of(path)
     return model, tokenizer
+
+
+def load_mapped(path: str, dtype: torch.dtype = torch.float32):
+    """`(model, tokenizer)` of a local dense safetensors model whose weights stay memory-mapped
+    from its files: the page cache holds them, not the process, so a model larger than host
+    memory can be pruned layer by layer (`prune_model(..., offload_dir=...)`). The maps are
+    read only: copy a module's tensors before writing them. Tensors stored in another dtype
+    than `dtype` are converted, and then held in memory."""
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from .checkpoint import tokenizer_of, weight_files
+
+    path = os.path.expanduser(path)
+    files = weight_files(path)[0] if os.path.isdir(path) else []
+    if not files or is_sparse_checkpoint(path):
+        raise ValueError(f"{path!r}: a memory-mapped model is read from a local directory of dense safetensors "
+                         f"weights (model.safetensors or its shards)")
+    _refuse_pickle_weights(Path(path))
+    with init_empty_weights(include_buffers=False):  # RoPE's inv_freq is built for real
+        model = AutoModelForCausalLM.from_config(read_config(path, dtype), dtype=dtype)
+    state = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                state[key] = t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [name for name, p in model.named_parameters() if p.is_meta]  # tied ones are filled by now
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{path!r}: its weights do not fit the model config.json describes: missing "
+                         f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+    return model.eval(), tokenizer_of(path)

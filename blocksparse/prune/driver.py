@@ -15,7 +15,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
@@ -197,7 +200,7 @@ def _keep_per_row(layers, hidden, kwargs, linears_by_layer, shapes, options: Pru
 def prune_model(model: nn.Module, calib_inputs: torch.Tensor, options: PruneOptions | None = None, *,
                 target_modules: Sequence[str] | None = None, filter_fn: FilterFn | None = None,
                 convert: bool = True, progress: bool = True, execution_device: str | torch.device | None = None,
-                **choices) -> dict:
+                offload_dir: str | os.PathLike | None = None, **choices) -> dict:
     """Prune the target linears of `model` in place to b x b blocks; return a report dict.
 
     calib_inputs: token ids [nsamples, seqlen]. options: a `PruneOptions`; `choices`
@@ -209,7 +212,11 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, options: PruneOpti
     zeros outside the blocks. execution_device: where the work runs (default: where the
     model is). A model kept elsewhere (e.g. on the CPU, larger than the GPU) moves there one
     decoder layer at a time, with what reaches it; the results are those of the run on
-    `execution_device` (docs/DESIGN.md: the peak memory).
+    `execution_device` (docs/DESIGN.md: the peak memory). offload_dir: for a model whose
+    weights are memory-mapped files (`integration.model.load_mapped`, read only): each
+    decoder layer is copied out before it is pruned, and once pruned and converted its
+    tensors are written to offload_dir/layer-<i>.safetensors and mapped from there, so the
+    host holds about one layer in memory and the page cache the rest.
     """
     options = dataclasses.replace(options or PruneOptions(), **choices)
     device = _execution_device(model, execution_device)
@@ -221,7 +228,10 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, options: PruneOpti
     check_block_divisible(targets, options.block_size)
     linears_by_layer = _by_layer(layers, targets)
     shapes = {name: (lin.out_features, lin.in_features) for name, lin in targets.items()}
+    del targets  # linears_by_layer holds them, each until its layer is converted
 
+    if offload_dir is not None:
+        _release_freed_blocks()
     batches = calibration_batches(calib_inputs, options.batch_size)
     n_calib = len(batches)  # the sink probes, if any, ride along as one more batch
     probes = (sink_probe_ids(calib_inputs, options.sink_tokens, getattr(model.config, "bos_token_id", None))
@@ -236,12 +246,20 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, options: PruneOpti
         hidden, kwargs = layer0_inputs(model, layers, batches, device)
         keep, outlier_ratios = _keep_per_row(layers, hidden[:n_calib], kwargs[:n_calib], linears_by_layer, shapes,
                                              options, device)
+        # Linears that keep every block stay nn.Linear, unless nothing is pruned at all.
+        pruned_any = any(keep[name] < cols // options.block_size for name, (_, cols) in shapes.items())
+
+        def finish(names, masks, row_perms):
+            """Convert one layer's pruned linears once they are final (its dense weights go)."""
+            if convert and names:
+                sparsify_model(model, block_masks={name: masks[name] for name in names},
+                               block_size=options.block_size,
+                               row_perms=row_perms if options.row_group > 1 else None, row_group=options.row_group,
+                               whole_stays_dense=pruned_any)
+
         masks, row_perms, per_linear, refine_loss = _prune_layers(
-            layers, linears_by_layer, hidden, kwargs, n_calib, keep, stats_sink_weight, options, progress, device)
-    if convert:
-        sparsify_model(model, block_masks=masks, block_size=options.block_size,
-                       row_perms=row_perms if options.row_group > 1 else None, row_group=options.row_group,
-                       whole_stays_dense=any(not bool(m.all()) for m in masks.values()))
+            layers, linears_by_layer, hidden, kwargs, n_calib, keep, stats_sink_weight, options, progress, device,
+            finish, None if offload_dir is None else Path(offload_dir))
 
     kept = sum(int(m.sum()) for m in masks.values()) * options.block_size ** 2
     total = sum(n * k for n, k in shapes.values())
@@ -271,9 +289,11 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, options: PruneOpti
 
 
 def _prune_layers(layers, linears_by_layer, hidden, kwargs, n_calib, keep, sink_weight, options: PruneOptions,
-                  progress: bool, device: torch.device):
-    """The sequential loop: prune, fit and refine each decoder layer on `device`, then advance
-    the hidden states.
+                  progress: bool, device: torch.device, finish, offload_dir: Path | None):
+    """The sequential loop: prune, fit and refine each decoder layer on `device`, advance the
+    hidden states, then `finish(names, masks, row_perms)` the layer (and with offload_dir,
+    write it there and map it back). Each entry of `linears_by_layer` is emptied when its
+    layer is done.
 
     hidden[:n_calib] (what reaches layer 0, with its kwargs) are the calibration windows; a
     batch after them holds the sink probes.
@@ -288,12 +308,7 @@ def _prune_layers(layers, linears_by_layer, hidden, kwargs, n_calib, keep, sink_
     per_linear: dict[str, dict] = {}
     refine_loss: dict[int, tuple[float, float]] = {}
 
-    iterator = range(len(layers))
-    if progress:
-        from tqdm.auto import tqdm
-        iterator = tqdm(iterator, desc="pruning layers", unit="layer")
-    for i in iterator:
-        layer, linears = layers[i], linears_by_layer[i]
+    def prune_layer(i: int, layer: nn.Module, linears: dict[str, nn.Linear]) -> None:
         with placed_on(layer, device):
             # The dense model's path must advance through every layer, pruned here or not.
             dense_layer = (copy.deepcopy(layer) if linears else layer) if track_dense else None
@@ -317,10 +332,51 @@ def _prune_layers(layers, linears_by_layer, hidden, kwargs, n_calib, keep, sink_
                                               sink=sink, precision=REFINE_PRECISIONS[options.refine_precision])
             advance(layer, hidden, kwargs)
             del dense_layer
-        for name, lin in linears.items():  # the permutations go where the layer is again (masks are on the CPU)
-            if row_perms[name] is not None:
-                row_perms[name] = row_perms[name].to(lin.weight.device)
+            finish(list(linears), masks, row_perms)
+
+    iterator = range(len(layers))
+    if progress:
+        from tqdm.auto import tqdm
+        iterator = tqdm(iterator, desc="pruning layers", unit="layer")
+    for i in iterator:
+        if offload_dir is not None:
+            _own(layers[i])  # its mapped files are read only
+        # The entry goes with the call: nothing holds a converted layer's dense weights after it.
+        linears, linears_by_layer[i] = linears_by_layer[i], {}
+        prune_layer(i, layers[i], linears)
+        del linears
+        if offload_dir is not None:
+            _write_and_map(layers[i], offload_dir / f"layer-{i}.safetensors")
     return masks, row_perms, per_linear, refine_loss
+
+
+def _release_freed_blocks() -> None:
+    """Where glibc allocates, fix its mmap threshold at 1 MiB: it otherwise raises the threshold
+    as large blocks are freed, and the freed layers then stay in its heap (measured: host
+    memory grew by a quarter of a layer with every layer instead of staying flat)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def _own(module: nn.Module) -> None:
+    """Give every tensor of `module` its own memory (a copy of what may be a read-only map)."""
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        t.data = t.data.clone()
+
+
+def _write_and_map(module: nn.Module, path: Path) -> None:
+    """Write `module`'s tensors to `path` (safetensors) and use them memory-mapped from there."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({key: t.detach().contiguous().cpu() for key, t in module.state_dict().items()}, str(path))
+    with safe_open(str(path), framework="pt") as f:
+        module.load_state_dict({key: f.get_tensor(key) for key in f.keys()}, assign=True)
 
 
 def _execution_device(model: nn.Module, requested) -> torch.device:

@@ -66,6 +66,13 @@ def test_cli_offload_prunes_the_same_checkpoint_in_shards_if_asked(tiny_dir, tex
     b = {key: t for shard in shards for key, t in load_file(shard).items()}
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "b" / "prune_report.json").read_text())["cli_args"]["offload"] == "cpu"
+    # Memory-mapped from the dense files, each pruned layer parked in a file beside --out: the
+    # same checkpoint, and nothing left behind. A model that is no local safetensors is refused.
+    assert main(args + ["--offload", "disk", "--out", str(tmp_path / "c")]) == 0
+    c = load_file(tmp_path / "c" / "model.safetensors")
+    assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
+    assert not list(tmp_path.glob(".offload-*"))
+    assert main(["prune", "--model", "default", "--offload", "disk", "--out", str(tmp_path / "d")]) == 2
 
 
 def test_cli_prunes_and_saves_in_the_dtype_asked(tiny_dir, text_file, tmp_path):

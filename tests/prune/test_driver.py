@@ -283,3 +283,54 @@ def test_a_model_on_the_cpu_prunes_on_the_gpu_one_layer_at_a_time():
     assert all(p.device.type == "cpu" for p in model.parameters())
     for name, value in model.state_dict().items():
         assert torch.equal(value, on_gpu.state_dict()[name].cpu()), name
+
+
+# Peak host memory (RssAnon, sampled) of pruning a memory-mapped model with offload_dir.
+OFFLOAD_PEAK = """
+import sys, threading, time
+import torch
+from blocksparse.integration.model import load_mapped
+from blocksparse.prune import prune_model
+
+def anon():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssAnon:")) * 1024
+
+model, _ = load_mapped(sys.argv[1])
+base, peak, done = anon(), [0], threading.Event()
+
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], anon())
+        time.sleep(0.002)
+
+thread = threading.Thread(target=sample)
+thread.start()
+prune_model(model, torch.randint(0, 256, (2, 32)), sparsity=0.5, method="magnitude", reconstruct=False,
+            sink_tokens=0, progress=False, offload_dir=sys.argv[2])
+done.set()
+thread.join()
+print(peak[0] - base)
+"""
+
+
+def test_offload_dir_keeps_about_one_layer_in_host_memory(tmp_path):
+    """A memory-mapped 600 MB dense model (12 layers of 51 MB) pruned with offload_dir: host memory
+    grows by about a layer, not by the model (each pruned layer is written out and mapped back)."""
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if not open("/proc/self/status").read().count("RssAnon"):
+        pytest.skip("needs Linux's /proc/self/status")
+    config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=8,
+                         num_key_value_heads=8, vocab_size=256)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "dense")
+    layer_bytes = (4 * 1024 * 1024 + 3 * 1024 * 2816) * 4
+    done = subprocess.run([sys.executable, "-c", OFFLOAD_PEAK, str(tmp_path / "dense"), str(tmp_path / "offload")],
+                          check=True, capture_output=True, text=True)
+    grew = int(done.stdout.split()[-1])
+    assert grew < 3 * layer_bytes, f"host memory grew {grew / 2**20:.0f} MiB; a layer is {layer_bytes / 2**20:.0f} MiB"
+    assert sorted(p.name for p in (tmp_path / "offload").iterdir()) == sorted(f"layer-{i}.safetensors"
+                                                                              for i in range(12))
