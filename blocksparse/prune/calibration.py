@@ -79,19 +79,30 @@ def calibration_batches(calib_inputs: torch.Tensor, batch_size: int) -> list[tor
 
 
 @contextlib.contextmanager
-def placed_on(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+def placed_on(module: nn.Module, device: torch.device, read_only: bool = False) -> Iterator[nn.Module]:
     """`module` on `device` inside the block and back where it was after (nothing moves if it
-    is there): how a model larger than the execution device is pruned one layer at a time."""
+    is there): how a model larger than the execution device is pruned one layer at a time.
+    read_only: the block changes nothing, so the module gets its own tensors back instead of
+    copies of the device's (no copy back; a memory-mapped model stays mapped)."""
     first = next(itertools.chain(module.parameters(), module.buffers()), None)
     if first is None or first.device == device:
         yield module
         return
     home = first.device
+    # (table, name, the tensor there, its data): `to` either re-points a parameter's data or
+    # replaces the parameter (and always the buffer); both are undone.
+    kept = [(table, name, t, t.data) for m in module.modules() for table in (m._parameters, m._buffers)
+            for name, t in table.items() if t is not None] if read_only else []
     module.to(device)
     try:
         yield module
     finally:
-        module.to(home)
+        if read_only:
+            for table, name, t, data in kept:
+                table[name] = t
+                t.data = data
+        else:
+            module.to(home)
 
 
 def outside_layers(model: nn.Module, layers: nn.ModuleList) -> list[nn.Module]:
@@ -127,7 +138,7 @@ def layer0_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[torch.T
     try:
         with contextlib.ExitStack() as stack:
             for module in outside_layers(model, layers):
-                stack.enter_context(placed_on(module, device))
+                stack.enter_context(placed_on(module, device, read_only=True))
             for ids in batches:
                 try:
                     model(input_ids=ids.to(device), use_cache=False)
@@ -260,7 +271,7 @@ def dense_sq_norms(layers, hidden, kwargs, linears_by_layer, device: torch.devic
     try:
         hidden = list(hidden)  # the caller's list keeps what reaches layer 0
         for layer in layers:
-            with placed_on(layer, device):
+            with placed_on(layer, device, read_only=True):
                 advance(layer, hidden, kwargs)
     finally:
         for handle in handles:

@@ -2,7 +2,8 @@
 
 import torch
 
-from blocksparse.prune.calibration import InputStats, sink_probe_ids, slice_kwargs
+from blocksparse.prune.calibration import InputStats, placed_on, sink_probe_ids, slice_kwargs
+from helpers import make_tiny_llama
 
 
 def test_sink_weight_counts_the_first_token_of_every_window_that_many_times():
@@ -35,3 +36,17 @@ def test_micro_batch_kwargs_cut_only_batch_shaped_tensors_at_the_right_samples()
     assert cut["attention_mask"][:, 0, 0, 0].tolist() == [2.0, 3.0] and cut["attention_mask"].dtype == torch.float32
     assert all(t.shape == (1, 5, 8) and t.dtype == torch.float32 for t in cut["position_embeddings"])
     assert torch.equal(cut["cache_position"], positions) and cut["use_cache"] is False
+
+
+def test_a_read_only_visit_elsewhere_gives_the_module_its_own_tensors_back():
+    # No copy back from the device: a memory-mapped model stays mapped. (The meta device
+    # stands for a GPU: nothing can be copied back from it.)
+    model = make_tiny_llama()
+    layer = model.model.layers[0]
+    before = {name: t.data_ptr() for name, t in layer.state_dict(keep_vars=True).items()}
+    values = {name: t.clone() for name, t in layer.state_dict().items()}
+    with placed_on(layer, torch.device("meta"), read_only=True):
+        assert all(t.is_meta for t in layer.state_dict().values())
+    after = layer.state_dict(keep_vars=True)
+    assert {name: t.data_ptr() for name, t in after.items()} == before
+    assert all(torch.equal(after[name], values[name]) for name in values)

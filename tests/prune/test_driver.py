@@ -207,9 +207,9 @@ def test_layer_by_layer_runs_give_the_same_model_and_place_one_decoder_layer_at_
     real = calibration.placed_on
 
     @contextlib.contextmanager
-    def recording(module, device):
+    def recording(module, device, read_only=False):
         placed.append(module)
-        with real(module, device):
+        with real(module, device, read_only):
             yield module
         placed.remove(module)
 
