@@ -300,17 +300,17 @@ def _load(args):
     weights_from = teacher_weights_from = None
     try:
         # --sparsity sparsifies the dense weights here: they are read whole then.
-        found = (load_skeleton(args.model_name_or_path, dtype=DTYPES[args.dtype])
-                 if _sharded(args) and args.sparsity is None else None)
+        path = os.path.expanduser(args.model_name_or_path)
+        found = load_skeleton(path, dtype=DTYPES[args.dtype]) if _sharded(args) and args.sparsity is None else None
         if found is None:
             model, tokenizer = load_model(args.model_name_or_path, dtype=DTYPES[args.dtype])
         else:
             from transformers import AutoTokenizer
 
-            weights_from = args.model_name_or_path
-            model, tokenizer = found[0], found[1] or AutoTokenizer.from_pretrained(weights_from)
-    except (ModelNotFoundError, ValueError) as err:
-        raise CLIError(str(err)) from err
+            weights_from = path
+            model, tokenizer = found[0], found[1] or AutoTokenizer.from_pretrained(path)
+    except (ModelNotFoundError, ValueError, OSError) as err:
+        raise CLIError(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
     is_sparse = any(isinstance(m, BlockSparseLinear) for m in model.modules())
     teacher = None
     if args.sparsity is not None:
@@ -331,12 +331,12 @@ def _load(args):
             raise CLIError("--distill needs --teacher_model (the dense model the checkpoint was pruned from)")
         try:
             # A teacher cache is computed from the teacher before training: read whole then.
-            found = (load_skeleton(source, dtype=DTYPES[args.dtype])
+            found = (load_skeleton(os.path.expanduser(source), dtype=DTYPES[args.dtype])
                      if _sharded(args) and not args.teacher_cache else None)
             if found is None:
                 teacher, _ = load_model(source, dtype=DTYPES[args.dtype])
             else:
-                teacher, teacher_weights_from = found[0], source
+                teacher, teacher_weights_from = found[0], os.path.expanduser(source)
         except (ModelNotFoundError, ValueError) as err:
             raise CLIError(f"--teacher_model: {err}") from err
     return model, tokenizer, teacher, weights_from, teacher_weights_from

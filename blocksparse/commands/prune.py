@@ -214,8 +214,8 @@ def run(args) -> int:
         if args.eval_dataset is not None:
             eval_tokens = tokenize_text(tokenizer, load_text(args.eval_dataset, "eval"))
             count_windows(eval_tokens.shape[1], args.eval_seqlen, args.eval_max_windows)
-    except (ModelNotFoundError, DatasetError, ValueError) as err:
-        raise CLIError(str(err)) from err
+    except (ModelNotFoundError, DatasetError, ValueError, OSError) as err:
+        raise CLIError((str(err).splitlines() or [type(err).__name__])[0]) from err
 
     progress = not args.no_progress
     allocation = _module_densities(args.module_density) or args.allocation

@@ -26,6 +26,7 @@ which checks index ranges, ordering and counts). Anything malformed raises
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
 from pathlib import Path
@@ -384,6 +385,7 @@ def _skeleton(path: Path, dtype: torch.dtype | None):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()  # the context re-wraps every parameter, ties included
+    read_generation_config(model, path)
 
     block_size = marker["block_size"]
     modules = dict(model.named_modules())
@@ -429,6 +431,10 @@ def load_sparse_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = 
         dtype = expected[key].dtype if key in expected and tensor.is_floating_point() else tensor.dtype
         state[key] = tensor.to(dtype=dtype, copy=True)
     del expected
+    for keys in _tied_groups(model):  # a tied tensor is stored under one of its names: all get it
+        stored = next((state[key] for key in keys if key in state), None)
+        if stored is not None:
+            state.update({key: stored for key in keys})
     try:
         # assign: the file's tensors become the parameters, so the weights exist once in memory.
         result = model.load_state_dict(state, strict=False, assign=True)
@@ -440,6 +446,9 @@ def load_sparse_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = 
                                     f"unexpected tensors {result.unexpected_keys[:5]}")
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
+    unread = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if unread:
+        raise SparseCheckpointError(f"{weights_file}: nothing to load into {unread[:5]}")
     return model.to(device=device).eval(), tokenizer_of(path)
 
 
@@ -478,6 +487,15 @@ def allocate_unread(model: nn.Module) -> None:
                                                        requires_grad=param.requires_grad)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
+
+
+def read_generation_config(model: nn.Module, path: str | os.PathLike) -> None:
+    """The generation settings saved in directory `path` (generation_config.json), if any,
+    onto a model built from its config alone."""
+    if (Path(path) / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
 
 
 def tokenizer_of(path: str | os.PathLike):

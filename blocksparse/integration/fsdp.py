@@ -50,8 +50,14 @@ def load_weights(model: nn.Module, path: str) -> None:
     from torch.distributed.checkpoint import HuggingFaceStorageReader
     from torch.distributed.checkpoint import load as dcp_load
 
-    from .checkpoint import SparseCheckpointError, tensor_names
+    from .checkpoint import SparseCheckpointError, tensor_names, weight_files
 
+    # DCP's reader takes every *.safetensors file in the directory: only the checkpoint's may be there.
+    listed = {file.name for file in weight_files(path)[0]}
+    stray = sorted(name for name in os.listdir(path) if name.endswith(".safetensors") and name not in listed)
+    if stray:
+        raise SparseCheckpointError(f"{path}: {stray[0]} is not one of the model's weight files "
+                                    f"({', '.join(sorted(listed))}); move it away, the sharded reader would read it")
     in_file = set(tensor_names(path))
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     prefix = next(name for name, m in model.named_modules() if m is base)
@@ -70,7 +76,11 @@ def load_weights(model: nn.Module, path: str) -> None:
         dcp_load(wanted, storage_reader=HuggingFaceStorageReader(path))
     except Exception as err:  # DCP wraps a missing or mis-shaped tensor in its own CheckpointException
         raise SparseCheckpointError(f"{path}: its tensors do not fit the model ({type(err).__name__}: "
-                                    f"{str(err).strip().splitlines()[0][:300]})") from err
+                                    f"{_first_line(err)[:300]})") from err
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -150,7 +160,7 @@ def load_sharded(folder: str, model: nn.Module, optimizer, scheduler) -> None:
         dcp_load(tensors, storage_reader=HuggingFaceStorageReader(path))
     except Exception as err:  # DCP wraps a missing or mis-shaped tensor in its own CheckpointException
         raise ValueError(f"{path}: its shards do not fit this model and optimizer ({type(err).__name__}: "
-                         f"{str(err).strip().splitlines()[0][:300]})") from err
+                         f"{_first_line(err)[:300]})") from err
     model_state = {name[len(_MODEL):]: t for name, t in tensors.items() if name.startswith(_MODEL)}
     optim_state = {"state": {fqn: {key: tensors[f"{_OPTIM}{fqn}.{key}"] for key in moments}
                              for fqn, moments in optim_state["state"].items()},

@@ -222,10 +222,10 @@ def _trainer_class():
     class RecoveryTrainer(Trainer):
         """Trainer with optional distillation (`Distillation`), the trained block values (if
         any) in their own optimizer group at their own learning rate, and FSDP2 (`sharded`:
-        the model was `fsdp.shard_model`ed). A sharded model is marked as sharded before the
-        Trainer sees it, which keeps accelerate from wrapping it in DDP; its checkpoints are
-        written and read here (`fsdp.save_sharded`), since the Trainer's own would hold
-        DTensors. These overrides are of Trainer methods as of transformers 5.24 (tests:
+        the model, and the teacher if any, were `fsdp.shard_model`ed, as `train` does). A
+        sharded model is marked as sharded before the Trainer sees it, which keeps accelerate
+        from wrapping it in DDP; its checkpoints are written and read here
+        (`fsdp.save_sharded`), since the Trainer's own would hold DTensors. These overrides are of Trainer methods as of transformers 5.24 (tests:
         tests/commands/test_finetune.py, FSDP cases)."""
 
         def __init__(self, *args, distillation: Distillation | None = None, values=(),

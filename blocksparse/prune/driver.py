@@ -216,7 +216,9 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, options: PruneOpti
     weights are memory-mapped files (`integration.model.load_mapped`, read only): each
     decoder layer is copied out before it is pruned, and once pruned and converted its
     tensors are written to offload_dir/layer-<i>.safetensors and mapped from there, so the
-    host holds about one layer in memory and the page cache the rest.
+    host holds about one layer in memory and the page cache the rest (where glibc allocates,
+    its mmap threshold is then fixed at 1 MiB for the rest of the process, so freed layers
+    go back to the system).
     """
     options = dataclasses.replace(options or PruneOptions(), **choices)
     device = _execution_device(model, execution_device)

@@ -108,7 +108,7 @@ def greedy_obs_mask(weight: torch.Tensor, gram: torch.Tensor, keep_per_row: int,
             # sum_r tr(w_r^T D^-1 w_r) = tr(D^-1 sum_r w_r w_r^T), one solve per group-column.
             alive_h = alive[torch.zeros(n_groups, dtype=torch.long, device=alive.device).scatter_(
                 0, owner, torch.arange(rows, device=alive.device))]  # any member's: they agree
-            outer = torch.zeros(n_groups, cols, b, b, device=w.device).index_add_(
+            outer = w.new_zeros(n_groups, cols, b, b).index_add_(
                 0, owner, w_blocks @ w_blocks.transpose(2, 3))
             diag_blocks = torch.where(alive_h[:, :, None, None], diag_blocks, eye)
             cost = torch.linalg.solve(diag_blocks, outer).diagonal(dim1=2, dim2=3).sum(-1)

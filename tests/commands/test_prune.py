@@ -71,6 +71,8 @@ def test_cli_offload_prunes_the_same_checkpoint_in_shards_if_asked(tiny_dir, tex
     assert main(args + ["--offload", "disk", "--out", str(tmp_path / "c")]) == 0
     c = load_file(tmp_path / "c" / "model.safetensors")
     assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((tmp_path / "a" / name).read_text()) == json.loads((tmp_path / "c" / name).read_text())
     assert not list(tmp_path.glob(".offload-*"))
     assert main(["prune", "--model", "default", "--offload", "disk", "--out", str(tmp_path / "d")]) == 2
 

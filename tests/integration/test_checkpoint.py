@@ -134,6 +134,16 @@ def test_tied_embeddings_round_trip_in_another_dtype(tmp_path):
     assert torch.equal(reference(PROBE).logits, model(PROBE).logits)
 
 
+def test_a_tied_tensor_stored_under_its_other_name_loads(tmp_path):
+    # Tied embeddings saved under lm_head.weight (as some writers keep them) fill both names.
+    model = sparsify_model(tied_tiny_llama(), sparsity=0.5)
+    out = save_sparse_pretrained(model, None, tmp_path / "tied")
+    _rewrite(out, "model.embed_tokens.weight", lambda t, k: t.__setitem__("lm_head.weight", t.pop(k)))
+    loaded, _ = load_sparse_pretrained(out)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(loaded(PROBE).logits, model(PROBE).logits)
+
+
 def _rewrite(out, key, change):
     tensors = load_file(str(out / "model.safetensors"))
     change(tensors, key)

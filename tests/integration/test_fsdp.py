@@ -40,3 +40,17 @@ def test_each_rank_reads_only_its_shards_of_a_sparse_checkpoint(tmp_path):
     result = json.loads(out.read_text())
     assert 0.45 < result["local_fraction"] <= 0.55
     assert result["same_keys"] and result["differ"] == [] and result["same_logits"]
+
+
+def test_sharded_loading_refuses_weight_files_the_checkpoint_does_not_name(tmp_path):
+    # DCP's reader would take every *.safetensors file in the directory, a stale one included.
+    import shutil
+
+    from blocksparse.integration.checkpoint import SparseCheckpointError, save_sparse_pretrained, sparse_skeleton
+    from blocksparse.integration.fsdp import load_weights
+    from helpers import prune_tiny
+
+    checkpoint = save_sparse_pretrained(prune_tiny(0.5)[0], None, tmp_path / "ckpt")
+    shutil.copy(checkpoint / "model.safetensors", checkpoint / "model-old.safetensors")
+    with pytest.raises(SparseCheckpointError, match="model-old.safetensors is not one of the model's weight files"):
+        load_weights(sparse_skeleton(checkpoint)[0], str(checkpoint))
