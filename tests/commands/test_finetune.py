@@ -219,11 +219,12 @@ def test_resume_refuses_incomplete_checkpoints_in_one_line(tiny_model_and_text, 
     assert not (out / "adapter_model.safetensors").exists()
 
 
-def torchrun(flags, port, processes=2):
-    """`blocksparse finetune FLAGS` under torchrun on the CPU (gloo); fails the test unless it succeeds."""
+def torchrun(flags, processes=2):
+    """`blocksparse finetune FLAGS` under torchrun on the CPU (gloo); fails the test unless it succeeds.
+    --standalone: the rendezvous takes a free port (a fixed one may still be held by a run before)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_port", str(port), "-m", "blocksparse", "finetune", *flags]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "blocksparse", "finetune", *flags]
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -252,8 +253,7 @@ def test_torchrun_two_processes_train_like_one_process_with_twice_the_batch(tiny
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     assert cli_main(["finetune", *cli_flags(model_dir, text, single, **common,
                                             **{"--per_device_train_batch_size": 2}), "--no_eval"]) == 0
-    done = torchrun(cli_flags(model_dir, text, ddp, **common, **{"--per_device_train_batch_size": 1}) + ["--no_eval"],
-                    port=29517)
+    done = torchrun(cli_flags(model_dir, text, ddp, **common, **{"--per_device_train_batch_size": 1}) + ["--no_eval"])
     assert "world size 2" in done.stdout
     assert_same_trained_adapter(ddp, single)
 
@@ -279,7 +279,7 @@ def test_fsdp_ranks_train_like_one_process_with_twice_the_batch_teacher_and_accu
     single, sharded = tmp_path / "single", tmp_path / "fsdp"
     assert cli_main(["finetune", *cli_flags(model_dir, text, single, **common,
                                             **{"--per_device_train_batch_size": 2}), "--distill"]) == 0
-    done = torchrun(cli_flags(model_dir, text, sharded, **common) + ["--distill", "--fsdp"], port=29518)
+    done = torchrun(cli_flags(model_dir, text, sharded, **common) + ["--distill", "--fsdp"])
     assert "world size 2 | FSDP: each rank holds 1/2" in done.stdout
     assert_same_trained_adapter(sharded, single)
     assert logged_losses(sharded / "checkpoint-3") == pytest.approx(logged_losses(single / "checkpoint-3"), rel=1e-5)
@@ -292,7 +292,7 @@ def test_fsdp_checkpoints_are_sharded_safetensors_and_resume_exactly(tiny_model_
     model_dir, text = tiny_model_and_text
     common = {"--max_steps": 4, "--save_steps": 2, "--learning_rate": 1e-2, "--lora_dropout": 0.1}
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    torchrun(cli_flags(model_dir, text, whole, **common) + ["--fsdp", "--no_eval"], port=29519)
+    torchrun(cli_flags(model_dir, text, whole, **common) + ["--fsdp", "--no_eval"])
     shards = sorted(os.listdir(whole / "checkpoint-2" / "fsdp"))
     assert shards == ["shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors",
                       "state.json"]
@@ -306,7 +306,7 @@ def test_fsdp_checkpoints_are_sharded_safetensors_and_resume_exactly(tiny_model_
     shutil.rmtree(resumed / "checkpoint-4")
     (resumed / "adapter_model.safetensors").unlink()
     torchrun(cli_flags(model_dir, text, resumed, **common)
-             + ["--fsdp", "--no_eval", "--resume_from_checkpoint", "last"], port=29519)
+             + ["--fsdp", "--no_eval", "--resume_from_checkpoint", "last"])
     ours, reference = load_file(resumed / "adapter_model.safetensors"), load_file(whole / "adapter_model.safetensors")
     assert ours.keys() == reference.keys() and all(torch.equal(ours[key], reference[key]) for key in ours)
     assert logged_losses(resumed / "checkpoint-4") == logged_losses(whole / "checkpoint-4")
