@@ -310,7 +310,7 @@ def _load(args):
             weights_from = path
             model, tokenizer = found[0], found[1] or AutoTokenizer.from_pretrained(path)
     except (ModelNotFoundError, ValueError, OSError) as err:
-        raise CLIError(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
+        raise CLIError((str(err).splitlines() or [type(err).__name__])[0]) from err
     is_sparse = any(isinstance(m, BlockSparseLinear) for m in model.modules())
     teacher = None
     if args.sparsity is not None:

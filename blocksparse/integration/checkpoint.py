@@ -357,9 +357,6 @@ def _skeleton(path: Path, dtype: torch.dtype | None):
     """(model, marker) of a validated sparse checkpoint directory: its parameters on the meta
     device (the dense projections never allocated), its block-sparse linears BlockSparseLinear
     with no structure yet, its buffers that are no weights (RoPE's inv_freq) built."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
     sparse_tensors = block_sparse_tensors(path)
     weights = f"the shards of {INDEX_NAME}" if (path / INDEX_NAME).is_file() else WEIGHTS_NAME
     if sparse_tensors and not is_sparse_checkpoint(path):
@@ -378,14 +375,9 @@ def _skeleton(path: Path, dtype: torch.dtype | None):
         config = read_config(path, dtype)
     except OSError as err:
         raise SparseCheckpointError(f"{path}: cannot read config.json ({err})") from err
-    # Parameters on the meta device: the dense projections are never allocated (a 70B model's
-    # would not fit beside its sparse weights) and every parameter is assigned from the file;
-    # buffers that are no weights (RoPE's inv_freq) are built as from_config builds them.
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()  # the context re-wraps every parameter, ties included
-    read_generation_config(model, path)
+    # The dense projections are never allocated (a 70B model's would not fit beside its sparse
+    # weights): every parameter is assigned from the file.
+    model = empty_model(path, dtype, config)
 
     block_size = marker["block_size"]
     modules = dict(model.named_modules())
@@ -421,7 +413,8 @@ def load_sparse_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = 
     """
     path = Path(path)
     model, marker = _skeleton(path, dtype)
-    tied = {key for keys in _tied_groups(model) for key in keys}  # before assigning unties them
+    tied_groups = _tied_groups(model)  # before assigning unties them
+    tied = {key for keys in tied_groups for key in keys}
     state, weights_file = _read_weights(path)
     _check_tensors(model, state, weights_file, marker["format_version"])
     expected = model.state_dict()
@@ -431,7 +424,7 @@ def load_sparse_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = 
         dtype = expected[key].dtype if key in expected and tensor.is_floating_point() else tensor.dtype
         state[key] = tensor.to(dtype=dtype, copy=True)
     del expected
-    for keys in _tied_groups(model):  # a tied tensor is stored under one of its names: all get it
+    for keys in tied_groups:  # a tied tensor is stored under one of its names: all get it
         stored = next((state[key] for key in keys if key in state), None)
         if stored is not None:
             state.update({key: stored for key in keys})
@@ -489,13 +482,21 @@ def allocate_unread(model: nn.Module) -> None:
         model.tie_weights()
 
 
-def read_generation_config(model: nn.Module, path: str | os.PathLike) -> None:
-    """The generation settings saved in directory `path` (generation_config.json), if any,
-    onto a model built from its config alone."""
-    if (Path(path) / "generation_config.json").is_file():
-        from transformers import GenerationConfig
+def empty_model(path: str | os.PathLike, dtype: torch.dtype, config=None) -> nn.Module:
+    """The model directory `path`'s config.json (or `config`) describes, in `dtype`, with its
+    parameters on the meta device (nothing allocated or initialised), its buffers that are
+    no weights (RoPE's inv_freq) built as from_config builds them, ties and the saved
+    generation settings (generation_config.json) in place."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config or read_config(path, dtype), dtype=dtype)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()  # the context re-wraps every parameter, ties included
+    if (Path(path) / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
+    return model
 
 
 def tokenizer_of(path: str | os.PathLike):

@@ -158,28 +158,22 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
 
 
 def load_skeleton(path: str, dtype: torch.dtype = torch.float32):
-    """`(model, tokenizer or None)` of a local model directory (`path` as given: the caller
-    passes the same path to `fsdp.load_weights`) with every parameter allocated but NOT read (uninitialised memory; a sparse checkpoint's block structure is read): for a model
-    sharded before its weights are read, each rank then reading its own shards
-    (`fsdp.load_weights`). None where the directory has no safetensors weights to read
-    shards from (e.g. the embedded GGUF default, or a hub id): load it whole."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    from .checkpoint import allocate_unread, read_generation_config, sparse_skeleton, tokenizer_of, weight_files
+    """`(model, tokenizer or None)` of a local model directory with every parameter allocated
+    but NOT read (uninitialised memory; a sparse checkpoint's block structure is read): for a
+    model sharded before its weights are read, each rank then reading its own shards
+    (`fsdp.load_weights`, given the same `path`). None where the directory has no
+    safetensors weights to read shards from (e.g. the embedded GGUF default, or a hub id):
+    load it whole."""
+    from .checkpoint import allocate_unread, empty_model, sparse_skeleton, tokenizer_of, weight_files
 
     if not os.path.isdir(path) or not weight_files(path)[0]:
         return None
     if is_sparse_checkpoint(path) or block_sparse_tensors(path):  # the latter: refused, marker missing
-        model, tokenizer = sparse_skeleton(path, dtype=dtype)
-    else:
-        _refuse_pickle_weights(Path(path))
-        with init_empty_weights(include_buffers=False):  # RoPE's inv_freq is built for real
-            model = AutoModelForCausalLM.from_config(read_config(path, dtype), dtype=dtype)
-        allocate_unread(model)
-        read_generation_config(model, path)
-        model, tokenizer = model.eval(), tokenizer_of(path)
-    return model, tokenizer
+        return sparse_skeleton(path, dtype=dtype)
+    _refuse_pickle_weights(Path(path))
+    model = empty_model(path, dtype)
+    allocate_unread(model)
+    return model.eval(), tokenizer_of(path)
 
 
 def load_mapped(path: str, dtype: torch.dtype = torch.float32):
@@ -188,11 +182,9 @@ def load_mapped(path: str, dtype: torch.dtype = torch.float32):
     memory can be pruned layer by layer (`prune_model(..., offload_dir=...)`). The maps are
     read only: copy a module's tensors before writing them. Tensors stored in another dtype
     than `dtype` are converted, and then held in memory."""
-    from accelerate import init_empty_weights
     from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
 
-    from .checkpoint import read_generation_config, tokenizer_of, weight_files
+    from .checkpoint import empty_model, tokenizer_of, weight_files
 
     path = os.path.expanduser(path)
     files = weight_files(path)[0] if os.path.isdir(path) else []
@@ -200,8 +192,7 @@ def load_mapped(path: str, dtype: torch.dtype = torch.float32):
         raise ValueError(f"{path!r}: a memory-mapped model is read from a local directory of dense safetensors "
                          f"weights (model.safetensors or its shards)")
     _refuse_pickle_weights(Path(path))
-    with init_empty_weights(include_buffers=False):  # RoPE's inv_freq is built for real
-        model = AutoModelForCausalLM.from_config(read_config(path, dtype), dtype=dtype)
+    model = empty_model(path, dtype)
     state = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
@@ -215,5 +206,4 @@ def load_mapped(path: str, dtype: torch.dtype = torch.float32):
     if missing or result.unexpected_keys:
         raise ValueError(f"{path!r}: its weights do not fit the model config.json describes: missing "
                          f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}")
-    read_generation_config(model, path)
     return model.eval(), tokenizer_of(path)

@@ -225,8 +225,9 @@ def _trainer_class():
         the model, and the teacher if any, were `fsdp.shard_model`ed, as `train` does). A
         sharded model is marked as sharded before the Trainer sees it, which keeps accelerate
         from wrapping it in DDP; its checkpoints are written and read here
-        (`fsdp.save_sharded`), since the Trainer's own would hold DTensors. These overrides are of Trainer methods as of transformers 5.24 (tests:
-        tests/commands/test_finetune.py, FSDP cases)."""
+        (`fsdp.save_sharded`), since the Trainer's own would hold DTensors. These overrides
+        are of Trainer methods as of transformers 5.24 (tests: tests/commands/test_finetune.py,
+        FSDP cases)."""
 
         def __init__(self, *args, distillation: Distillation | None = None, values=(),
                      values_learning_rate: float | None = None, sharded: bool = False, **kwargs):

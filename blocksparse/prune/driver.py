@@ -341,8 +341,7 @@ def _prune_layers(layers, linears_by_layer, hidden, kwargs, n_calib, keep, sink_
         from tqdm.auto import tqdm
         iterator = tqdm(iterator, desc="pruning layers", unit="layer")
     for i in iterator:
-        first = next(itertools.chain(layers[i].parameters(), layers[i].buffers()), None)
-        if offload_dir is not None and first is not None and first.device == device:
+        if offload_dir is not None and next(layers[i].parameters()).device == device:
             _own(layers[i])  # its mapped files are read only (moving to another device copies anyway)
         # The entry goes with the call: nothing holds a converted layer's dense weights after it.
         linears, linears_by_layer[i] = linears_by_layer[i], {}
