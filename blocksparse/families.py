@@ -37,6 +37,10 @@ class Family:
     attention_projections: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     mlp_projections: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     value_projection: str = "v_proj"
+    output_projection: str = "o_proj"   # attention's, writes the residual stream
+    down_projection: str = "down_proj"  # the MLP's, reads its channels and writes the residual stream
+    layer_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")  # in a decoder layer
+    final_norm: str = "model.norm"
     lora_targets: tuple[str, ...] = REFERENCE_LORA_TARGETS  # the LoRA default for this family
 
     @property

@@ -95,6 +95,7 @@ def train_curve(recipe: dict, lr: float, start: Path, teacher, windows: torch.Te
     from transformers import TrainerCallback
 
     from ..families import family_of
+    from ..integration.checkpoint import hidden_channel_order
     from ..integration.data import train_token_blocks
     from ..integration.evaluate import perplexity
     from ..integration.model import load_model
@@ -111,7 +112,8 @@ def train_curve(recipe: dict, lr: float, start: Path, teacher, windows: torch.Te
         family = family_of(model)
         targets = family.lora_targets if spec["targets"] == "seed" else tuple(family.projections)
         lora = lora_config(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=0.05, target_modules=targets)
-    distillation = Distillation(teacher, **recipe["distill"]) if "distill" in recipe else None
+    distillation = (Distillation(teacher, hidden_order=hidden_channel_order(start), **recipe["distill"])
+                    if "distill" in recipe else None)
     values_lr = None
     if recipe.get("values"):
         values_lr = lr * recipe.get("values_lr_ratio", 1.0)

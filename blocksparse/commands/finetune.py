@@ -352,7 +352,7 @@ def _lora_targets(model) -> tuple[str, ...]:
 
 
 def run(args) -> int:
-    from ..integration.checkpoint import is_sparse_checkpoint, save_sparse_pretrained
+    from ..integration.checkpoint import hidden_channel_order, is_sparse_checkpoint, save_sparse_pretrained
     from ..integration.data import DatasetError, eval_tokens, train_token_blocks
     from ..integration.evaluate import count_windows, perplexity
     from ..integration.fsdp import full_trainable_state
@@ -410,8 +410,12 @@ def run(args) -> int:
     distillation = None
     if teacher is not None:
         cache = _teacher_cache(args, teacher, blocks) if args.teacher_cache else None
-        distillation = Distillation(teacher, kl_weight=args.distill_weight, temperature=args.distill_temperature,
-                                    hidden_weight=args.distill_hidden_weight, cache=cache)
+        try:  # a checkpoint pruned with permuted channels: the teacher's hidden states in its order
+            distillation = Distillation(teacher, kl_weight=args.distill_weight, temperature=args.distill_temperature,
+                                        hidden_weight=args.distill_hidden_weight, cache=cache,
+                                        hidden_order=hidden_channel_order(args.model_name_or_path))
+        except ValueError as err:  # a malformed recorded order, or one of another size
+            raise CLIError(str(err)) from err
     try:
         trained, trainer, output = train(
             model, blocks, train_args, config, train_sparse_values=args.train_sparse_values,

@@ -61,6 +61,10 @@ def add_parser(subparsers):
     add_flag(parser, "--union-density", type=float, default=None, metavar="U",
              help="with --row-group G > 1: the share of block columns a group may use, in (0, 1] "
                   "(default: 1 - sparsity, fully shared: the union is the density)")
+    add_flag(parser, "--permute-channels", action=argparse.BooleanOptionalAction, default=True,
+             help="first reorder the model's hidden, MLP and value channels by importance so heavy channels "
+                  "share blocks: the same function, a better mask (the checkpoint is a plain model in the new "
+                  "order; prune_report.json records the hidden one) (default: on)")
     add_flag(parser, "--reconstruct", action=argparse.BooleanOptionalAction, default=True,
              help="re-solve the kept weights of each block row by least squares (default: on)")
     add_flag(parser, "--reconstruct-target", choices=RECONSTRUCT_TARGETS, default="dense",
@@ -222,7 +226,8 @@ def run(args) -> int:
     try:
         options = PruneOptions(sparsity=args.sparsity, block_size=args.block_size, method=args.method,
                                comparison_group=args.comparison_group, row_group=args.row_group,
-                               union_density=args.union_density, reconstruct=args.reconstruct,
+                               union_density=args.union_density, permute_channels=args.permute_channels,
+                               reconstruct=args.reconstruct,
                                allocation=allocation, reconstruct_target=args.reconstruct_target, damp=args.damp,
                                sink_weight=args.sink_weight, sink_tokens=args.sink_tokens,
                                refine_steps=args.refine_steps, refine_lr=args.refine_lr,

@@ -239,16 +239,39 @@ def push_sparse_checkpoint(path: str | os.PathLike, repo_id: str, *, private: bo
     return files
 
 
+def _report(path: str | os.PathLike) -> dict:
+    """A checkpoint's prune_report.json; {} when missing, unreadable or not a JSON object."""
+    try:
+        found = json.loads((Path(path) / REPORT_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 def pruned_from(path: str | os.PathLike) -> str | None:
     """The dense model a sparse checkpoint was made from, as its prune_report.json records it
     (`model` from `blocksparse prune`, `source` from `finetune --sparsity`), or None."""
-    report = Path(path) / REPORT_NAME
-    try:
-        found = json.loads(report.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # missing, unreadable or not JSON: nothing recorded
-        return None
-    source = (found.get("model") or found.get("source")) if isinstance(found, dict) else None
+    found = _report(path)
+    source = found.get("model") or found.get("source")
     return source if isinstance(source, str) else None
+
+
+def hidden_channel_order(path: str | os.PathLike) -> torch.Tensor | None:
+    """The hidden-channel order a pruned checkpoint records (`prune --permute-channels`): its
+    channel k is channel order[k] of the model it was pruned from. None when not permuted."""
+    permutation = _report(path).get("channel_permutation")
+    recorded = permutation.get("hidden") if isinstance(permutation, dict) else permutation
+    if recorded is None:
+        return None
+    where = f"{Path(path) / REPORT_NAME}: channel_permutation.hidden"
+    if not (isinstance(recorded, list) and recorded
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in recorded)):
+        raise SparseCheckpointError(f"{where} must be a non-empty list of channel indices, "
+                                    f"got {type(recorded).__name__} {str(recorded)[:40]}")
+    if sorted(recorded) != list(range(len(recorded))):
+        raise SparseCheckpointError(f"{where} must be a permutation of 0..n-1, got {len(recorded)} entries, "
+                                    f"{len(set(recorded))} distinct, from {min(recorded)} to {max(recorded)}")
+    return torch.tensor(recorded, dtype=torch.long)
 
 
 def is_sparse_checkpoint(path: str | os.PathLike) -> bool:

@@ -169,6 +169,9 @@ class Distillation:
     # The teacher's top-k logits of the training blocks (`teacher_topk`): the KL term then
     # runs over the cached top-k instead of a live teacher forward.
     cache: dict | None = None
+    # The student's hidden channel k is the teacher's channel hidden_order[k] (a checkpoint
+    # pruned with permuted channels: `checkpoint.hidden_channel_order`); None: the same order.
+    hidden_order: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.teacher is None and (self.cache is None or self.hidden_weight > 0):
@@ -181,6 +184,14 @@ class Distillation:
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
         if not (math.isfinite(self.hidden_weight) and self.hidden_weight >= 0):
             raise ValueError(f"hidden_weight must be a finite number >= 0, got {self.hidden_weight}")
+        order = self.hidden_order
+        if order is not None and not (order.dim() == 1 and not order.is_floating_point()
+                                      and torch.equal(order.sort().values, torch.arange(len(order)))):
+            raise ValueError(f"hidden_order must be a permutation of 0..n-1, got {order.dtype} "
+                             f"{tuple(order.shape)}")
+        hidden_size = getattr(getattr(self.teacher, "config", None), "hidden_size", None)
+        if order is not None and hidden_size is not None and len(order) != hidden_size:
+            raise ValueError(f"hidden_order orders {len(order)} channels; the teacher has {hidden_size}")
 
 
 def logit_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -203,9 +214,12 @@ def topk_kl(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.T
     return (teacher.exp() * (teacher - student)).sum(-1).mean() * t * t
 
 
-def hidden_mse(student_hidden, teacher_hidden) -> torch.Tensor:
+def hidden_mse(student_hidden, teacher_hidden, order: torch.Tensor | None = None) -> torch.Tensor:
     """SquareHead: per decoder layer ||h_s - h_t||^2 / ||h_t||^2 over the micro-batch,
-    averaged over the layers (HF's hidden_states[1:], the layers' outputs)."""
+    averaged over the layers (HF's hidden_states[1:], the layers' outputs); the teacher's
+    channels taken in `order` first (`Distillation.hidden_order`)."""
+    if order is not None:
+        teacher_hidden = [t.index_select(-1, order.to(t.device)) for t in teacher_hidden]
     losses = [(s.float() - t.float()).square().sum() / t.float().square().sum().clamp_min(1e-12)
               for s, t in zip(student_hidden[1:], teacher_hidden[1:], strict=True)]
     return torch.stack(losses).mean()
@@ -317,7 +331,7 @@ def _trainer_class():
                       else logit_kl(outputs.logits, teacher.logits, d.temperature))
                 loss = (1 - d.kl_weight) * loss + d.kl_weight * kl
             if hidden:
-                loss = loss + d.hidden_weight * hidden_mse(outputs.hidden_states, teacher.hidden_states)
+                loss = loss + d.hidden_weight * hidden_mse(outputs.hidden_states, teacher.hidden_states, d.hidden_order)
             return (loss, outputs) if return_outputs else loss
 
     return RecoveryTrainer

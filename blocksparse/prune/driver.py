@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..families import decoder_layers
+from ..families import decoder_layers, family_of
 from ..format import DEFAULT_BLOCK_SIZE, check_block_size
 from ..grouping import cluster_block_rows, group_of, group_union_sizes, shared_column_groups
 from ..masks import (COMPARISON_GROUPS, SCORES, block_scores, element_mask, grouped_block_mask, select_block_mask,
@@ -34,6 +34,7 @@ from .allocation import ALLOCATIONS, explicit_densities, keep_counts, outlier_ra
 from .calibration import (DEFAULT_SINK_TOKENS, DEFAULT_SINK_WEIGHT, InputStats, calibration_batches,
                           advance, collect_stats, dense_sq_norms, layer0_inputs, linear_groups,
                           placed_on, sink_probe_ids)
+from .permute import channel_orders, permute_layer, permute_outside
 from .reconstruct import DEFAULT_DAMP, dense_target_weight, greedy_obs_mask, output_error, reconstruct_block_rows
 from .refine import REFINE_PRECISIONS, refine_layer
 
@@ -65,6 +66,9 @@ class PruneOptions:
         target, +-owl_spread; outliers are scores above owl_threshold x the mean), or
         {linear name or module prefix: density} (`*` matches anything; the linears
         not named share the rest of the budget).
+      permute_channels: first reorder the dense model's channels (hidden, MLP, value) by
+        importance, so that heavy channels share blocks (`permute.py`; the model computes
+        the same function, and prune_report.json records the hidden order).
     How the kept weights are fitted:
       reconstruct: re-solve each block row's kept weights by least squares on the
         calibration inputs (always, with "obc"). reconstruct_target: "dense" fits the
@@ -94,6 +98,7 @@ class PruneOptions:
     row_group: int = 1
     union_density: float | None = None
     allocation: str | Mapping[str, float] = "uniform"
+    permute_channels: bool = False
     owl_threshold: float = 5.0
     owl_spread: float = 0.08
     reconstruct: bool = True
@@ -178,14 +183,14 @@ def _by_layer(layers: nn.ModuleList, targets: Mapping[str, nn.Linear]) -> list[d
     return per_layer
 
 
-def _keep_per_row(layers, hidden, kwargs, linears_by_layer, shapes, options: PruneOptions, device):
-    """Blocks kept per block row of every target linear, and OWL's outlier ratios (or None)."""
+def _keep_per_row(linears_by_layer, shapes, sq, options: PruneOptions):
+    """Blocks kept per block row of every target linear, and OWL's outlier ratios (or None).
+    sq: the dense model's input norms (`dense_sq_norms`), needed with OWL."""
     density = 1.0 - options.sparsity
     outlier_ratios = None
     if isinstance(options.allocation, Mapping):
         densities = explicit_densities(options.allocation, shapes, density)
     elif options.allocation == "owl":
-        sq = dense_sq_norms(layers, hidden, kwargs, linears_by_layer, device)
         outlier_ratios = [outlier_ratio([lin.weight for lin in per_layer.values()],
                                         [sq[name] for name in per_layer], options.owl_threshold)
                           if per_layer else 0.0 for per_layer in linears_by_layer]
@@ -246,10 +251,19 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, options: PruneOpti
 
     with _eval_without_cache(model):
         hidden, kwargs = layer0_inputs(model, layers, batches, device)
-        keep, outlier_ratios = _keep_per_row(layers, hidden[:n_calib], kwargs[:n_calib], linears_by_layer, shapes,
-                                             options, device)
+        sq = (dense_sq_norms(layers, hidden[:n_calib], kwargs[:n_calib], linears_by_layer, device)
+              if options.allocation == "owl" or options.permute_channels else None)
+        keep, outlier_ratios = _keep_per_row(linears_by_layer, shapes, sq, options)
+        pruned = {name for name, (_, cols) in shapes.items() if keep[name] < cols // options.block_size}
         # Linears that keep every block stay nn.Linear, unless nothing is pruned at all.
-        pruned_any = any(keep[name] < cols // options.block_size for name, (_, cols) in shapes.items())
+        pruned_any = bool(pruned)
+        orders = None
+        if options.permute_channels:  # the layers follow one by one, as they are pruned
+            family = family_of(model)
+            orders = channel_orders(model, family, linears_by_layer, sq, pruned)
+            permute_outside(model, family, orders.hidden)
+            if orders.hidden is not None:
+                hidden[:] = [h.index_select(-1, orders.hidden.to(h.device)) for h in hidden]
 
         def finish(names, masks, row_perms):
             """Convert one layer's pruned linears once they are final (its dense weights go)."""
@@ -261,7 +275,8 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, options: PruneOpti
 
         masks, row_perms, per_linear, refine_loss = _prune_layers(
             layers, linears_by_layer, hidden, kwargs, n_calib, keep, stats_sink_weight, options, progress, device,
-            finish, None if offload_dir is None else Path(offload_dir))
+            finish, None if offload_dir is None else Path(offload_dir),
+            None if orders is None else (lambda i, layer: permute_layer(layer, family, orders, i, model.config)))
 
     kept = sum(int(m.sum()) for m in masks.values()) * options.block_size ** 2
     total = sum(n * k for n, k in shapes.values())
@@ -277,6 +292,8 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, options: PruneOpti
         "reconstruct_target": options.reconstruct_target if options.reconstruct else None,
         "allocation": (options.allocation if isinstance(options.allocation, str)
                        else {"explicit": dict(options.allocation)}),
+        "channel_permutation": (None if orders is None else
+                                {"hidden": None if orders.hidden is None else orders.hidden.tolist()}),
         "damp": options.damp,
         "sink_weight": options.sink_weight,
         "sink_tokens": 0 if probes is None else int(probes.shape[0]),
@@ -291,11 +308,11 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, options: PruneOpti
 
 
 def _prune_layers(layers, linears_by_layer, hidden, kwargs, n_calib, keep, sink_weight, options: PruneOptions,
-                  progress: bool, device: torch.device, finish, offload_dir: Path | None):
+                  progress: bool, device: torch.device, finish, offload_dir: Path | None, permute):
     """The sequential loop: prune, fit and refine each decoder layer on `device`, advance the
     hidden states, then `finish(names, masks, row_perms)` the layer (and with offload_dir,
     write it there and map it back). Each entry of `linears_by_layer` is emptied when its
-    layer is done.
+    layer is done. permute: None, or `permute(i, layer)` reorders a layer's channels first.
 
     hidden[:n_calib] (what reaches layer 0, with its kwargs) are the calibration windows; a
     batch after them holds the sink probes.
@@ -343,6 +360,8 @@ def _prune_layers(layers, linears_by_layer, hidden, kwargs, n_calib, keep, sink_
     for i in iterator:
         if offload_dir is not None and next(layers[i].parameters()).device == device:
             _own(layers[i])  # its mapped files are read only (moving to another device copies anyway)
+        if permute is not None:
+            permute(i, layers[i])
         # The entry goes with the call: nothing holds a converted layer's dense weights after it.
         linears, linears_by_layer[i] = linears_by_layer[i], {}
         prune_layer(i, layers[i], linears)

@@ -126,6 +126,32 @@ def test_cli_trains_the_kept_blocks_and_saves_them_as_the_sparse_base(tiny_model
         assert adapter["base_model_name_or_path"] == str(out / "sparse_base")
 
 
+def test_cli_hidden_distillation_reads_the_teacher_in_the_checkpoints_channel_order(tiny_model_and_text, tmp_path,
+                                                                                     monkeypatch, capsys):
+    from blocksparse.integration import train as train_module
+
+    model_dir, text = tiny_model_and_text
+    pruned = tmp_path / "pruned"
+    assert cli_main(["prune", "--model", str(model_dir), "--calib", str(text), "--nsamples", "2", "--seqlen", "64",
+                     "--method", "wanda", "--refine-steps", "0", "--out", str(pruned), "--no-progress"]) == 0
+    recorded = json.loads((pruned / "prune_report.json").read_text())["channel_permutation"]["hidden"]
+    seen = []
+    real = train_module.hidden_mse
+    monkeypatch.setattr(train_module, "hidden_mse", lambda s, t, order=None: seen.append(order) or real(s, t, order))
+    flags = cli_flags(pruned, text, tmp_path / "out", **{"--sparsity": None, "--max_steps": 1})
+    assert cli_main(["finetune", *flags, "--distill", "--distill_hidden_weight", "1", "--no_eval"]) == 0
+    assert seen and all(order.tolist() == recorded for order in seen)
+    # A recorded order that is no permutation: one line, before training.
+    report = json.loads((pruned / "prune_report.json").read_text())
+    report["channel_permutation"]["hidden"] = recorded[:-1]
+    (pruned / "prune_report.json").write_text(json.dumps(report))
+    capsys.readouterr()
+    assert cli_main(["finetune", *flags, "--distill", "--distill_hidden_weight", "1", "--no_eval",
+                     "--overwrite_output_dir"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "channel_permutation.hidden must be a permutation of 0..n-1, got 63 entries, 63 distinct" in err
+
+
 def test_cli_teacher_cache_is_written_once_reused_and_refused_for_other_blocks(tiny_model_and_text, tmp_path,
                                                                                  capsys):
     model_dir, text = tiny_model_and_text

@@ -8,6 +8,7 @@ import torch
 
 from blocksparse import BlockSparseLinear
 from blocksparse.commands import main
+from blocksparse.integration.checkpoint import SparseCheckpointError, hidden_channel_order
 
 
 def test_cli_help_lists_both_spellings(capsys):
@@ -51,6 +52,25 @@ def test_cli_prunes_saves_and_reloads(tiny_dir, text_file, tmp_path, capsys):
     assert f"| dense | {report['perplexity']['dense']:.2f} |" in card and "2 windows of 64 tokens" in card
     assert "`model.layers.0.mlp` = 1" in card and "4 steps per decoder layer (lr 0.03, bf16 autocast but" in card
     assert "4 windows x 64 tokens" in card and f"blocksparse generate --model {out}" in card
+    # Channels were reordered first (the default): the report records the hidden order, which a
+    # hidden-state teacher reads back; a malformed one is refused in one line.
+    order = hidden_channel_order(out)
+    assert order.tolist() == report["channel_permutation"]["hidden"] and sorted(order.tolist()) == list(range(64))
+    assert "channels reordered by importance first" in card
+    report["channel_permutation"]["hidden"][0] = report["channel_permutation"]["hidden"][1]
+    (out / "prune_report.json").write_text(json.dumps(report))
+    with pytest.raises(SparseCheckpointError, match=r"channel_permutation.hidden must be a permutation of 0..n-1"):
+        hidden_channel_order(out)
+
+
+def test_cli_no_permute_channels_keeps_the_channel_order(tiny_dir, text_file, tmp_path):
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(tiny_dir), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "64",
+                 "--method", "wanda", "--refine-steps", "0", "--no-permute-channels", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert json.loads((out / "prune_report.json").read_text())["channel_permutation"] is None
+    assert hidden_channel_order(out) is None
+    assert "channels reordered" not in (out / "README.md").read_text()
 
 
 def test_cli_offload_prunes_the_same_checkpoint_in_shards_if_asked(tiny_dir, text_file, tmp_path):

@@ -193,7 +193,7 @@ def test_row_group_options_are_validated():
 
 
 LAYERWISE = dict(method="wanda", allocation="owl", owl_spread=0.25, reconstruct_target="dense", refine_steps=2,
-                 sink_tokens=4)
+                 sink_tokens=4, permute_channels=True)
 
 
 def test_layer_by_layer_runs_give_the_same_model_and_place_one_decoder_layer_at_a_time(monkeypatch):
