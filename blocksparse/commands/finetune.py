@@ -411,9 +411,9 @@ def run(args) -> int:
     if teacher is not None:
         cache = _teacher_cache(args, teacher, blocks) if args.teacher_cache else None
         try:  # a checkpoint pruned with permuted channels: the teacher's hidden states in its order
+            order = hidden_channel_order(args.model_name_or_path) if args.distill_hidden_weight > 0 else None
             distillation = Distillation(teacher, kl_weight=args.distill_weight, temperature=args.distill_temperature,
-                                        hidden_weight=args.distill_hidden_weight, cache=cache,
-                                        hidden_order=hidden_channel_order(args.model_name_or_path))
+                                        hidden_weight=args.distill_hidden_weight, cache=cache, hidden_order=order)
         except ValueError as err:  # a malformed recorded order, or one of another size
             raise CLIError(str(err)) from err
     try:

@@ -260,10 +260,16 @@ def hidden_channel_order(path: str | os.PathLike) -> torch.Tensor | None:
     """The hidden-channel order a pruned checkpoint records (`prune --permute-channels`): its
     channel k is channel order[k] of the model it was pruned from. None when not permuted."""
     permutation = _report(path).get("channel_permutation")
-    recorded = permutation.get("hidden") if isinstance(permutation, dict) else permutation
+    where = f"{Path(path) / REPORT_NAME}: channel_permutation"
+    if permutation is None:
+        return None
+    if not isinstance(permutation, dict):
+        raise SparseCheckpointError(f"{where} must be an object {{\"hidden\": [...]}}, "
+                                    f"got {type(permutation).__name__}")
+    recorded = permutation.get("hidden")
     if recorded is None:
         return None
-    where = f"{Path(path) / REPORT_NAME}: channel_permutation.hidden"
+    where += ".hidden"
     if not (isinstance(recorded, list) and recorded
             and all(isinstance(i, int) and not isinstance(i, bool) for i in recorded)):
         raise SparseCheckpointError(f"{where} must be a non-empty list of channel indices, "

@@ -28,7 +28,8 @@ def _version() -> str:
 def _recipe(report: dict) -> list[str]:
     """The recipe lines of the keys the report holds (a `finetune --sparsity` base has few)."""
     lines = []
-    if (report.get("channel_permutation") or {}).get("hidden") is not None:
+    permutation = report.get("channel_permutation")
+    if isinstance(permutation, dict) and permutation.get("hidden") is not None:
         lines.append("- channels reordered by importance first (hidden, MLP, value): the same function as the "
                      "source model in another channel order; a hidden-state teacher follows "
                      "`channel_permutation.hidden` of prune_report.json")

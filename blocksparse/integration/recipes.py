@@ -27,9 +27,9 @@ def prune_recipe(family: Family) -> dict:
     MLP and every value projection dense, the other linears paying for them, and each layer
     refined for 45 steps, the first 36 under bf16 autocast (`refine_precision`; the
     measurements behind these choices are in docs/DESIGN.md, section 6)."""
-    return dict(permute_channels=True, method="obc", comparison_group="block-row", reconstruct=True, reconstruct_target="dense",
-                allocation={family.mlp_path(0): 1.0, family.value_path("*"): 1.0}, refine_steps=45,
-                refine_precision="bfloat16")
+    return dict(permute_channels=True, method="obc", comparison_group="block-row", reconstruct=True,
+                reconstruct_target="dense", allocation={family.mlp_path(0): 1.0, family.value_path("*"): 1.0},
+                refine_steps=45, refine_precision="bfloat16")
 
 
 def lora_step(model: nn.Module, tokenizer, dataset: str, out: str | Path, target_modules: tuple[str, ...],

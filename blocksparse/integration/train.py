@@ -185,10 +185,12 @@ class Distillation:
         if not (math.isfinite(self.hidden_weight) and self.hidden_weight >= 0):
             raise ValueError(f"hidden_weight must be a finite number >= 0, got {self.hidden_weight}")
         order = self.hidden_order
-        if order is not None and not (order.dim() == 1 and not order.is_floating_point()
-                                      and torch.equal(order.sort().values, torch.arange(len(order)))):
-            raise ValueError(f"hidden_order must be a permutation of 0..n-1, got {order.dtype} "
-                             f"{tuple(order.shape)}")
+        if order is not None and (order.dim() != 1 or order.is_floating_point() or not len(order)):
+            raise ValueError(f"hidden_order must be a 1-D integer tensor of channel indices, got {order.dtype} "
+                             f"of shape {tuple(order.shape)}")
+        if order is not None and not torch.equal(order.sort().values, torch.arange(len(order), device=order.device)):
+            raise ValueError(f"hidden_order must be a permutation of 0..n-1, got {len(order)} entries, "
+                             f"{len(order.unique())} distinct, from {int(order.min())} to {int(order.max())}")
         hidden_size = getattr(getattr(self.teacher, "config", None), "hidden_size", None)
         if order is not None and hidden_size is not None and len(order) != hidden_size:
             raise ValueError(f"hidden_order orders {len(order)} channels; the teacher has {hidden_size}")

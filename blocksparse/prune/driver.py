@@ -220,7 +220,8 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, options: PruneOpti
     `execution_device` (docs/DESIGN.md: the peak memory). offload_dir: for a model whose
     weights are memory-mapped files (`integration.model.load_mapped`, read only): each
     decoder layer is copied out before it is pruned, and once pruned and converted its
-    tensors are written to offload_dir/layer-<i>.safetensors and mapped from there, so the
+    tensors are written to offload_dir/layer-<i>.safetensors and mapped from there (permuted
+    embeddings, norm and head to offload_dir/outside.safetensors), so the
     host holds about one layer in memory and the page cache the rest (where glibc allocates,
     its mmap threshold is then fixed at 1 MiB for the rest of the process, so freed layers
     go back to the system).
@@ -261,7 +262,9 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, options: PruneOpti
         if options.permute_channels:  # the layers follow one by one, as they are pruned
             family = family_of(model)
             orders = channel_orders(model, family, linears_by_layer, sq, pruned)
-            permute_outside(model, family, orders.hidden)
+            changed = permute_outside(model, family, orders.hidden)
+            if offload_dir is not None and changed:  # like the layers, kept in a file and mapped
+                _write_and_map_parameters(changed, Path(offload_dir) / "outside.safetensors")
             if orders.hidden is not None:
                 hidden[:] = [h.index_select(-1, orders.hidden.to(h.device)) for h in hidden]
 
@@ -398,6 +401,19 @@ def _write_and_map(module: nn.Module, path: Path) -> None:
     save_file({key: t.detach().contiguous().cpu() for key, t in module.state_dict().items()}, str(path))
     with safe_open(str(path), framework="pt") as f:
         module.load_state_dict({key: f.get_tensor(key) for key in f.keys()}, assign=True)
+
+
+def _write_and_map_parameters(params: Mapping[str, nn.Parameter], path: Path) -> None:
+    """Write `params` (by their names here) to `path` and let each map its tensor from there; the
+    Parameter objects stay, so ties to them hold."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({name: p.detach().contiguous().cpu() for name, p in params.items()}, str(path))
+    with safe_open(str(path), framework="pt") as f:
+        for name, p in params.items():
+            p.data = f.get_tensor(name)
 
 
 def _execution_device(model: nn.Module, requested) -> torch.device:

@@ -20,12 +20,14 @@ Query and key rows stay as they are: RoPE rotates channel pair (i, i + d/2) by t
 fixed frequency, so their order is part of the function.
 
 The order is by descending importance: a channel's share of the score mass |W_ij| ||X_j|| of
-every pruned matrix that reads it (its column) or writes it (its row, summed over the row's
-inputs), summed over those matrices. For a score matrix close to rank one (row scale x column
-scale, as activation outliers make it) sorting the columns puts the heavy ones in the same
-blocks. Channel permutations for N:M sparsity: Pool & Yu, NeurIPS 2021; Zhang et al. (RIA),
-ICLR 2024. On the embedded model at 50% the one-shot perplexity fell by about half with
-every pruning recipe tried (docs/DESIGN.md, section 6).
+the pruned matrices, summed over them. Hidden channels count every pruned matrix that reads
+them (their column) or writes them (their row, summed over the row's inputs); value channels
+the o columns and v rows; MLP channels only down's columns, the matrix that reads them (a row
+order does not move score between a block row's blocks, and so the MLP keeps its order when
+down is not pruned). For a score matrix close to rank one (row scale x column scale, as
+activation outliers make it) sorting the columns puts the heavy ones in the same blocks.
+Channel permutations for N:M sparsity: Pool & Yu, NeurIPS 2021; Zhang et al. (RIA), ICLR
+2024. Measured gains are in docs/DESIGN.md, section 6.
 """
 
 from __future__ import annotations
@@ -60,12 +62,16 @@ def channel_orders(model: nn.Module, family: Family, linears_by_layer: list[Mapp
         roles = {name.rpartition(".")[2]: (name, lin) for name, lin in linears.items() if name in pruned}
 
         def share(role: str, dim: int) -> torch.Tensor | None:
-            """Each channel's share of `role`'s score mass, along its columns (dim 1) or rows (dim 0)."""
+            """Each channel's share of `role`'s score mass |W_ij| ||X_j||, along its columns (dim 1)
+            or rows (dim 0); sums of |W| only, never the score matrix itself."""
             if role not in roles:
                 return None
             name, lin = roles[role]
-            scores = lin.weight.detach().double().abs().cpu() * sq_norms[name].double().sqrt()[None]
-            return scores.sum(1 - dim) / scores.sum().clamp_min(torch.finfo(torch.float64).tiny)
+            magnitude = lin.weight.detach().abs().float()
+            norms = sq_norms[name].to(magnitude.device).sqrt()
+            columns = magnitude.sum(0).double().cpu() * norms.double().cpu()
+            mass = columns if dim == 1 else (magnitude @ norms.float()).double().cpu()
+            return mass / columns.sum().clamp_min(torch.finfo(torch.float64).tiny)
 
         readers = [r for r in family.projections if r not in (family.output_projection, family.down_projection)]
         parts = ([share(r, 1) for r in readers]
@@ -111,17 +117,20 @@ def _take(param: torch.Tensor | None, order: torch.Tensor | None, dim: int) -> N
 
 
 @torch.no_grad()
-def permute_outside(model: nn.Module, family: Family, hidden: torch.Tensor | None) -> None:
+def permute_outside(model: nn.Module, family: Family, hidden: torch.Tensor | None) -> dict[str, nn.Parameter]:
     """Reorder the hidden channels of what lies outside the decoder layers: the embeddings, the
-    final norm and the head (nothing to do for a head tied to the embeddings)."""
+    final norm and the head (nothing to do for a head tied to the embeddings). Returns the
+    parameters it gave new tensors, by a name of their own."""
     if hidden is None:
-        return
+        return {}
     embeddings = model.get_input_embeddings()
-    _take(embeddings.weight, hidden, 1)
-    _take(model.get_submodule(family.final_norm).weight, hidden, 0)
+    changed = {"embeddings": embeddings.weight, "final_norm": model.get_submodule(family.final_norm).weight}
     head = model.get_output_embeddings()
     if head is not None and head.weight is not embeddings.weight:
-        _take(head.weight, hidden, 1)
+        changed["head"] = head.weight
+    for name, param in changed.items():
+        _take(param, hidden, 0 if name == "final_norm" else 1)
+    return changed
 
 
 @torch.no_grad()

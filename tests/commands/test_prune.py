@@ -61,6 +61,9 @@ def test_cli_prunes_saves_and_reloads(tiny_dir, text_file, tmp_path, capsys):
     (out / "prune_report.json").write_text(json.dumps(report))
     with pytest.raises(SparseCheckpointError, match=r"channel_permutation.hidden must be a permutation of 0..n-1"):
         hidden_channel_order(out)
+    (out / "prune_report.json").write_text(json.dumps({**report, "channel_permutation": [0, 1]}))
+    with pytest.raises(SparseCheckpointError, match=r"channel_permutation must be an object .*, got list"):
+        hidden_channel_order(out)
 
 
 def test_cli_no_permute_channels_keeps_the_channel_order(tiny_dir, text_file, tmp_path):

@@ -42,9 +42,9 @@ def _permute(model, orders):
 ])
 def test_a_permuted_model_computes_what_the_dense_one_did(model_type, overrides):
     model = make_tiny_model(model_type, **overrides)
-    with torch.no_grad():  # non-trivial norm weights, so a norm left in the old order shows
-        for name, p in model.named_parameters():
-            if "norm" in name:
+    with torch.no_grad():  # non-trivial norm weights and biases (both start constant), so one left
+        for name, p in model.named_parameters():  # in the old order shows
+            if "norm" in name or "bias" in name:
                 p.uniform_(0.5, 1.5)
     before = model(IDS, output_hidden_states=True)
     dense = copy.deepcopy(model)
@@ -63,7 +63,6 @@ def test_a_permuted_model_computes_what_the_dense_one_did(model_type, overrides)
 
 def test_orders_sort_channels_by_their_share_of_the_pruned_score_mass():
     model = make_tiny_model("llama")
-    family = family_of(model)
     only = {f"model.layers.{i}.mlp.down_proj" for i in range(2)}
     orders, sq = _orders(model, pruned=only)
     # Only down_proj is pruned: the MLP order sorts its columns' |W| ||X_j|| sums, the hidden
@@ -75,7 +74,6 @@ def test_orders_sort_channels_by_their_share_of_the_pruned_score_mass():
         hidden_importance = hidden_importance + scores.sum(1) / scores.sum()
         assert orders.value[i] is None
     assert torch.equal(orders.hidden, torch.argsort(hidden_importance, descending=True, stable=True))
-    assert family.down_projection == "down_proj"
     nothing, _ = _orders(model, pruned=set())
     assert nothing.hidden is None and nothing.mlp == [None, None] and nothing.value == [None, None]
 
@@ -86,6 +84,30 @@ def test_value_order_is_one_order_per_key_value_head():
     for order in orders.value:
         heads = order.reshape(2, 32)
         assert torch.equal(heads.sort(dim=1).values, torch.arange(64).reshape(2, 32))  # stays inside its head
+
+
+def test_prune_model_with_permuted_channels_is_prune_model_of_the_permuted_model(monkeypatch):
+    # Whatever prune_model does with the orders (layer 0's inputs, the sink probes, the dense
+    # track, each layer just before it is pruned), it must equal pruning a model permuted first.
+    from blocksparse.prune import driver
+
+    chosen = []
+    monkeypatch.setattr(driver, "channel_orders", lambda *args: chosen.append(channel_orders(*args)) or chosen[-1])
+    recipe = dict(sparsity=0.5, method="wanda", reconstruct_target="dense", refine_steps=2, sink_tokens=4,
+                  batch_size=4, progress=False, convert=False)
+    dense = make_tiny_model("llama")
+    model = copy.deepcopy(dense)
+    report = prune_model(model, CALIB, permute_channels=True, **recipe)
+    reference = copy.deepcopy(dense)
+    _permute(reference, chosen[0])
+    expected = prune_model(reference, CALIB, **recipe)
+    assert report["layers"] == expected["layers"]
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    # The masks are whole 16 x 16 blocks in the final coordinates.
+    weight = model.model.layers[1].self_attn.q_proj.weight
+    blocks = (weight != 0).reshape(4, 16, 4, 16).permute(0, 2, 1, 3).reshape(16, 256)
+    assert ((blocks.sum(1) == 0) | (blocks.sum(1) == 256)).all()
 
 
 def test_prune_model_prunes_the_permuted_model_and_records_the_hidden_order():
@@ -118,7 +140,7 @@ def test_hidden_distillation_follows_the_recorded_order():
     assert hidden_mse(s, t, orders.hidden) < 1e-10
     assert hidden_mse(s, t) > 0.1  # the same model, compared channel by channel in the wrong order
     Distillation(teacher, hidden_weight=1.0, hidden_order=orders.hidden)
-    with pytest.raises(ValueError, match="permutation of 0..n-1"):
+    with pytest.raises(ValueError, match="permutation of 0..n-1, got 64 entries, 1 distinct, from 0 to 0"):
         Distillation(teacher, hidden_weight=1.0, hidden_order=torch.zeros(64, dtype=torch.long))
     with pytest.raises(ValueError, match="orders 32 channels; the teacher has 64"):
         Distillation(teacher, hidden_weight=1.0, hidden_order=torch.arange(32))
