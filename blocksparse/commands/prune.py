@@ -54,10 +54,10 @@ def add_parser(subparsers):
     add_flag(parser, "--comparison-group", choices=tuple(COMPARISON_GROUPS), default="block-row",
              help="which blocks compete: block-row (every block row keeps the same number of blocks) or "
                   "global (one threshold per matrix, for comparison only) (default: %(default)s)")
-    add_flag(parser, "--row-group", type=int, default=1, metavar="G",
+    add_flag(parser, "--row-group", type=int, default=8, metavar="G",
              help="grouped masks: every G block rows (chosen by their scores) share one set of block "
-                  "columns, so the kernels' grouped schedule computes only that union; 1 = free masks "
-                  "(default: %(default)s)")
+                  "columns, so the kernels' grouped schedule computes only that union; 1 = free masks, "
+                  "slower where compute-bound (README: the trade-off) (default: %(default)s)")
     add_flag(parser, "--union-density", type=float, default=None, metavar="U",
              help="with --row-group G > 1: the share of block columns a group may use, in (0, 1] "
                   "(default: 1 - sparsity, fully shared: the union is the density)")
