@@ -37,6 +37,7 @@ from torch import nn
 from ..dtypes import DTYPES, long_name
 from ..format import SUPPORTED_BLOCK_SIZES
 from ..nn import BlockSparseLinear
+from ..prune.permute import check_order
 from ..sparsify import replace_module
 from .model_card import sparse_checkpoint_card, write_card
 
@@ -274,10 +275,12 @@ def hidden_channel_order(path: str | os.PathLike) -> torch.Tensor | None:
             and all(isinstance(i, int) and not isinstance(i, bool) for i in recorded)):
         raise SparseCheckpointError(f"{where} must be a non-empty list of channel indices, "
                                     f"got {type(recorded).__name__} {str(recorded)[:40]}")
-    if sorted(recorded) != list(range(len(recorded))):
-        raise SparseCheckpointError(f"{where} must be a permutation of 0..n-1, got {len(recorded)} entries, "
-                                    f"{len(set(recorded))} distinct, from {min(recorded)} to {max(recorded)}")
-    return torch.tensor(recorded, dtype=torch.long)
+    order = torch.tensor(recorded, dtype=torch.long)
+    try:
+        check_order(order, where)
+    except ValueError as err:
+        raise SparseCheckpointError(str(err)) from None
+    return order
 
 
 def is_sparse_checkpoint(path: str | os.PathLike) -> bool:

@@ -22,9 +22,10 @@ DEMO_ROW_GROUP = 8
 
 def prune_recipe(family: Family) -> dict:
     """The demo's pruning recipe (PruneOptions fields; the row grouping is the caller's, the
-    demo's DEMO_ROW_GROUP): channels reordered by importance first, greedy block OBS masks (`method="obc"`, which drops whole
-    group-columns of a grouped mask by their summed reconstruction cost), the first layer's
-    MLP and every value projection dense, the other linears paying for them, and each layer
+    demo's DEMO_ROW_GROUP): channels reordered by importance first, greedy block OBS masks
+    (`method="obc"`, which drops whole group-columns of a grouped mask by their summed
+    reconstruction cost), the first layer's MLP and every value projection dense, the other
+    linears paying for them, and each layer
     refined for 45 steps, the first 36 under bf16 autocast (`refine_precision`; the
     measurements behind these choices are in docs/DESIGN.md, section 6)."""
     return dict(permute_channels=True, method="obc", comparison_group="block-row", reconstruct=True,

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..prune.permute import check_order
+
 # Written into every checkpoint-N after the Trainer has saved it: the run's `run_record`,
 # and the trained block values when there are any (a PEFT checkpoint holds only the adapter).
 RUN_RECORD = "blocksparse_run.json"
@@ -185,15 +187,11 @@ class Distillation:
         if not (math.isfinite(self.hidden_weight) and self.hidden_weight >= 0):
             raise ValueError(f"hidden_weight must be a finite number >= 0, got {self.hidden_weight}")
         order = self.hidden_order
-        if order is not None and (order.dim() != 1 or order.is_floating_point() or not len(order)):
-            raise ValueError(f"hidden_order must be a 1-D integer tensor of channel indices, got {order.dtype} "
-                             f"of shape {tuple(order.shape)}")
-        if order is not None and not torch.equal(order.sort().values, torch.arange(len(order), device=order.device)):
-            raise ValueError(f"hidden_order must be a permutation of 0..n-1, got {len(order)} entries, "
-                             f"{len(order.unique())} distinct, from {int(order.min())} to {int(order.max())}")
-        hidden_size = getattr(getattr(self.teacher, "config", None), "hidden_size", None)
-        if order is not None and hidden_size is not None and len(order) != hidden_size:
-            raise ValueError(f"hidden_order orders {len(order)} channels; the teacher has {hidden_size}")
+        if order is not None:
+            check_order(order, "hidden_order")
+            hidden_size = getattr(getattr(self.teacher, "config", None), "hidden_size", None)
+            if hidden_size is not None and len(order) != hidden_size:
+                raise ValueError(f"hidden_order orders {len(order)} channels; the teacher has {hidden_size}")
 
 
 def logit_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -220,10 +218,12 @@ def hidden_mse(student_hidden, teacher_hidden, order: torch.Tensor | None = None
     """SquareHead: per decoder layer ||h_s - h_t||^2 / ||h_t||^2 over the micro-batch,
     averaged over the layers (HF's hidden_states[1:], the layers' outputs); the teacher's
     channels taken in `order` first (`Distillation.hidden_order`)."""
+    teacher_hidden = teacher_hidden[1:]
     if order is not None:
-        teacher_hidden = [t.index_select(-1, order.to(t.device)) for t in teacher_hidden]
+        order = order.to(teacher_hidden[0].device)
+        teacher_hidden = [t.index_select(-1, order) for t in teacher_hidden]
     losses = [(s.float() - t.float()).square().sum() / t.float().square().sum().clamp_min(1e-12)
-              for s, t in zip(student_hidden[1:], teacher_hidden[1:], strict=True)]
+              for s, t in zip(student_hidden[1:], teacher_hidden, strict=True)]
     return torch.stack(losses).mean()
 
 
@@ -333,7 +333,8 @@ def _trainer_class():
                       else logit_kl(outputs.logits, teacher.logits, d.temperature))
                 loss = (1 - d.kl_weight) * loss + d.kl_weight * kl
             if hidden:
-                loss = loss + d.hidden_weight * hidden_mse(outputs.hidden_states, teacher.hidden_states, d.hidden_order)
+                loss = loss + d.hidden_weight * hidden_mse(outputs.hidden_states, teacher.hidden_states,
+                                                           d.hidden_order)
             return (loss, outputs) if return_outputs else loss
 
     return RecoveryTrainer

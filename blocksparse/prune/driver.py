@@ -256,8 +256,6 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, options: PruneOpti
               if options.allocation == "owl" or options.permute_channels else None)
         keep, outlier_ratios = _keep_per_row(linears_by_layer, shapes, sq, options)
         pruned = {name for name, (_, cols) in shapes.items() if keep[name] < cols // options.block_size}
-        # Linears that keep every block stay nn.Linear, unless nothing is pruned at all.
-        pruned_any = bool(pruned)
         orders = None
         if options.permute_channels:  # the layers follow one by one, as they are pruned
             family = family_of(model)
@@ -269,12 +267,13 @@ def prune_model(model: nn.Module, calib_inputs: torch.Tensor, options: PruneOpti
                 hidden[:] = [h.index_select(-1, orders.hidden.to(h.device)) for h in hidden]
 
         def finish(names, masks, row_perms):
-            """Convert one layer's pruned linears once they are final (its dense weights go)."""
+            """Convert one layer's pruned linears once they are final (its dense weights go); the
+            linears that keep every block stay nn.Linear, unless nothing is pruned at all."""
             if convert and names:
                 sparsify_model(model, block_masks={name: masks[name] for name in names},
                                block_size=options.block_size,
                                row_perms=row_perms if options.row_group > 1 else None, row_group=options.row_group,
-                               whole_stays_dense=pruned_any)
+                               whole_stays_dense=bool(pruned))
 
         masks, row_perms, per_linear, refine_loss = _prune_layers(
             layers, linears_by_layer, hidden, kwargs, n_calib, keep, stats_sink_weight, options, progress, device,
@@ -392,28 +391,27 @@ def _own(module: nn.Module) -> None:
         t.data = t.data.clone()
 
 
-def _write_and_map(module: nn.Module, path: Path) -> None:
-    """Write `module`'s tensors to `path` (safetensors) and use them memory-mapped from there."""
+def _written_and_mapped(tensors: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Write `tensors` to `path` (safetensors); the same tensors, memory-mapped from there."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({key: t.detach().contiguous().cpu() for key, t in module.state_dict().items()}, str(path))
+    save_file({key: t.detach().contiguous().cpu() for key, t in tensors.items()}, str(path))
     with safe_open(str(path), framework="pt") as f:
-        module.load_state_dict({key: f.get_tensor(key) for key in f.keys()}, assign=True)
+        return {key: f.get_tensor(key) for key in f.keys()}
+
+
+def _write_and_map(module: nn.Module, path: Path) -> None:
+    """Write `module`'s tensors to `path` and use them memory-mapped from there."""
+    module.load_state_dict(_written_and_mapped(module.state_dict(), path), assign=True)
 
 
 def _write_and_map_parameters(params: Mapping[str, nn.Parameter], path: Path) -> None:
-    """Write `params` (by their names here) to `path` and let each map its tensor from there; the
-    Parameter objects stay, so ties to them hold."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({name: p.detach().contiguous().cpu() for name, p in params.items()}, str(path))
-    with safe_open(str(path), framework="pt") as f:
-        for name, p in params.items():
-            p.data = f.get_tensor(name)
+    """The same for `params` (by names of their own); the Parameter objects stay, so ties to
+    them hold."""
+    for name, mapped in _written_and_mapped(params, path).items():
+        params[name].data = mapped
 
 
 def _execution_device(model: nn.Module, requested) -> torch.device:

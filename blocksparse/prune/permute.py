@@ -59,31 +59,40 @@ def channel_orders(model: nn.Module, family: Family, linears_by_layer: list[Mapp
     hidden_importance = None
     mlp, value = [], []
     for linears in linears_by_layer:
-        roles = {name.rpartition(".")[2]: (name, lin) for name, lin in linears.items() if name in pruned}
-
-        def share(role: str, dim: int) -> torch.Tensor | None:
-            """Each channel's share of `role`'s score mass |W_ij| ||X_j||, along its columns (dim 1)
-            or rows (dim 0); sums of |W| only, never the score matrix itself."""
-            if role not in roles:
-                return None
-            name, lin = roles[role]
-            magnitude = lin.weight.detach().abs().float()
-            norms = sq_norms[name].to(magnitude.device).sqrt()
-            columns = magnitude.sum(0).double().cpu() * norms.double().cpu()
-            mass = columns if dim == 1 else (magnitude @ norms.float()).double().cpu()
-            return mass / columns.sum().clamp_min(torch.finfo(torch.float64).tiny)
-
-        readers = [r for r in family.projections if r not in (family.output_projection, family.down_projection)]
-        parts = ([share(r, 1) for r in readers]
-                 + [share(r, 0) for r in (family.output_projection, family.down_projection)])
+        # role -> (columns' shares, rows' shares) of the pruned linears of this layer
+        shares = {name.rpartition(".")[2]: _score_shares(lin.weight, sq_norms[name])
+                  for name, lin in linears.items() if name in pruned}
+        writers = (family.output_projection, family.down_projection)
+        readers = [role for role in family.projections if role not in writers]
+        parts = [shares[r][0] for r in readers if r in shares] + [shares[w][1] for w in writers if w in shares]
         for part in parts:
-            if part is not None:
-                hidden_importance = part if hidden_importance is None else hidden_importance + part
-        down = share(family.down_projection, 1)
-        mlp.append(None if down is None else _descending(down))
-        value.append(_value_order(share(family.output_projection, 1), share(family.value_projection, 0), config))
+            hidden_importance = part if hidden_importance is None else hidden_importance + part
+        down = shares.get(family.down_projection)
+        mlp.append(None if down is None else _descending(down[0]))
+        value.append(_value_order(shares.get(family.output_projection, (None,))[0],
+                                  shares.get(family.value_projection, (None, None))[1], config))
     hidden = None if hidden_importance is None else _descending(hidden_importance)
     return ChannelOrders(hidden, mlp, value)
+
+
+def _score_shares(weight: torch.Tensor, sq_norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each column's and each row's share of the score mass |W_ij| ||X_j|| (float64, on the CPU):
+    sums of |W| only, never the score matrix itself."""
+    magnitude = weight.detach().abs().float()
+    norms = sq_norms.to(magnitude.device).sqrt()
+    columns = magnitude.sum(0).double().cpu() * norms.double().cpu()
+    total = columns.sum().clamp_min(torch.finfo(torch.float64).tiny)
+    return columns / total, (magnitude @ norms.float()).double().cpu() / total
+
+
+def check_order(order: torch.Tensor, what: str) -> None:
+    """One line naming what came, unless `order` is a permutation of 0..n-1."""
+    if order.dim() != 1 or order.is_floating_point() or not len(order):
+        raise ValueError(f"{what} must be a non-empty 1-D list of channel indices, got {order.dtype} "
+                         f"of shape {tuple(order.shape)}")
+    if not torch.equal(order.sort().values, torch.arange(len(order), device=order.device)):
+        raise ValueError(f"{what} must be a permutation of 0..n-1, got {len(order)} entries, "
+                         f"{len(order.unique())} distinct, from {int(order.min())} to {int(order.max())}")
 
 
 def _descending(importance: torch.Tensor) -> torch.Tensor:
