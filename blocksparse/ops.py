@@ -318,8 +318,8 @@ def _row_groups(weight: BlockSparseWeight) -> dict:
     true_of = weight.row_perm.long() if order is None else weight.row_perm.long()[order]  # per schedule row
     identity = bool((true_of == torch.arange(rows, device=device)).all())
     return {"usable": True, "shared": shared, "union_density": union_density, "steps": steps,
-            "dx_adds": float(unions.sum()) / cols_in,
-            "true_rows": weight.row_perm.long(), "to_schedule": None if identity else true_of,
+            "dx_adds": float(unions.sum()) / cols_in, "union_cols": present.nonzero()[:, 1],
+            "to_schedule": None if identity else true_of,
             "to_true": None if identity else torch.argsort(true_of)}
 
 
@@ -409,25 +409,25 @@ def _permute_block_columns(t: torch.Tensor, order: torch.Tensor | None) -> torch
 
 
 def _shared_slab_matmul(x: torch.Tensor, weight: BlockSparseWeight, layout: dict) -> torch.Tensor:
-    """Y = X W^T for fully shared row groups at a few dozen tokens: X's union columns gathered
-    once per group ([M, U*b], shared by the group's G rows) and each row's stored tiles
-    multiplied where they lie ([M, U*b] x [U*b, b]; one bmm per group reads the shared slab
-    through a zero batch stride). No packing: at this M copying the tiles costs about as
-    much as multiplying them, and a gather per row (the "blocks" path) copies X G times."""
+    """Y = X W^T for fully shared row groups at a few dozen tokens: X's union columns of
+    every group gathered in one select ([M, groups, U*b], each group's slab shared by its
+    G rows) and each row's stored tiles multiplied where they lie ([M, U*b] x [U*b, b];
+    one bmm per group reads its slab through a zero batch stride). No packing: at this M
+    copying the tiles costs about as much as multiplying them, and a gather per row (the
+    "blocks" path) copies X G times. The loop holds nothing but the bmm: per-group
+    gathers and slicing cost ~20% at 4096x4096, M = 16 (DESIGN.md, "The torch backend")."""
     m, (n, _), b = x.shape[0], weight.shape, weight.block_size
     rows_out, cols_in = weight.block_grid
-    x_blocks = x.reshape(m, cols_in, b)
+    g, span = weight.row_group, layout["steps"][0]["unions"][0] * b
+    slabs = x.reshape(m, cols_in, b).index_select(1, layout["union_cols"]).view(m, -1, span)
+    tiles = weight.values.view(rows_out, span, b)
     result = x.new_empty(rows_out, m, b)  # block rows in storage order
-    for step in layout["steps"]:
-        size, groups, span = step["size"], step["groups"], step["unions"][0] * b
-        slab = x_blocks.index_select(1, step["cols"]).view(m, groups, span)
-        tiles = weight.values[step["tiles"][0]:step["tiles"][1]].view(groups, size, span, b)
-        for j in range(groups):
-            start = step["first"] + j * size
-            torch.bmm(slab[:, j].expand(size, m, span), tiles[j], out=result[start:start + size])
-    out = x.new_empty(m, n)
-    out.view(m, rows_out, b).index_copy_(1, layout["true_rows"], result.transpose(0, 1))
-    return out
+    for j, start in enumerate(range(0, rows_out, g)):
+        stop = min(start + g, rows_out)
+        torch.bmm(slabs[:, j].expand(stop - start, m, span), tiles[start:stop], out=result[start:stop])
+    if layout["to_true"] is not None:
+        result = result.index_select(0, layout["to_true"])
+    return result.transpose(0, 1).reshape(m, n)
 
 
 def _tile_spans(step: dict, b: int) -> list[tuple[slice, slice]]:
