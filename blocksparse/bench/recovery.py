@@ -24,27 +24,10 @@ from pathlib import Path
 
 import torch
 
+from ..integration.recipes import RECOVERY_RECIPES
 from . import common
 
-# name -> (what it trains, how); lr: the base learning rate the sweep multiplies.
-# LoRA targets "seed" = the family's default (q_proj, v_proj), "all" = the seven projections.
-RECIPES = {
-    "seed": dict(lora=dict(r=8, alpha=16, targets="seed"), lr=1e-4,
-                 about="the seed's recipe: LoRA r=8 on q/v, LM loss"),
-    "lora16": dict(lora=dict(r=16, alpha=32, targets="all"), lr=1e-3,
-                   about="LoRA r=16 on all seven projections, LM loss (the demo's step)"),
-    "lora16_kd": dict(lora=dict(r=16, alpha=32, targets="all"), lr=1e-3, distill=dict(kl_weight=0.5),
-                      about="+ logit KD (KL to the dense teacher, weight 0.5)"),
-    "lora16_kd_hidden": dict(lora=dict(r=16, alpha=32, targets="all"), lr=1e-3,
-                             distill=dict(kl_weight=0.5, hidden_weight=1.0),
-                             about="+ logit KD and SquareHead hidden-state distillation"),
-    "values_kd_hidden": dict(values=True, lr=1e-4, distill=dict(kl_weight=0.5, hidden_weight=1.0),
-                             about="the kept blocks trained, KD + hidden-state distillation"),
-    "values_lora16_kd_hidden": dict(values=True, lora=dict(r=16, alpha=32, targets="all"), lr=1e-3,
-                                    values_lr_ratio=0.1, distill=dict(kl_weight=0.5, hidden_weight=1.0),
-                                    about="kept blocks + LoRA r=16, KD + hidden-state distillation"),
-}
-DEFAULT_RECIPES = ",".join(RECIPES)
+DEFAULT_RECIPES = ",".join(RECOVERY_RECIPES)
 VALIDATION_WINDOWS = 12
 
 
@@ -89,34 +72,19 @@ def _eval_sets(tokens: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:, :args.eval_windows * args.seqlen], tokens[:, -VALIDATION_WINDOWS * args.seqlen:]
 
 
-def train_curve(recipe: dict, lr: float, start: Path, teacher, windows: torch.Tensor, budgets: list[int],
+def train_curve(recipe: str, lr: float, start: Path, teacher, windows: torch.Tensor, budgets: list[int],
                 args, folder: Path) -> list[dict]:
-    """Train `recipe` at `lr` from `start`; perplexity on `windows` at each budget of tokens."""
+    """Train `recipe` at `lr` from `start` at a constant rate after warm-up; perplexity on
+    `windows` at each budget of tokens."""
     from transformers import TrainerCallback
 
-    from ..families import family_of
     from ..integration.checkpoint import hidden_channel_order
-    from ..integration.data import train_token_blocks
     from ..integration.evaluate import perplexity
     from ..integration.model import load_model
-    from ..integration.peft import lora_config
-    from ..integration.train import Distillation, train, training_arguments
+    from ..integration.recipes import recover
 
     model, tokenizer = load_model(str(start))
     tokens_per_step = args.batch_size * args.train_seqlen
-    steps = math.ceil(budgets[-1] / tokens_per_step)
-    blocks = train_token_blocks(tokenizer, args.dataset, args.train_seqlen, max_samples=steps * args.batch_size)
-    lora = None
-    if "lora" in recipe:
-        spec = recipe["lora"]
-        family = family_of(model)
-        targets = family.lora_targets if spec["targets"] == "seed" else tuple(family.projections)
-        lora = lora_config(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=0.05, target_modules=targets)
-    distillation = (Distillation(teacher, hidden_order=hidden_channel_order(start), **recipe["distill"])
-                    if "distill" in recipe else None)
-    values_lr = None
-    if recipe.get("values"):
-        values_lr = lr * recipe.get("values_lr_ratio", 1.0)
     points, started = [], time.perf_counter()
     train_seconds = [0.0]
 
@@ -138,12 +106,11 @@ def train_curve(recipe: dict, lr: float, start: Path, teacher, windows: torch.Te
             print(f"  {seen} tokens: perplexity {result['ppl']:.2f} ({train_seconds[0] / 60:.1f} min of training)")
             self.clock = time.perf_counter()
 
-    train_args = training_arguments(str(folder / "run"), max_steps=steps, per_device_train_batch_size=args.batch_size,
-                                    learning_rate=lr, lr_scheduler_type="constant_with_warmup",
-                                    warmup_steps=max(1, min(20, steps // 20)), logging_steps=max(1, steps // 20),
-                                    save_strategy="no", seed=0, disable_tqdm=True)
-    train(model, blocks, train_args, lora, train_sparse_values=bool(recipe.get("values")),
-          values_learning_rate=values_lr, distillation=distillation, callbacks=[EvaluateAtBudgets()])
+    distills = "distill" in RECOVERY_RECIPES[recipe]
+    recover(model, tokenizer, args.dataset, folder / "run", recipe, math.ceil(budgets[-1] / tokens_per_step),
+            args.batch_size, args.train_seqlen, lr, teacher=teacher if distills else None,
+            hidden_order=hidden_channel_order(start) if distills else None,
+            lr_scheduler_type="constant_with_warmup", callbacks=[EvaluateAtBudgets()], progress=False)
     print(f"  done in {(time.perf_counter() - started) / 60:.1f} min")
     return points
 
@@ -171,19 +138,19 @@ def run_recipes(args) -> None:
         if _read(result_file, settings) is not None:
             print(f"{name}: done earlier with the same settings, skipped")
             continue
-        recipe = RECIPES[name]
+        recipe = RECOVERY_RECIPES[name]
         print(f"\n== {name}: {recipe['about']}")
         sweep = []
         if len(args.sweep_list) > 1:
             for factor in args.sweep_list:
                 lr = recipe["lr"] * factor
                 print(f" sweep: lr {lr:g} for {args.budget_list[0]} tokens")
-                point = train_curve(recipe, lr, start, teacher, validation, args.budget_list[:1], args,
+                point = train_curve(name, lr, start, teacher, validation, args.budget_list[:1], args,
                                     folder / f"sweep_{factor:g}")[-1]
                 sweep.append({"lr": lr, "validation_ppl": point["ppl"]})
         lr = min(sweep, key=lambda s: s["validation_ppl"])["lr"] if sweep else recipe["lr"] * args.sweep_list[0]
         print(f" curve: lr {lr:g}")
-        points = train_curve(recipe, lr, start, teacher, reported, args.budget_list, args, folder)
+        points = train_curve(name, lr, start, teacher, reported, args.budget_list, args, folder)
         last = points[-1]
         common.write_json(result_file, {"recipe": name, "about": recipe["about"], "lr": lr, "sweep": sweep,
                                         "points": points, "tokens_per_s": last["tokens"] / max(last["train_s"], 1e-9),
@@ -202,7 +169,7 @@ def write_report(args) -> None:
     """recovery.md (the table) and recovery.png (perplexity against training tokens)."""
     settings = settings_of(args)
     base = _read(args.out / "baseline.json", settings)
-    results = [r for r in (_read(args.out / name / "result.json", settings) for name in RECIPES) if r]
+    results = [r for r in (_read(args.out / name / "result.json", settings) for name in RECOVERY_RECIPES) if r]
     if base is None or not results:
         raise SystemExit(f"no results in {args.out} for these settings: run the recipes first")
     budgets = sorted({p["tokens"] for r in results for p in r["points"]})
@@ -243,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="default")
     parser.add_argument("--dataset", default="default")
     parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--recipes", default=DEFAULT_RECIPES, help=f"comma-separated, of {', '.join(RECIPES)}")
+    parser.add_argument("--recipes", default=DEFAULT_RECIPES, help=f"comma-separated, of {', '.join(RECOVERY_RECIPES)}")
     parser.add_argument("--budgets", default="10000,40000,160000", help="training tokens at which to evaluate")
     parser.add_argument("--sweep", default="0.3,1,3",
                         help="learning-rate multiples tried at the first budget (one value: no sweep)")
@@ -256,9 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_defaults(args) -> None:
-    unknown = [r for r in (p.strip() for p in args.recipes.split(",")) if r and r not in RECIPES]
+    unknown = [r for r in (p.strip() for p in args.recipes.split(",")) if r and r not in RECOVERY_RECIPES]
     if unknown:
-        raise SystemExit(f"--recipes: unknown {', '.join(unknown)}; expected some of {', '.join(RECIPES)}")
+        raise SystemExit(f"--recipes: unknown {', '.join(unknown)}; expected some of {', '.join(RECOVERY_RECIPES)}")
     args.recipe_list = [r.strip() for r in args.recipes.split(",") if r.strip()]
     try:
         args.budget_list = sorted(int(b) for b in args.budgets.split(",") if b.strip())

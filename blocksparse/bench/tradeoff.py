@@ -5,7 +5,8 @@ same block columns, union = density), G:u (a group's rows choose among u x K/b s
 columns) or 1 (free masks). Three phases, each rerunnable on its own:
 
 - quality: prune the model with the demo's recipe at the configuration, perplexity
-  one-shot and after the demo's LoRA step (adapter unmerged), the pruned modules'
+  one-shot and after a LoRA step (the `lora16` recovery recipe, 40 x 256 tokens by
+  default; adapter unmerged), the pruned modules'
   union densities (forward W and transposed W^T, which dX = dY W walks); each
   configuration's block structure is saved (structure.safetensors) for the speed phase,
   and finished configurations are skipped when the phase is rerun;
@@ -81,7 +82,7 @@ def run_quality(args, configs) -> None:
     from ..integration.data import calibration_samples, eval_tokens
     from ..integration.evaluate import perplexity
     from ..integration.model import load_model
-    from ..integration.recipes import lora_step, prune_recipe
+    from ..integration.recipes import prune_recipe, recover
     from ..prune import prune_model
 
     dense_model, tokenizer = load_model(args.model)
@@ -108,8 +109,8 @@ def run_quality(args, configs) -> None:
         prune_s = time.perf_counter() - start
         save_structure(model, folder / "structure.safetensors", group)
         one_shot = perplexity(model, held_out, args.seqlen, max_windows=args.eval_windows)
-        peft_model, finetune = lora_step(model, tokenizer, args.dataset, folder / "lora", tuple(family.projections),
-                                        steps=args.steps, train_seqlen=args.train_seqlen)
+        peft_model, finetune = recover(model, tokenizer, args.dataset, folder / "lora", "lora16", steps=args.steps,
+                                       train_seqlen=args.train_seqlen)
         after = perplexity(peft_model, held_out, args.seqlen, max_windows=args.eval_windows)
         forward, transposed = union_means(model, group)
         common.write_json(folder / "result.json", {
@@ -270,8 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--nsamples", type=int, default=16, help="calibration windows (the demo's)")
     parser.add_argument("--eval-windows", type=int, default=40)
-    parser.add_argument("--steps", type=int, default=40, help="LoRA steps (the demo's)")
-    parser.add_argument("--train-seqlen", type=int, default=256, help="tokens per LoRA step (the demo's)")
+    parser.add_argument("--steps", type=int, default=40, help="LoRA steps")
+    parser.add_argument("--train-seqlen", type=int, default=256, help="tokens per LoRA step")
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=5)

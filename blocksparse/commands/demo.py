@@ -1,13 +1,15 @@
 """`blocksparse demo`: the whole story on the embedded default model, offline.
 
 dense perplexity -> 16x16 block pruning (the best one-shot recipe) -> perplexity
--> LoRA fine-tune through the fused op -> perplexity with the adapter unmerged
--> latency dense vs block-sparse -> a table, greedy text samples of each stage,
-`report.md`, `results.json` and `demo.png` in the output folder.
+-> recovery through the fused op (the demo's recipe, and the seed's LoRA recipe at the
+same token budget beside it) -> perplexity with the adapter unmerged -> latency dense vs
+block-sparse -> a table, greedy text samples of each stage, `report.md`, `results.json`
+and `demo.png` in the output folder.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -18,15 +20,16 @@ from pathlib import Path
 import torch
 
 from ..format import SUPPORTED_BLOCK_SIZES
-from ..integration.recipes import DEMO_ROW_GROUP, latency, lora_step, prune_recipe
+from ..integration.recipes import (DEMO_RECIPE, DEMO_ROW_GROUP, DEMO_STEPS, RECOVERY_RECIPES, SEED_RECIPE,
+                                   latency, prune_recipe, recover)
 from .args import CLIError, add_dataset_flag, add_flag, check_finite
 
 
 def add_parser(subparsers):
     parser = subparsers.add_parser(
-        "demo", help="prune, recover with LoRA, evaluate and time the embedded default model",
+        "demo", help="prune, recover, evaluate and time the embedded default model",
         description="The whole story on the embedded SmolLM2-135M and Wikipedia sample, offline: "
-                    "dense -> block-pruned -> LoRA-recovered perplexity, and latency dense vs sparse.")
+                    "dense -> block-pruned -> recovered perplexity, and latency dense vs sparse.")
     add_flag(parser, "--out", default="runs/demo", help="report folder (default: %(default)s)")
     add_flag(parser, "--model", default="default", help="model name or directory (default: %(default)s)")
     add_dataset_flag(parser, "--dataset", what="text for calibration, training and evaluation")
@@ -45,14 +48,19 @@ def add_parser(subparsers):
              help="calibration windows for pruning (default: %(default)s)")
     add_flag(parser, "--eval_windows", type=int, default=12,
              help="held-out windows per perplexity, 0 = all 154 (default: %(default)s)")
-    add_flag(parser, "--steps", type=int, default=40, help="LoRA training steps (default: %(default)s)")
+    add_flag(parser, "--recipe", default=DEMO_RECIPE, choices=sorted(RECOVERY_RECIPES),
+             help="recovery recipe (`blocksparse bench recovery` compares them; default: %(default)s)")
+    add_flag(parser, "--seed_recipe", action=argparse.BooleanOptionalAction, default=True,
+             help=f"also train the seed's recipe ({RECOVERY_RECIPES[SEED_RECIPE]['about']}) at the same "
+                  "budget, for comparison (default: on)")
+    add_flag(parser, "--steps", type=int, default=DEMO_STEPS, help="training steps (default: %(default)s)")
     add_flag(parser, "--batch_size", type=int, default=1, help="sequences per step (default: %(default)s)")
     add_flag(parser, "--train_seqlen", type=int, default=256,
              help="tokens per training sequence (default: %(default)s)")
-    add_flag(parser, "--learning_rate", type=float, default=1e-3, help="(default: %(default)s)")
-    add_flag(parser, "--lora_r", type=int, default=16, help="LoRA rank (default: %(default)s)")
+    add_flag(parser, "--learning_rate", type=float, default=None, help="(default: the recipe's)")
+    add_flag(parser, "--lora_r", type=int, default=None, help="LoRA rank, alpha = 2r (default: the recipe's)")
     add_flag(parser, "--target_modules", default=None,
-             help="modules LoRA adapts, comma-separated (default: all seven projections of the family)")
+             help="modules LoRA adapts, comma-separated (default: the recipe's)")
     add_flag(parser, "--sample_tokens", type=int, default=32,
              help="new tokens per greedy text sample of each model (default: %(default)s)")
     add_flag(parser, "--decode_tokens", type=int, default=32,
@@ -82,9 +90,10 @@ def _samples_table(found: dict) -> str:
     def cell(text: str) -> str:
         return " ".join(text.split()).replace("|", "\\|") or "(nothing)"
 
-    lines = ["| prompt | dense | block-sparse (one-shot) | + LoRA |", "| --- | --- | --- | --- |"]
+    lines = ["| prompt | dense | block-sparse (one-shot) | recovered |", "| --- | --- | --- | --- |"]
     for i, prompt in enumerate(found["prompts"]):
-        lines.append(f"| {cell(prompt)} | " + " | ".join(cell(found[k][i]) for k in ("dense", "pruned", "lora")) + " |")
+        lines.append(f"| {cell(prompt)} | " + " | ".join(cell(found[k][i]) for k in ("dense", "pruned", "recovered"))
+                     + " |")
     return "\n".join(lines)
 
 
@@ -96,7 +105,7 @@ def _plot(stages: list[tuple[str, float]], timing: dict, path: Path) -> None:
 
     fig, (ax_ppl, ax_lat) = plt.subplots(1, 2, figsize=(10, 4))
     names, values = zip(*stages)
-    bars = ax_ppl.bar(names, values, color=["#4c72b0", "#c44e52", "#55a868"][: len(values)])
+    bars = ax_ppl.bar(names, values, color=["#4c72b0", "#c44e52", "#dd8452", "#55a868"][-len(values):])
     ax_ppl.set_yscale("log")
     ax_ppl.set_ylabel("held-out perplexity (log)")
     ax_ppl.set_title("perplexity per stage")
@@ -105,9 +114,10 @@ def _plot(stages: list[tuple[str, float]], timing: dict, path: Path) -> None:
     variants = (("dense", "dense"), ("sparse", "block-sparse"), ("dense_lora", "dense + LoRA"),
                 ("sparse_lora", "block-sparse + LoRA"))
     xs = range(len(kinds))
+    variants = [(key, label) for key, label in variants if key in timing]
     for i, (key, label) in enumerate(variants):
         values = [timing[key]["prefill_s"] * 1e3, 1e3 / timing[key]["decode_tokens_per_s"]]
-        ax_lat.bar([x + (i - 1.5) * 0.2 for x in xs], values, 0.2, label=label)
+        ax_lat.bar([x + (i - (len(variants) - 1) / 2) * 0.2 for x in xs], values, 0.2, label=label)
     ax_lat.set_xticks(list(xs), kinds)
     ax_lat.set_title(f"latency on {timing['device']}")
     ax_lat.legend()
@@ -119,19 +129,23 @@ def _plot(stages: list[tuple[str, float]], timing: dict, path: Path) -> None:
 def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str = "default",
              sparsity: float = 0.5, block_size: int = 16, row_group: int = DEMO_ROW_GROUP,
              union_density: float | None = None, seqlen: int = 512, nsamples: int = 16,
-             eval_windows: int | None = 12, steps: int = 40, batch_size: int = 1,
-             train_seqlen: int = 256, learning_rate: float = 1e-3, lora_r: int = 16,
+             eval_windows: int | None = 12, recipe: str = DEMO_RECIPE, seed_recipe: bool = True,
+             steps: int = DEMO_STEPS, batch_size: int = 1, train_seqlen: int = 256,
+             learning_rate: float | None = None, lora_r: int | None = None,
              target_modules: tuple[str, ...] | None = None, decode_tokens: int = 32,
              sample_tokens: int = 32) -> dict:
     """Run every stage and write the report folder; returns the results dict.
 
-    target_modules: what LoRA adapts (default: every projection of the model's family).
+    recipe: the recovery recipe (`recipes.RECOVERY_RECIPES`; learning_rate, lora_r and
+    target_modules override its own); seed_recipe: also train the seed's recipe at the same
+    budget, from the same one-shot model, for the table.
     """
     from ..families import family_of
     from ..integration.data import calibration_samples, eval_tokens
     from ..integration.evaluate import perplexity
     from ..integration.model import load_model
     from ..integration.peft import load_adapter
+    from ..integration.train import VALUES_FILE, trained_block_values
     from ..prune import prune_model
 
     started = time.perf_counter()
@@ -149,9 +163,9 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = timed("load", load_model, model_name)
     family = family_of(model)
-    recipe = prune_recipe(family)
-    target_modules = tuple(target_modules or family.projections)
+    prune_settings = prune_recipe(family)
     held_out = eval_tokens(tokenizer, dataset)
+    seed_recipe = seed_recipe and recipe != SEED_RECIPE
 
     def ppl(m, stage):
         print(f"\n== {stage}")
@@ -162,9 +176,11 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
     results: dict = {"settings": dict(model=model_name, dataset=dataset, sparsity=sparsity,
                                       block_size=block_size, row_group=row_group,
                                       union_density=union_density, seqlen=seqlen, nsamples=nsamples,
-                                      eval_windows=eval_windows, steps=steps, batch_size=batch_size,
-                                      train_seqlen=train_seqlen, learning_rate=learning_rate, lora_r=lora_r,
-                                      target_modules=list(target_modules), prune_recipe=recipe)}
+                                      eval_windows=eval_windows, recipe=recipe, seed_recipe=seed_recipe,
+                                      steps=steps, batch_size=batch_size, train_seqlen=train_seqlen,
+                                      learning_rate=learning_rate, lora_r=lora_r,
+                                      target_modules=None if target_modules is None else list(target_modules),
+                                      prune_recipe=prune_settings)}
     results["dense"] = ppl(model, "dense model")
     results["samples"] = {"prompts": list(SAMPLE_PROMPTS), "dense": timed("samples", samples, model, tokenizer,
                                                                            sample_tokens)}
@@ -173,26 +189,54 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
     print(f"\n== pruning {block_size}x{block_size} blocks to {sparsity:.0%} sparsity ({nsamples} calibration windows)")
     calib = calibration_samples(tokenizer, dataset, nsamples, seqlen)
     report = timed("prune", prune_model, model, calib, sparsity=sparsity, block_size=block_size,
-                   row_group=row_group, union_density=union_density, **recipe)
+                   row_group=row_group, union_density=union_density, **prune_settings)
     results["prune"] = {"total_density": report["total_density"], "seconds": stage_seconds["prune"]}
     results["pruned"] = ppl(model, "block-sparse model")
     results["samples"]["pruned"] = timed("samples", samples, model, tokenizer, sample_tokens)
-    sparse_model = copy.deepcopy(model)  # timed as it is: LoRA wraps `model` in PEFT's layers
+    sparse_model = copy.deepcopy(model)  # timed as it is: recovery trains `model` in place
+    order = report.get("channel_permutation", {}).get("hidden")
+    hidden_order = None if order is None else torch.tensor(order)
 
-    print(f"\n== LoRA fine-tuning: {steps} steps x {batch_size} x {train_seqlen} tokens, fused block-sparse op")
-    peft_model, results["finetune"] = timed("LoRA", lora_step, model, tokenizer, dataset, out / "lora",
-                                            target_modules, steps, batch_size, train_seqlen, learning_rate, lora_r)
-    peft_model.save_pretrained(out / "adapter")
-    results["lora"] = ppl(peft_model, "block-sparse model + LoRA (adapter unmerged)")
-    results["samples"]["lora"] = timed("samples", samples, peft_model, tokenizer, sample_tokens)
+    def recovery(name: str, student, folder: Path, **overrides):
+        spec = RECOVERY_RECIPES[name]
+        print(f"\n== recovery, {name}: {spec['about']}; {steps} steps x {batch_size} x {train_seqlen} tokens, "
+              "fused block-sparse op")
+        trained, info = timed(f"recovery ({name})", recover, student, tokenizer, dataset, folder, name, steps,
+                              batch_size, train_seqlen, teacher=dense_model, hidden_order=hidden_order, **overrides)
+        info.update(about=spec["about"], learning_rate=overrides.get("learning_rate") or spec["lr"])
+        return trained, info
 
-    print("\n== latency: dense vs block-sparse, each alone and with the same LoRA adapter (unmerged), interleaved")
+    seed_model = None
+    if seed_recipe:
+        seed_model, results["seed_recovery"] = recovery(SEED_RECIPE, copy.deepcopy(model), out / "seed")
+        results["seed_recovered"] = ppl(seed_model, f"block-sparse model + the seed's recipe ({SEED_RECIPE})")
+    recovered, results["recovery"] = recovery(recipe, model, out / "recovery", learning_rate=learning_rate,
+                                              lora_r=lora_r, target_modules=target_modules)
+    has_lora = "lora" in RECOVERY_RECIPES[recipe]
+    if has_lora:
+        recovered.save_pretrained(out / "adapter")
+    if RECOVERY_RECIPES[recipe].get("values"):
+        from safetensors.torch import save_file
+
+        (out / "adapter").mkdir(exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in trained_block_values(recovered).items()},
+                  str(out / "adapter" / VALUES_FILE))
+    results["recovered"] = ppl(recovered, f"block-sparse model + {recipe} (adapter unmerged)")
+    results["samples"]["recovered"] = timed("samples", samples, recovered, tokenizer, sample_tokens)
+
     prompt = held_out[:, :seqlen]
     device = (torch.cuda.get_device_name() if torch.cuda.is_available()
               else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
-    dense_lora = load_adapter(copy.deepcopy(dense_model), out / "adapter")
-    # Each pair alike: the plain models, then both wrapped by PEFT with the same adapter.
-    models = {"dense": dense_model, "sparse": sparse_model, "dense_lora": dense_lora, "sparse_lora": peft_model}
+    models = {"dense": dense_model, "sparse": sparse_model}
+    # Each pair alike: the plain models, then both wrapped by PEFT with the same adapter (the
+    # recipe's, or the seed recipe's when the recipe trains none).
+    adapter_model = recovered if has_lora else seed_model
+    if adapter_model is not None:
+        if not has_lora:
+            adapter_model.save_pretrained(out / "seed_adapter")
+        adapter_dir = out / ("adapter" if has_lora else "seed_adapter")
+        models.update(dense_lora=load_adapter(copy.deepcopy(dense_model), adapter_dir), sparse_lora=adapter_model)
+    print("\n== latency: dense vs block-sparse, each alone and with the same LoRA adapter (unmerged), interleaved")
     results["latency"] = {"device": device, **timed("latency", latency, models, prompt, decode_tokens)}
     results["seconds"] = time.perf_counter() - started
     results["stage_seconds"] = stage_seconds
@@ -201,8 +245,10 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
     table = _table(results)
     print("\n" + table + "\n\n" + _samples_table(results["samples"]) + "\n\n" + _stage_table(results))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    stages = [("dense", results["dense"]["ppl"]), (f"pruned {sparsity:.0%}", results["pruned"]["ppl"]),
-              ("+ LoRA", results["lora"]["ppl"])]
+    stages = [("dense", results["dense"]["ppl"]), (f"pruned {sparsity:.0%}", results["pruned"]["ppl"])]
+    if seed_recipe:
+        stages.append((f"+ {SEED_RECIPE}", results["seed_recovered"]["ppl"]))
+    stages.append((f"+ {recipe}", results["recovered"]["ppl"]))
     _plot(stages, results["latency"], out / "demo.png")
     (out / "report.md").write_text(
         f"# blocksparse demo\n\n{table}\n\n![perplexity and latency](demo.png)\n\n"
@@ -215,19 +261,29 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
 def _table(results: dict) -> str:
     dense_ppl = results["dense"]["ppl"]
     lat = results["latency"]
+
+    def trained(info: dict) -> str:
+        return (f"{info['about']}; lr {info['learning_rate']:g}; {info['train_tokens']:,} tokens in "
+                f"{info['seconds'] / 60:.1f} min")
+
     rows = [
         ("dense", results["dense"]["ppl"], ""),
         (f"block-sparse {results['settings']['sparsity']:.0%} (one-shot)", results["pruned"]["ppl"],
          f"pruned in {results['prune']['seconds']:.0f} s, density {results['prune']['total_density']:.3f}"
          + _grouping_note(results["settings"])),
-        ("block-sparse + LoRA (unmerged)", results["lora"]["ppl"],
-         f"{results['finetune']['train_tokens']} tokens in {results['finetune']['seconds'] / 60:.1f} min"),
     ]
+    if "seed_recovered" in results:
+        rows.append((f"+ the seed's recipe, `{results['seed_recovery']['recipe']}` (unmerged)",
+                     results["seed_recovered"]["ppl"], trained(results["seed_recovery"])))
+    rows.append((f"+ recovery, `{results['recovery']['recipe']}` (unmerged)", results["recovered"]["ppl"],
+                 trained(results["recovery"])))
     lines = ["| stage | perplexity | x dense | notes |", "| --- | ---: | ---: | --- |"]
     lines += [f"| {name} | {p:.2f} | {p / dense_ppl:.2f} | {note} |" for name, p, note in rows]
     lines += ["", f"Latency on {lat['device']}, measured in one interleaved run (medians):", "",
               "| | dense | block-sparse | speedup |", "| --- | ---: | ---: | ---: |"]
     for suffix, label in (("", ""), ("_lora", ", both + LoRA")):
+        if "dense" + suffix not in lat:
+            continue
         d, s = lat["dense" + suffix], lat["sparse" + suffix]
         lines += [f"| prefill {d['prefill_tokens']} tokens (ms){label} | {d['prefill_s'] * 1e3:.1f} | "
                   f"{s['prefill_s'] * 1e3:.1f} | {d['prefill_s'] / s['prefill_s']:.2f}x |",
@@ -258,7 +314,7 @@ def run(args) -> int:
         raise CLIError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     for name in ("steps", "seqlen", "train_seqlen", "nsamples", "batch_size", "lora_r", "decode_tokens",
                  "sample_tokens"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise CLIError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.row_group < 1:
         raise CLIError(f"--row_group must be >= 1 (1 = free masks), got {args.row_group}")
@@ -266,12 +322,15 @@ def run(args) -> int:
         raise CLIError(f"--union_density needs --row_group > 1 and a value in [1 - sparsity, 1] = "
                        f"[{1 - args.sparsity:g}, 1], got {args.union_density} with --row_group {args.row_group}")
     targets = tuple(t.strip() for t in (args.target_modules or "").split(",") if t.strip()) or None
+    if args.learning_rate is not None and args.learning_rate <= 0:
+        raise CLIError(f"--learning_rate must be > 0, got {args.learning_rate}")
+    if (args.lora_r is not None or targets is not None) and "lora" not in RECOVERY_RECIPES[args.recipe]:
+        raise CLIError(f"--lora_r / --target_modules: recipe {args.recipe!r} trains no LoRA adapter")
     try:
         run_demo(args.out, args.model, args.dataset, args.sparsity, args.sparse_block_size, args.row_group,
-                 args.union_density, args.seqlen,
-                 args.nsamples, args.eval_windows or None, args.steps, args.batch_size,
-                 args.train_seqlen, args.learning_rate, args.lora_r, targets, args.decode_tokens,
-                 args.sample_tokens)
+                 args.union_density, args.seqlen, args.nsamples, args.eval_windows or None, args.recipe,
+                 args.seed_recipe, args.steps, args.batch_size, args.train_seqlen, args.learning_rate,
+                 args.lora_r, targets, args.decode_tokens, args.sample_tokens)
     except (OSError, ValueError) as err:
         raise CLIError(str(err)) from err
     return 0

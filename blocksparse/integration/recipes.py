@@ -1,5 +1,5 @@
-"""The measured recipes the demo runs and the trade-off benchmark compares: one pruning
-recipe, one LoRA recovery step (README, "Pruning" and "The demo", says what each buys)."""
+"""The measured recipes the demo runs and the benchmarks compare: the pruning recipe and the
+recovery recipes (README, "Pruning", "Recovery, measured" and "The demo", says what each buys)."""
 
 from __future__ import annotations
 
@@ -33,27 +33,80 @@ def prune_recipe(family: Family) -> dict:
                 refine_steps=45, refine_precision="bfloat16")
 
 
-def lora_step(model: nn.Module, tokenizer, dataset: str, out: str | Path, target_modules: tuple[str, ...],
-              steps: int = 40, batch_size: int = 1, train_seqlen: int = 256, learning_rate: float = 1e-3,
-              lora_r: int = 16) -> tuple[nn.Module, dict]:
-    """The demo's LoRA recovery: r = lora_r, alpha = 2r, dropout 0.05 on `target_modules`,
-    `steps` x `batch_size` x `train_seqlen` tokens of the train split, no checkpoints.
-    Returns the PEFT model (adapter unmerged) and {"seconds", "train_tokens", "train_loss"}."""
+# Recovery recipes: what trains and with which loss, compared by `blocksparse bench recovery`
+# (README, "Recovery, measured"). LoRA targets "seed" = the family's default (q_proj, v_proj),
+# "all" = its seven projections. lr: the base rate the benchmark's sweep multiplies (where a
+# 0.3 / 1 / 3x sweep at 10k tokens chose its top multiple, the base moved up to it).
+RECOVERY_RECIPES = {
+    "seed": dict(lora=dict(r=8, alpha=16, targets="seed"), lr=3e-4,
+                 about="the seed's recipe: LoRA r=8 on q/v, LM loss"),
+    "lora16": dict(lora=dict(r=16, alpha=32, targets="all"), lr=1e-3,
+                   about="LoRA r=16 on all seven projections, LM loss"),
+    "lora16_kd": dict(lora=dict(r=16, alpha=32, targets="all"), lr=1e-3, distill=dict(kl_weight=0.5),
+                      about="+ logit KD (KL to the dense teacher, weight 0.5)"),
+    "lora16_kd_hidden": dict(lora=dict(r=16, alpha=32, targets="all"), lr=1e-3,
+                             distill=dict(kl_weight=0.5, hidden_weight=1.0),
+                             about="+ logit KD and SquareHead hidden-state distillation"),
+    "values_kd_hidden": dict(values=True, lr=3e-4, distill=dict(kl_weight=0.5, hidden_weight=1.0),
+                             about="the kept blocks trained, KD + hidden-state distillation"),
+    "values_lora16_kd_hidden": dict(values=True, lora=dict(r=16, alpha=32, targets="all"), lr=1e-3,
+                                    values_lr_ratio=0.1, distill=dict(kl_weight=0.5, hidden_weight=1.0),
+                                    about="kept blocks + LoRA r=16, KD + hidden-state distillation"),
+}
+# The seed's recipe, which the demo trains beside its own at the same budget.
+SEED_RECIPE = "seed"
+# The demo's recovery step: the recipe that recovered most per CPU-minute (README, "Recovery, measured").
+DEMO_RECIPE = "lora16"
+# Its steps of 1 x 256 tokens: what fits the demo's wall-clock budget on 2 CPU cores.
+DEMO_STEPS = 40
+
+
+def recover(model: nn.Module, tokenizer, dataset: str, out: str | Path, recipe: str, steps: int,
+            batch_size: int = 1, train_seqlen: int = 256, learning_rate: float | None = None,
+            teacher: nn.Module | None = None, hidden_order: torch.Tensor | None = None,
+            lr_scheduler_type: str = "linear", lora_r: int | None = None,
+            target_modules: tuple[str, ...] | None = None, callbacks=None,
+            progress: bool = True) -> tuple[nn.Module, dict]:
+    """Train `recipe` (a RECOVERY_RECIPES name) on `model` for `steps` x `batch_size` x
+    `train_seqlen` tokens of the train split, warm-up 5% of the steps (at most 20), then
+    `lr_scheduler_type`;
+    no checkpoints. learning_rate: default the recipe's; lora_r (alpha = 2r) and
+    target_modules override its LoRA; progress: a tqdm bar. teacher: the dense model the recipe distils from
+    (hidden_order: its hidden channels' order in the student, `checkpoint.hidden_channel_order`).
+    Returns the trained model (the PeftModel, adapter unmerged, when the recipe has LoRA) and
+    {"recipe", "seconds", "train_tokens", "train_loss"}."""
+    from ..families import family_of
     from .data import train_token_blocks
     from .peft import lora_config
-    from .train import train, training_arguments
+    from .train import Distillation, train, training_arguments
 
+    spec = RECOVERY_RECIPES[recipe]
+    if "distill" in spec and teacher is None:
+        raise ValueError(f"recipe {recipe!r} distils from the dense model: pass its teacher")
+    if (lora_r is not None or target_modules is not None) and "lora" not in spec:
+        raise ValueError(f"recipe {recipe!r} trains no LoRA adapter: lora_r / target_modules do not apply")
+    lr = spec["lr"] if learning_rate is None else learning_rate
+    lora = None
+    if "lora" in spec:
+        family, r = family_of(model), lora_r or spec["lora"]["r"]
+        targets = target_modules or (family.lora_targets if spec["lora"]["targets"] == "seed" else family.projections)
+        alpha = spec["lora"]["alpha"] if lora_r is None else 2 * lora_r
+        lora = lora_config(r=r, lora_alpha=alpha, lora_dropout=0.05, target_modules=tuple(targets))
+    distillation = Distillation(teacher, hidden_order=hidden_order, **spec["distill"]) if "distill" in spec else None
     blocks = train_token_blocks(tokenizer, dataset, train_seqlen, max_samples=steps * batch_size)
     args = training_arguments(str(out), max_steps=steps, per_device_train_batch_size=batch_size,
-                              learning_rate=learning_rate, warmup_steps=max(1, steps // 20),
-                              logging_steps=max(1, steps // 10), save_strategy="no", seed=0)
-    config = lora_config(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.05, target_modules=target_modules)
+                              learning_rate=lr, lr_scheduler_type=lr_scheduler_type,
+                              warmup_steps=max(1, min(20, steps // 20)), logging_steps=max(1, steps // 20),
+                              save_strategy="no", seed=0, disable_tqdm=not progress)
     start = time.perf_counter()
-    peft_model, trainer, train_output = train(model, blocks, args, config)
+    trained, trainer, train_output = train(model, blocks, args, lora, train_sparse_values=bool(spec.get("values")),
+                                           values_learning_rate=(lr * spec.get("values_lr_ratio", 1.0)
+                                                                 if spec.get("values") else None),
+                                           distillation=distillation, callbacks=callbacks)
     # Tokens the steps consumed (a corpus with fewer blocks than steps x batch is repeated).
-    return peft_model, {"seconds": time.perf_counter() - start,
-                        "train_tokens": round(blocks.numel() * (trainer.state.epoch or 0)),
-                        "train_loss": train_output.training_loss}
+    return trained, {"recipe": recipe, "seconds": time.perf_counter() - start,
+                     "train_tokens": round(blocks.numel() * (trainer.state.epoch or 0)),
+                     "train_loss": train_output.training_loss}
 
 
 def latency(models: dict[str, nn.Module], prompt: torch.Tensor, decode_tokens: int,

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from blocksparse.bench import recovery
+from blocksparse.integration.recipes import RECOVERY_RECIPES
 
 
 def test_recipes_train_their_curves_and_the_report_names_each(tiny_dir, corpus_file, tmp_path, capsys):
@@ -23,7 +24,7 @@ def test_recipes_train_their_curves_and_the_report_names_each(tiny_dir, corpus_f
         # The curve runs at the sweep's best rate on the validation windows.
         assert len(result["sweep"]) == 2
         assert result["lr"] == min(result["sweep"], key=lambda s: s["validation_ppl"])["lr"]
-        assert {s["lr"] for s in result["sweep"]} == {recovery.RECIPES[name]["lr"] * f for f in (0.5, 2)}
+        assert {s["lr"] for s in result["sweep"]} == {RECOVERY_RECIPES[name]["lr"] * f for f in (0.5, 2)}
     table = (out / "recovery.md").read_text()
     assert "| seed |" in table and "| values_kd_hidden |" in table and (out / "recovery.png").is_file()
     capsys.readouterr()

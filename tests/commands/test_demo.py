@@ -4,9 +4,12 @@ import json
 import math
 
 import pytest
+from safetensors.torch import load_file
 
 from blocksparse.commands import main
 from blocksparse.commands.demo import run_demo
+from blocksparse.integration.recipes import DEMO_RECIPE, RECOVERY_RECIPES, SEED_RECIPE
+from blocksparse.integration.train import VALUES_FILE
 
 
 @pytest.mark.parametrize("row_group", [1, 2])
@@ -24,25 +27,52 @@ def test_demo_runs_every_stage_and_writes_the_report(tiny_dir, corpus_file, tmp_
     # The recipe keeps layer 0's MLP and every v_proj dense; the rest meet the budget,
     # which is 70% of the tiny model's 288 blocks rounded to whole blocks.
     assert results["prune"]["total_density"] == pytest.approx(round(0.7 * 288) / 288)
-    for stage in ("dense", "pruned", "lora"):
+    for stage in ("dense", "pruned", "seed_recovered", "recovered"):
         assert math.isfinite(saved[stage]["ppl"]) and saved[stage]["windows"] == 3
-    assert saved["finetune"]["train_tokens"] == 3 * 2 * 32
+    # The demo's recipe and the seed's, at the same budget, each at its own rate.
+    assert saved["recovery"]["recipe"] == DEMO_RECIPE and saved["seed_recovery"]["recipe"] == SEED_RECIPE
+    for key, name in (("recovery", DEMO_RECIPE), ("seed_recovery", SEED_RECIPE)):
+        assert saved[key]["train_tokens"] == 3 * 2 * 32
+        assert saved[key]["learning_rate"] == RECOVERY_RECIPES[name]["lr"]
+    assert saved["recovered"]["ppl"] != saved["seed_recovered"]["ppl"]
     for kind in ("dense", "sparse", "dense_lora", "sparse_lora"):
         assert saved["latency"][kind]["prefill_s"] > 0 and saved["latency"][kind]["decode_tokens_per_s"] > 0
     report = (out / "report.md").read_text()
-    assert "| block-sparse + LoRA (unmerged) |" in report and "demo.png" in report
+    assert f"| + recovery, `{DEMO_RECIPE}` (unmerged) |" in report and "demo.png" in report
+    assert f"| + the seed's recipe, `{SEED_RECIPE}` (unmerged) |" in report
     assert "| decode (tokens/s), both + LoRA |" in report
     assert ("free masks" if row_group == 1 else "2 block rows per group sharing their columns") in report
     # Each stage's greedy samples, in the report as in results.json.
     found = saved["samples"]
-    assert len(found["prompts"]) == 3 and all(len(found[k]) == 3 for k in ("dense", "pruned", "lora"))
-    assert "| prompt | dense | block-sparse (one-shot) | + LoRA |" in report
+    assert len(found["prompts"]) == 3 and all(len(found[k]) == 3 for k in ("dense", "pruned", "recovered"))
+    assert "| prompt | dense | block-sparse (one-shot) | recovered |" in report
     assert " ".join(found["prompts"][0].split()) in report
     # Where the time went, stage by stage, adding up to no more than the whole run.
     seconds = saved["stage_seconds"]
-    assert set(seconds) == {"load", "perplexity", "samples", "prune", "LoRA", "latency"}
+    assert set(seconds) == {"load", "perplexity", "samples", "prune", f"recovery ({SEED_RECIPE})",
+                            f"recovery ({DEMO_RECIPE})", "latency"}
     assert all(t > 0 for t in seconds.values()) and sum(seconds.values()) <= saved["seconds"]
     assert seconds["prune"] == saved["prune"]["seconds"] and f"| prune | {seconds['prune']:.1f} |" in report
+
+
+def test_a_recipe_that_trains_the_kept_blocks_saves_them_and_times_the_seed_adapter(tiny_dir, corpus_file,
+                                                                                   tmp_path):
+    out = tmp_path / "demo"
+    results = run_demo(out, model_name=str(tiny_dir), dataset=str(corpus_file), sparsity=0.3, seqlen=32,
+                       nsamples=4, eval_windows=2, recipe="values_kd_hidden", steps=2, batch_size=1,
+                       train_seqlen=32, decode_tokens=2, sample_tokens=2)
+    values = load_file(out / "adapter" / VALUES_FILE)
+    assert values and all(name.endswith("values") for name in values)
+    assert not (out / "adapter" / "adapter_config.json").exists()  # no LoRA in this recipe
+    assert (out / "seed_adapter" / "adapter_config.json").is_file()
+    assert set(results["latency"]) == {"device", "dense", "sparse", "dense_lora", "sparse_lora"}
+    assert math.isfinite(results["recovered"]["ppl"])
+
+    without_seed = run_demo(tmp_path / "alone", model_name=str(tiny_dir), dataset=str(corpus_file), sparsity=0.3,
+                            seqlen=32, nsamples=4, eval_windows=2, recipe="values_kd_hidden", seed_recipe=False,
+                            steps=1, batch_size=1, train_seqlen=32, decode_tokens=2, sample_tokens=2)
+    assert "seed_recovered" not in without_seed and set(without_seed["latency"]) == {"device", "dense", "sparse"}
+    assert "both + LoRA" not in (tmp_path / "alone" / "report.md").read_text()
 
 
 def test_demo_cli_rejects_bad_input(capsys):
@@ -52,6 +82,10 @@ def test_demo_cli_rejects_bad_input(capsys):
     assert "--steps must be >= 1" in capsys.readouterr().err
     assert main(["demo", "--learning_rate", "nan"]) == 2
     assert "--learning_rate must be a finite number, got nan" in capsys.readouterr().err
+    assert main(["demo", "--recipe", "values_kd_hidden", "--lora_r", "8"]) == 2
+    assert "recipe 'values_kd_hidden' trains no LoRA adapter" in capsys.readouterr().err
+    assert main(["demo", "--learning_rate", "0"]) == 2
+    assert "--learning_rate must be > 0, got 0.0" in capsys.readouterr().err
     assert main(["demo", "--row_group", "0"]) == 2
     assert "--row_group must be >= 1" in capsys.readouterr().err
     assert main(["demo", "--row_group", "1", "--union_density", "0.7"]) == 2
