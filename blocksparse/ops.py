@@ -257,7 +257,8 @@ def _row_groups(weight: BlockSparseWeight) -> dict:
     grouping, groups of G consecutive storage rows; or, for a free mask, G =
     FREE_MASK_ROW_GROUP rows clustered once by shared columns), each group's union of block
     columns, in steps of a few groups whose packed tiles ([U*b, G*b] each) fit
-    `_GROUP_TILE_BYTES`. The last group may be shorter.
+    `_GROUP_TILE_BYTES`. The last group may be shorter. `union_cols`: every group's union
+    columns, group after group (one gather for the shared-slab forward).
 
     `shared`: every row holds its group's whole union and every union has P blocks (fully
     shared: the tiles pack without zeros, and the forward's shared-slab path applies);

@@ -37,6 +37,12 @@ def settings_of(args) -> dict:
                                                    "train_seqlen", "batch_size", "budgets", "sweep")}
 
 
+def recipe_settings(args, name: str) -> dict:
+    """settings_of(args) and what the recipe trains, at which base rate: a recipe's result is
+    reused only while its definition stays the same."""
+    return settings_of(args) | {"recipe": {k: v for k, v in RECOVERY_RECIPES[name].items() if k != "about"}}
+
+
 def one_shot_checkpoint(args) -> Path:
     """The checkpoint every recipe starts from: --checkpoint, or the demo's pruning of
     --model, done once and saved in OUT/one_shot."""
@@ -135,7 +141,7 @@ def run_recipes(args) -> None:
     for name in args.recipe_list:
         folder = args.out / name
         result_file = folder / "result.json"
-        if _read(result_file, settings) is not None:
+        if _read(result_file, recipe_settings(args, name)) is not None:
             print(f"{name}: done earlier with the same settings, skipped")
             continue
         recipe = RECOVERY_RECIPES[name]
@@ -154,7 +160,7 @@ def run_recipes(args) -> None:
         last = points[-1]
         common.write_json(result_file, {"recipe": name, "about": recipe["about"], "lr": lr, "sweep": sweep,
                                         "points": points, "tokens_per_s": last["tokens"] / max(last["train_s"], 1e-9),
-                                        "settings": settings})
+                                        "settings": recipe_settings(args, name)})
 
 
 def _read(path: Path, settings: dict) -> dict | None:
@@ -169,7 +175,8 @@ def write_report(args) -> None:
     """recovery.md (the table) and recovery.png (perplexity against training tokens and minutes)."""
     settings = settings_of(args)
     base = _read(args.out / "baseline.json", settings)
-    results = [r for r in (_read(args.out / name / "result.json", settings) for name in RECOVERY_RECIPES) if r]
+    results = [r for r in (_read(args.out / name / "result.json", recipe_settings(args, name))
+                           for name in RECOVERY_RECIPES) if r]
     if base is None or not results:
         raise SystemExit(f"no results in {args.out} for these settings: run the recipes first")
     budgets = sorted({p["tokens"] for r in results for p in r["points"]})

@@ -105,7 +105,8 @@ def _plot(stages: list[tuple[str, float]], timing: dict, path: Path) -> None:
 
     fig, (ax_ppl, ax_lat) = plt.subplots(1, 2, figsize=(10, 4))
     names, values = zip(*stages)
-    bars = ax_ppl.bar(names, values, color=["#4c72b0", "#c44e52", "#dd8452", "#55a868"][-len(values):])
+    colors = ["#4c72b0", "#c44e52"] + ["#dd8452"] * (len(values) - 3) + ["#55a868"]  # the seed's bar orange
+    bars = ax_ppl.bar(names, values, color=colors)
     ax_ppl.set_yscale("log")
     ax_ppl.set_ylabel("held-out perplexity (log)")
     ax_ppl.set_title("perplexity per stage")
@@ -163,6 +164,12 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = timed("load", load_model, model_name)
     family = family_of(model)
+    if target_modules is not None:  # checked before pruning and the seed's recovery, not after them
+        known = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        unknown = [t for t in target_modules if t not in known]
+        if unknown:
+            raise ValueError(f"--target_modules: {', '.join(unknown)} name no module of {model_name!r} "
+                             f"(its projections: {', '.join(family.projections)})")
     prune_settings = prune_recipe(family)
     held_out = eval_tokens(tokenizer, dataset)
     seed_recipe = seed_recipe and recipe != SEED_RECIPE
@@ -194,7 +201,7 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
     results["pruned"] = ppl(model, "block-sparse model")
     results["samples"]["pruned"] = timed("samples", samples, model, tokenizer, sample_tokens)
     sparse_model = copy.deepcopy(model)  # timed as it is: recovery trains `model` in place
-    order = report.get("channel_permutation", {}).get("hidden")
+    order = (report.get("channel_permutation") or {}).get("hidden")
     hidden_order = None if order is None else torch.tensor(order)
 
     def recovery(name: str, student, folder: Path, **overrides):
@@ -236,7 +243,8 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
             adapter_model.save_pretrained(out / "seed_adapter")
         adapter_dir = out / ("adapter" if has_lora else "seed_adapter")
         models.update(dense_lora=load_adapter(copy.deepcopy(dense_model), adapter_dir), sparse_lora=adapter_model)
-    print("\n== latency: dense vs block-sparse, each alone and with the same LoRA adapter (unmerged), interleaved")
+    print("\n== latency: dense vs block-sparse" + (", each alone and with the same LoRA adapter (unmerged)"
+                                                   if adapter_model is not None else "") + ", interleaved")
     results["latency"] = {"device": device, **timed("latency", latency, models, prompt, decode_tokens)}
     results["seconds"] = time.perf_counter() - started
     results["stage_seconds"] = stage_seconds

@@ -75,6 +75,33 @@ def test_a_recipe_that_trains_the_kept_blocks_saves_them_and_times_the_seed_adap
     assert "both + LoRA" not in (tmp_path / "alone" / "report.md").read_text()
 
 
+def test_cli_overrides_reach_the_recipe_and_not_the_seed_run(tiny_dir, corpus_file, tmp_path, monkeypatch):
+    import blocksparse.commands.demo as demo
+
+    calls, recover = [], demo.recover
+
+    def recording(*args, **kwargs):
+        calls.append((args[4], {k: kwargs.get(k) for k in ("learning_rate", "lora_r", "target_modules")}))
+        return recover(*args, **kwargs)
+
+    monkeypatch.setattr(demo, "recover", recording)
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--model", str(tiny_dir), "--dataset", str(corpus_file),
+                 "--sparsity", "0.3", "--seqlen", "32", "--nsamples", "4", "--eval-windows", "2", "--steps", "2",
+                 "--train-seqlen", "32", "--decode-tokens", "2", "--sample-tokens", "2", "--lora-r", "4",
+                 "--target-modules", "q_proj,o_proj", "--learning-rate", "0.002"]) == 0
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and set(config["target_modules"]) == {"q_proj", "o_proj"}
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["recovery"]["learning_rate"] == 0.002
+    assert saved["seed_recovery"]["learning_rate"] == RECOVERY_RECIPES[SEED_RECIPE]["lr"]
+    assert calls == [(SEED_RECIPE, {"learning_rate": None, "lora_r": None, "target_modules": None}),
+                     (DEMO_RECIPE, {"learning_rate": 0.002, "lora_r": 4, "target_modules": ("q_proj", "o_proj")})]
+
+    assert main(["demo", "--out", str(tmp_path / "bad"), "--model", str(tiny_dir), "--dataset", str(corpus_file),
+                 "--target-modules", "q_proj,qkv"]) == 2  # refused before any pruning
+
+
 def test_demo_cli_rejects_bad_input(capsys):
     assert main(["demo", "--sparsity", "1.0"]) == 2
     assert "--sparsity must be in [0, 1)" in capsys.readouterr().err
