@@ -112,10 +112,8 @@ def train_curve(recipe: str, lr: float, start: Path, teacher, windows: torch.Ten
             print(f"  {seen} tokens: perplexity {result['ppl']:.2f} ({train_seconds[0] / 60:.1f} min of training)")
             self.clock = time.perf_counter()
 
-    distills = "distill" in RECOVERY_RECIPES[recipe]
     recover(model, tokenizer, args.dataset, folder / "run", recipe, math.ceil(budgets[-1] / tokens_per_step),
-            args.batch_size, args.train_seqlen, lr, teacher=teacher if distills else None,
-            hidden_order=hidden_channel_order(start) if distills else None,
+            args.batch_size, args.train_seqlen, lr, teacher=teacher, hidden_order=hidden_channel_order(start),
             lr_scheduler_type="constant_with_warmup", callbacks=[EvaluateAtBudgets()], progress=False)
     print(f"  done in {(time.perf_counter() - started) / 60:.1f} min")
     return points

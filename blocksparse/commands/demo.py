@@ -21,7 +21,7 @@ import torch
 
 from ..format import SUPPORTED_BLOCK_SIZES
 from ..integration.recipes import (DEMO_RECIPE, DEMO_ROW_GROUP, DEMO_STEPS, RECOVERY_RECIPES, SEED_RECIPE,
-                                   latency, prune_recipe, recover)
+                                   check_overrides, latency, prune_recipe, recover)
 from .args import CLIError, add_dataset_flag, add_flag, check_finite
 
 
@@ -149,6 +149,7 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
     from ..integration.train import VALUES_FILE, trained_block_values
     from ..prune import prune_model
 
+    check_overrides(recipe, lora_r, target_modules)  # before anything is loaded or pruned
     started = time.perf_counter()
     stage_seconds: dict[str, float] = {}
 
@@ -205,13 +206,10 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
     hidden_order = None if order is None else torch.tensor(order)
 
     def recovery(name: str, student, folder: Path, **overrides):
-        spec = RECOVERY_RECIPES[name]
-        print(f"\n== recovery, {name}: {spec['about']}; {steps} steps x {batch_size} x {train_seqlen} tokens, "
-              "fused block-sparse op")
-        trained, info = timed(f"recovery ({name})", recover, student, tokenizer, dataset, folder, name, steps,
-                              batch_size, train_seqlen, teacher=dense_model, hidden_order=hidden_order, **overrides)
-        info.update(about=spec["about"], learning_rate=overrides.get("learning_rate") or spec["lr"])
-        return trained, info
+        print(f"\n== recovery, {name}: {RECOVERY_RECIPES[name]['about']}; {steps} steps x {batch_size} x "
+              f"{train_seqlen} tokens, fused block-sparse op")
+        return timed(f"recovery ({name})", recover, student, tokenizer, dataset, folder, name, steps,
+                     batch_size, train_seqlen, teacher=dense_model, hidden_order=hidden_order, **overrides)
 
     seed_model = None
     if seed_recipe:
@@ -332,8 +330,6 @@ def run(args) -> int:
     targets = tuple(t.strip() for t in (args.target_modules or "").split(",") if t.strip()) or None
     if args.learning_rate is not None and args.learning_rate <= 0:
         raise CLIError(f"--learning_rate must be > 0, got {args.learning_rate}")
-    if (args.lora_r is not None or targets is not None) and "lora" not in RECOVERY_RECIPES[args.recipe]:
-        raise CLIError(f"--lora_r / --target_modules: recipe {args.recipe!r} trains no LoRA adapter")
     try:
         run_demo(args.out, args.model, args.dataset, args.sparsity, args.sparse_block_size, args.row_group,
                  args.union_density, args.seqlen, args.nsamples, args.eval_windows or None, args.recipe,

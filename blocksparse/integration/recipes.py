@@ -66,6 +66,12 @@ DEMO_RECIPE = "lora16"
 DEMO_STEPS = 160
 
 
+def check_overrides(recipe: str, lora_r: int | None, target_modules: tuple[str, ...] | None) -> None:
+    """Refuse LoRA overrides for a recipe that trains no adapter (ValueError, one line)."""
+    if (lora_r is not None or target_modules is not None) and "lora" not in RECOVERY_RECIPES[recipe]:
+        raise ValueError(f"recipe {recipe!r} trains no LoRA adapter: lora_r / target_modules do not apply")
+
+
 def recover(model: nn.Module, tokenizer, dataset: str, out: str | Path, recipe: str, steps: int,
             batch_size: int = 1, train_seqlen: int = 256, learning_rate: float | None = None,
             teacher: nn.Module | None = None, hidden_order: torch.Tensor | None = None,
@@ -74,12 +80,12 @@ def recover(model: nn.Module, tokenizer, dataset: str, out: str | Path, recipe: 
             progress: bool = True) -> tuple[nn.Module, dict]:
     """Train `recipe` (a RECOVERY_RECIPES name) on `model` for `steps` x `batch_size` x
     `train_seqlen` tokens of the train split, warm-up 5% of the steps (at most 20), then
-    `lr_scheduler_type`;
-    no checkpoints. learning_rate: default the recipe's; lora_r (alpha = 2r) and
-    target_modules override its LoRA; progress: a tqdm bar. teacher: the dense model the recipe distils from
-    (hidden_order: its hidden channels' order in the student, `checkpoint.hidden_channel_order`).
-    Returns the trained model (the PeftModel, adapter unmerged, when the recipe has LoRA) and
-    {"recipe", "seconds", "train_tokens", "train_loss"}."""
+    `lr_scheduler_type`; no checkpoints. learning_rate: default the recipe's; lora_r
+    (alpha = 2r) and target_modules override its LoRA; progress: a tqdm bar. teacher: the
+    dense model the recipe distils from, if it does (hidden_order: its hidden channels'
+    order in the student, `checkpoint.hidden_channel_order`). Returns the trained model (the
+    PeftModel, adapter unmerged, when the recipe has LoRA) and {"recipe", "about",
+    "learning_rate", "seconds", "train_tokens", "train_loss"}."""
     from ..families import family_of
     from .data import train_token_blocks
     from .peft import lora_config
@@ -88,8 +94,7 @@ def recover(model: nn.Module, tokenizer, dataset: str, out: str | Path, recipe: 
     spec = RECOVERY_RECIPES[recipe]
     if "distill" in spec and teacher is None:
         raise ValueError(f"recipe {recipe!r} distils from the dense model: pass its teacher")
-    if (lora_r is not None or target_modules is not None) and "lora" not in spec:
-        raise ValueError(f"recipe {recipe!r} trains no LoRA adapter: lora_r / target_modules do not apply")
+    check_overrides(recipe, lora_r, target_modules)
     lr = spec["lr"] if learning_rate is None else learning_rate
     lora = None
     if "lora" in spec:
@@ -109,7 +114,8 @@ def recover(model: nn.Module, tokenizer, dataset: str, out: str | Path, recipe: 
                                                                  if spec.get("values") else None),
                                            distillation=distillation, callbacks=callbacks)
     # Tokens the steps consumed (a corpus with fewer blocks than steps x batch is repeated).
-    return trained, {"recipe": recipe, "seconds": time.perf_counter() - start,
+    return trained, {"recipe": recipe, "about": spec["about"], "learning_rate": lr,
+                     "seconds": time.perf_counter() - start,
                      "train_tokens": round(blocks.numel() * (trainer.state.epoch or 0)),
                      "train_loss": train_output.training_loss}
 
