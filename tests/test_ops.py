@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from blocksparse import BlockSparseWeight, block_sparse_linear
-from blocksparse.ops import SHARED_SLAB_MAX_M, SMALL_M_MAX, torch_schedule
+from blocksparse.ops import SHARED_SLAB_MAX_M, SMALL_M_MAX, dropout_keep_mask, torch_schedule
 from helpers import assert_matches_reference, linear_lora, random_block_mask
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -331,7 +331,7 @@ def test_lora_dropout_matches_reference_with_the_same_mask(m):
     torch.manual_seed(123)
     y = block_sparse_linear(x, w, None, a, bb, scaling=0.5, lora_dropout=p, backend="torch")
     torch.manual_seed(123)
-    keep = (torch.rand(m, 48) >= p).double()  # the mask the op draws
+    keep = dropout_keep_mask((m, 48), p, "cpu", torch.float64)  # the mask the op draws
     x_r, a_r, bb_r = (t.clone().requires_grad_(True) for t in (x64, a64, bb64))
     y_ref = linear_lora(x_r, w.to_dense().double(), None, a_r, bb_r, 0.5, keep_mask=keep, p=p)
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
@@ -342,6 +342,25 @@ def test_lora_dropout_matches_reference_with_the_same_mask(m):
     # dropout touches the LoRA path only: with a zero LoRA delta it changes nothing
     y0 = block_sparse_linear(x, w, None, a, torch.zeros_like(bb), lora_dropout=p, backend="torch")
     torch.testing.assert_close(y0, block_sparse_linear(x, w, backend="torch"))
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_dropout_keep_mask_rate_and_independent_lanes(p):
+    torch.manual_seed(0)
+    n = 1 << 20
+    keep = dropout_keep_mask((n // 64, 64), p, "cpu")
+    assert keep.dtype == torch.float32 and set(keep.unique().tolist()) <= {0.0, 1.0}
+    sd = math.sqrt(p * (1 - p) / n)
+    assert abs(1 - keep.mean().item() - p) < 5 * sd + 2 ** -16
+    # the four lanes of one draw are neighbours: each lane keeps at the same rate, and a
+    # neighbour's drop says nothing about the next one
+    lanes = keep.view(-1, 4)
+    for lane in lanes.unbind(1):
+        assert abs(1 - lane.mean().item() - p) < 5 * 2 * sd + 2 ** -16
+    both = ((1 - lanes[:, 0]) * (1 - lanes[:, 1])).mean().item()
+    assert abs(both - p * p) < 5 * math.sqrt(p * p / (n // 4)) + 1e-4
+    odd = dropout_keep_mask((3, 7), p, "cpu")  # a size that is not a whole number of draws
+    assert odd.shape == (3, 7)
 
 
 @pytest.mark.parametrize("m", [3, 100])
