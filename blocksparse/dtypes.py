@@ -29,3 +29,15 @@ def long_name(dtype: str | torch.dtype) -> str:
 
 def short_name(dtype: str | torch.dtype) -> str:
     return SHORT_NAMES[to_dtype(dtype)]
+
+
+def native_bf16(device: str | torch.device = "cpu") -> bool:
+    """Whether `device` computes bf16 natively (a CUDA GPU that supports it; a CPU with
+    AVX512-BF16 or AMX), so bf16 autocast trains faster than fp32 there. Asks the device
+    when called, never at import."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from ..format import SUPPORTED_BLOCK_SIZES
-from ..integration.recipes import (DEMO_RECIPE, DEMO_ROW_GROUP, DEMO_STEPS, RECOVERY_RECIPES, SEED_RECIPE,
-                                   check_overrides, latency, prune_recipe, recover)
+from ..dtypes import native_bf16
+from ..integration.recipes import (DEMO_RECIPE, DEMO_ROW_GROUP, DEMO_STEPS, PRECISIONS, RECOVERY_RECIPES,
+                                   SEED_RECIPE, check_overrides, latency, prune_recipe, recover)
 from .args import CLIError, add_dataset_flag, add_flag, check_finite
 
 
@@ -58,6 +59,9 @@ def add_parser(subparsers):
     add_flag(parser, "--train_seqlen", type=int, default=256,
              help="tokens per training sequence (default: %(default)s)")
     add_flag(parser, "--learning_rate", type=float, default=None, help="(default: the recipe's)")
+    add_flag(parser, "--precision", default="auto", choices=("auto",) + PRECISIONS,
+             help="what the recovery steps compute in: bf16 autocast (weights and optimizer fp32) or fp32; "
+                  "auto = bf16 where the training device computes it natively (default: %(default)s)")
     add_flag(parser, "--lora_r", type=int, default=None, help="LoRA rank, alpha = 2r (default: the recipe's)")
     add_flag(parser, "--target_modules", default=None,
              help="modules LoRA adapts, comma-separated (default: the recipe's)")
@@ -134,12 +138,13 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
              steps: int = DEMO_STEPS, batch_size: int = 1, train_seqlen: int = 256,
              learning_rate: float | None = None, lora_r: int | None = None,
              target_modules: tuple[str, ...] | None = None, decode_tokens: int = 32,
-             sample_tokens: int = 32) -> dict:
+             sample_tokens: int = 32, precision: str = "auto") -> dict:
     """Run every stage and write the report folder; returns the results dict.
 
     recipe: the recovery recipe (`recipes.RECOVERY_RECIPES`; learning_rate, lora_r and
     target_modules override its own); seed_recipe: also train the seed's recipe at the same
-    budget, from the same one-shot model, for the table.
+    budget, from the same one-shot model, for the table. precision: the recovery steps'
+    ("auto": bf16 autocast where the training device computes bf16 natively, else fp32).
     """
     from ..families import family_of
     from ..integration.data import calibration_samples, eval_tokens
@@ -150,6 +155,10 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
     from ..prune import prune_model
 
     check_overrides(recipe, lora_r, target_modules)  # before anything is loaded or pruned
+    if precision == "auto":
+        precision = "bf16" if native_bf16("cuda" if torch.cuda.is_available() else "cpu") else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be 'auto' or one of {PRECISIONS}, got {precision!r}")
     started = time.perf_counter()
     stage_seconds: dict[str, float] = {}
 
@@ -186,7 +195,7 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
                                       union_density=union_density, seqlen=seqlen, nsamples=nsamples,
                                       eval_windows=eval_windows, recipe=recipe, seed_recipe=seed_recipe,
                                       steps=steps, batch_size=batch_size, train_seqlen=train_seqlen,
-                                      learning_rate=learning_rate, lora_r=lora_r,
+                                      learning_rate=learning_rate, lora_r=lora_r, precision=precision,
                                       target_modules=None if target_modules is None else list(target_modules),
                                       prune_recipe=prune_settings)}
     results["dense"] = ppl(model, "dense model")
@@ -209,7 +218,8 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
         print(f"\n== recovery, {name}: {RECOVERY_RECIPES[name]['about']}; {steps} steps x {batch_size} x "
               f"{train_seqlen} tokens, fused block-sparse op")
         return timed(f"recovery ({name})", recover, student, tokenizer, dataset, folder, name, steps,
-                     batch_size, train_seqlen, teacher=dense_model, hidden_order=hidden_order, **overrides)
+                     batch_size, train_seqlen, teacher=dense_model, hidden_order=hidden_order,
+                     precision=precision, **overrides)
 
     seed_model = None
     if seed_recipe:
@@ -270,7 +280,7 @@ def _table(results: dict) -> str:
 
     def trained(info: dict) -> str:
         return (f"{info['about']}; lr {info['learning_rate']:g}; {info['train_tokens']:,} tokens in "
-                f"{info['seconds'] / 60:.1f} min")
+                f"{info['seconds'] / 60:.1f} min" + (", bf16 autocast" if info.get("precision") == "bf16" else ""))
 
     rows = [
         ("dense", results["dense"]["ppl"], ""),
@@ -334,7 +344,7 @@ def run(args) -> int:
         run_demo(args.out, args.model, args.dataset, args.sparsity, args.sparse_block_size, args.row_group,
                  args.union_density, args.seqlen, args.nsamples, args.eval_windows or None, args.recipe,
                  args.seed_recipe, args.steps, args.batch_size, args.train_seqlen, args.learning_rate,
-                 args.lora_r, targets, args.decode_tokens, args.sample_tokens)
+                 args.lora_r, targets, args.decode_tokens, args.sample_tokens, args.precision)
     except (OSError, ValueError) as err:
         raise CLIError(str(err)) from err
     return 0

@@ -66,6 +66,10 @@ DEMO_RECIPE = "lora16"
 DEMO_STEPS = 160
 
 
+# What recover() trains in: fp32, or bf16 autocast (fp32 weights and optimizer).
+PRECISIONS = ("fp32", "bf16")
+
+
 def check_overrides(recipe: str, lora_r: int | None, target_modules: tuple[str, ...] | None) -> None:
     """Refuse LoRA overrides for a recipe that trains no adapter (ValueError, one line)."""
     if (lora_r is not None or target_modules is not None) and "lora" not in RECOVERY_RECIPES[recipe]:
@@ -77,15 +81,16 @@ def recover(model: nn.Module, tokenizer, dataset: str, out: str | Path, recipe: 
             teacher: nn.Module | None = None, hidden_order: torch.Tensor | None = None,
             lr_scheduler_type: str = "linear", lora_r: int | None = None,
             target_modules: tuple[str, ...] | None = None, callbacks=None,
-            progress: bool = True) -> tuple[nn.Module, dict]:
+            progress: bool = True, precision: str = "fp32") -> tuple[nn.Module, dict]:
     """Train `recipe` (a RECOVERY_RECIPES name) on `model` for `steps` x `batch_size` x
     `train_seqlen` tokens of the train split, warm-up 5% of the steps (at most 20), then
     `lr_scheduler_type`; no checkpoints. learning_rate: default the recipe's; lora_r
-    (alpha = 2r) and target_modules override its LoRA; progress: a tqdm bar. teacher: the
+    (alpha = 2r) and target_modules override its LoRA; progress: a tqdm bar; precision:
+    "fp32", or "bf16" (autocast; the weights, adapter and optimizer stay fp32). teacher: the
     dense model the recipe distils from, if it does (hidden_order: its hidden channels'
     order in the student, `checkpoint.hidden_channel_order`). Returns the trained model (the
     PeftModel, adapter unmerged, when the recipe has LoRA) and {"recipe", "about",
-    "learning_rate", "seconds", "train_tokens", "train_loss"}."""
+    "learning_rate", "precision", "seconds", "train_tokens", "train_loss"}."""
     from ..families import family_of
     from .data import train_token_blocks
     from .peft import lora_config
@@ -95,6 +100,8 @@ def recover(model: nn.Module, tokenizer, dataset: str, out: str | Path, recipe: 
     if "distill" in spec and teacher is None:
         raise ValueError(f"recipe {recipe!r} distils from the dense model: pass its teacher")
     check_overrides(recipe, lora_r, target_modules)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     lr = spec["lr"] if learning_rate is None else learning_rate
     lora = None
     if "lora" in spec:
@@ -107,14 +114,14 @@ def recover(model: nn.Module, tokenizer, dataset: str, out: str | Path, recipe: 
     args = training_arguments(str(out), max_steps=steps, per_device_train_batch_size=batch_size,
                               learning_rate=lr, lr_scheduler_type=lr_scheduler_type,
                               warmup_steps=max(1, min(20, steps // 20)), logging_steps=max(1, steps // 20),
-                              save_strategy="no", seed=0, disable_tqdm=not progress)
+                              save_strategy="no", seed=0, disable_tqdm=not progress, bf16=precision == "bf16")
     start = time.perf_counter()
     trained, trainer, train_output = train(model, blocks, args, lora, train_sparse_values=bool(spec.get("values")),
                                            values_learning_rate=(lr * spec.get("values_lr_ratio", 1.0)
                                                                  if spec.get("values") else None),
                                            distillation=distillation, callbacks=callbacks)
     # Tokens the steps consumed (a corpus with fewer blocks than steps x batch is repeated).
-    return trained, {"recipe": recipe, "about": spec["about"], "learning_rate": lr,
+    return trained, {"recipe": recipe, "about": spec["about"], "learning_rate": lr, "precision": precision,
                      "seconds": time.perf_counter() - start,
                      "train_tokens": round(blocks.numel() * (trainer.state.epoch or 0)),
                      "train_loss": train_output.training_loss}

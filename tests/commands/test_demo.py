@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from blocksparse.commands import main
 from blocksparse.commands.demo import run_demo
+from blocksparse.dtypes import native_bf16
 from blocksparse.integration.recipes import DEMO_RECIPE, RECOVERY_RECIPES, SEED_RECIPE
 from blocksparse.integration.train import VALUES_FILE
 
@@ -35,6 +36,10 @@ def test_demo_runs_every_stage_and_writes_the_report(tiny_dir, corpus_file, tmp_
         assert saved[key]["train_tokens"] == 3 * 2 * 32
         assert saved[key]["learning_rate"] == RECOVERY_RECIPES[name]["lr"]
     assert saved["recovered"]["ppl"] != saved["seed_recovered"]["ppl"]
+    # "auto" precision: bf16 autocast where this CPU computes bf16 natively, for both runs
+    precision = "bf16" if native_bf16("cpu") else "fp32"
+    assert saved["settings"]["precision"] == precision
+    assert saved["recovery"]["precision"] == saved["seed_recovery"]["precision"] == precision
     for kind in ("dense", "sparse", "dense_lora", "sparse_lora"):
         assert saved["latency"][kind]["prefill_s"] > 0 and saved["latency"][kind]["decode_tokens_per_s"] > 0
     report = (out / "report.md").read_text()
@@ -81,7 +86,8 @@ def test_cli_overrides_reach_the_recipe_and_not_the_seed_run(tiny_dir, corpus_fi
     calls, recover = [], demo.recover
 
     def recording(*args, **kwargs):
-        calls.append((args[4], {k: kwargs.get(k) for k in ("learning_rate", "lora_r", "target_modules")}))
+        calls.append((args[4], {k: kwargs.get(k) for k in ("learning_rate", "lora_r", "target_modules",
+                                                           "precision")}))
         return recover(*args, **kwargs)
 
     monkeypatch.setattr(demo, "recover", recording)
@@ -89,14 +95,17 @@ def test_cli_overrides_reach_the_recipe_and_not_the_seed_run(tiny_dir, corpus_fi
     assert main(["demo", "--out", str(out), "--model", str(tiny_dir), "--dataset", str(corpus_file),
                  "--sparsity", "0.3", "--seqlen", "32", "--nsamples", "4", "--eval-windows", "2", "--steps", "2",
                  "--train-seqlen", "32", "--decode-tokens", "2", "--sample-tokens", "2", "--lora-r", "4",
-                 "--target-modules", "q_proj,o_proj", "--learning-rate", "0.002"]) == 0
+                 "--target-modules", "q_proj,o_proj", "--learning-rate", "0.002", "--precision", "bf16"]) == 0
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8 and set(config["target_modules"]) == {"q_proj", "o_proj"}
     saved = json.loads((out / "results.json").read_text())
     assert saved["recovery"]["learning_rate"] == 0.002
     assert saved["seed_recovery"]["learning_rate"] == RECOVERY_RECIPES[SEED_RECIPE]["lr"]
-    assert calls == [(SEED_RECIPE, {"learning_rate": None, "lora_r": None, "target_modules": None}),
-                     (DEMO_RECIPE, {"learning_rate": 0.002, "lora_r": 4, "target_modules": ("q_proj", "o_proj")})]
+    assert calls == [(SEED_RECIPE, {"learning_rate": None, "lora_r": None, "target_modules": None,
+                                    "precision": "bf16"}),
+                     (DEMO_RECIPE, {"learning_rate": 0.002, "lora_r": 4, "target_modules": ("q_proj", "o_proj"),
+                                    "precision": "bf16"})]
+    assert "bf16 autocast" in (out / "report.md").read_text()
 
     assert main(["demo", "--out", str(tmp_path / "bad"), "--model", str(tiny_dir), "--dataset", str(corpus_file),
                  "--target-modules", "q_proj,qkv"]) == 2  # refused before any pruning
@@ -113,6 +122,9 @@ def test_demo_cli_rejects_bad_input(capsys):
     assert "recipe 'values_kd_hidden' trains no LoRA adapter" in capsys.readouterr().err
     assert main(["demo", "--learning_rate", "0"]) == 2
     assert "--learning_rate must be > 0, got 0.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--precision", "fp16"])
+    assert exit_info.value.code == 2 and "invalid choice: 'fp16'" in capsys.readouterr().err
     assert main(["demo", "--row_group", "0"]) == 2
     assert "--row_group must be >= 1" in capsys.readouterr().err
     assert main(["demo", "--row_group", "1", "--union_density", "0.7"]) == 2
