@@ -31,6 +31,12 @@ models one device cannot hold.
 `--block_size` is run_clm's: tokens per training sequence. The sparse block
 edge of `--sparsity` is `--sparse_block_size`.
 
+`--recipe NAME` takes the defaults of what trains, the loss and the learning
+rate from one of the measured recovery recipes (`integration/recipes.py`,
+README "Recovery, measured"), e.g. `--recipe values_kd_hidden` for the kept
+blocks trained with distillation; flags given explicitly still win, and
+without it every default is the reference workflow's.
+
 `--distill` adds a KL term to the dense teacher's next-token distribution
 (`--distill_weight`) and, with `--distill_hidden_weight`, SquareHead's per-layer
 normalised hidden-state MSE (`--teacher_model`; by default the model a pruned
@@ -49,16 +55,20 @@ import time
 
 from ..dtypes import DTYPES
 from ..format import SUPPORTED_BLOCK_SIZES
+from ..integration.recipes import RECOVERY_RECIPES
 from .args import CLIError, add_dataset_flag, add_dtype_flag, add_flag, check_finite, write_json
 
 EVAL_RESULTS = "eval_results.json"
+# The reference workflow's defaults of the flags a --recipe sets (the seed's LoRA recipe).
+SEED_DEFAULTS = {"lora_r": 8, "lora_alpha": 16, "learning_rate": 1e-4, "distill_weight": 0.5,
+                 "distill_hidden_weight": 0.0}
 SPARSE_BASE = "sparse_base"  # where a model sparsified on the fly is saved, inside --output_dir
 # A --block_size this small is a sparse block edge typed into run_clm's flag.
 MIN_SEQUENCE_TOKENS = 65
 # The flags that define a run, recorded in each of its checkpoints: `--resume_from_checkpoint`
 # refuses another run's. Length (--max_steps, --num_train_epochs), checkpointing, logging,
 # evaluation and output flags may change between resumptions.
-RUN_FLAGS = ("model_name_or_path", "sparsity", "sparse_block_size", "dtype", "dataset_name", "block_size",
+RUN_FLAGS = ("recipe", "model_name_or_path", "sparsity", "sparse_block_size", "dtype", "dataset_name", "block_size",
              "max_train_samples", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate",
              "per_device_train_batch_size", "gradient_accumulation_steps", "warmup_steps", "lr_scheduler_type",
              "weight_decay", "seed", "bf16", "fp16", "distill", "teacher_model", "distill_weight",
@@ -97,20 +107,29 @@ def add_parser(subparsers):
     add_flag(data, "--max_eval_samples", type=int, default=None,
              help="score at most this many eval windows (default: all)")
 
+    add_flag(parser, "--recipe", default=None, choices=sorted(RECOVERY_RECIPES),
+             help="a measured recovery recipe (README, 'Recovery, measured'): what it trains, its loss and its "
+                  "learning rate become the defaults of --lora_r, --lora_alpha, --target_modules, "
+                  "--learning_rate, --distill*, --train_sparse_values and --sparse_values_learning_rate; "
+                  "flags given explicitly win (default: none, the reference workflow's defaults)")
     lora = parser.add_argument_group("LoRA")
-    add_flag(lora, "--lora_r", type=int, default=8,
-             help="rank; 0 = no adapter (with --train_sparse_values) (default: %(default)s)")
-    add_flag(lora, "--lora_alpha", type=float, default=16, help="alpha; scaling = alpha / r (default: %(default)s)")
+    add_flag(lora, "--lora_r", type=int, default=None,
+             help=f"rank; 0 = no adapter (with --train_sparse_values) (default: the --recipe's, else "
+                  f"{SEED_DEFAULTS['lora_r']})")
+    add_flag(lora, "--lora_alpha", type=float, default=None,
+             help=f"alpha; scaling = alpha / r (default: the --recipe's alpha / r times r, else "
+                  f"{SEED_DEFAULTS['lora_alpha']:g})")
     add_flag(lora, "--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input (default: %(default)s)")
     add_flag(lora, "--target_modules", default=None,
              help="comma-separated module names to adapt (default: the model family's, q_proj,v_proj "
-                  "for Llama, Mistral and Qwen2)")
+                  "for Llama, Mistral and Qwen2; all seven projections for a --recipe that adapts them)")
 
     train = parser.add_argument_group("training (TrainingArguments)")
     add_flag(train, "--output_dir", required=True, help="adapter, checkpoints and results go here")
     add_flag(train, "--num_train_epochs", type=float, default=1.0, help="(default: %(default)s)")
     add_flag(train, "--max_steps", type=int, default=-1, help="overrides --num_train_epochs when > 0")
-    add_flag(train, "--learning_rate", type=float, default=1e-4, help="(default: %(default)s)")
+    add_flag(train, "--learning_rate", type=float, default=None,
+             help=f"(default: the --recipe's, else {SEED_DEFAULTS['learning_rate']:g})")
     add_flag(train, "--per_device_train_batch_size", type=int, default=1, help="(default: %(default)s)")
     add_flag(train, "--per_device_eval_batch_size", type=int, default=1,
              help="windows per forward pass in the final eval (default: %(default)s)")
@@ -145,8 +164,9 @@ def add_parser(subparsers):
     add_flag(distill, "--teacher_model", default=None,
              help="dense teacher (default: the model a pruned checkpoint records in prune_report.json, "
                   "or the dense model itself when --sparsity sparsifies it)")
-    add_flag(distill, "--distill_weight", type=float, default=0.5,
-             help="weight of the KL term; CE gets 1 - weight (default: %(default)s)")
+    add_flag(distill, "--distill_weight", type=float, default=None,
+             help=f"weight of the KL term; CE gets 1 - weight (default: the --recipe's, else "
+                  f"{SEED_DEFAULTS['distill_weight']})")
     add_flag(distill, "--distill_temperature", type=float, default=1.0, help="(default: %(default)s)")
     add_flag(distill, "--teacher_cache", default=None,
              help="a safetensors file of the teacher's top-k logits of the training blocks: used when it "
@@ -154,15 +174,16 @@ def add_parser(subparsers):
                   "forward per step)")
     add_flag(distill, "--teacher_cache_topk", type=int, default=64,
              help="logits per position kept in a new --teacher_cache (default: %(default)s; 8 bytes each)")
-    add_flag(distill, "--distill_hidden_weight", type=float, default=0.0,
-             help="weight of the per-layer hidden-state term (SquareHead), added to the rest "
-                  "(default: %(default)s)")
+    add_flag(distill, "--distill_hidden_weight", type=float, default=None,
+             help=f"weight of the per-layer hidden-state term (SquareHead), added to the rest "
+                  f"(default: the --recipe's, else {SEED_DEFAULTS['distill_hidden_weight']})")
 
     values = parser.add_argument_group("sparse fine-tuning (optional)")
     add_flag(values, "--train_sparse_values", action="store_true",
              help="train the kept block values too (the block structure stays fixed); with --lora_r 0 alone")
     add_flag(values, "--sparse_values_learning_rate", type=float, default=None,
-             help="learning rate of the block values (default: --learning_rate)")
+             help="learning rate of the block values (default: --learning_rate, times the --recipe's ratio "
+                  "where it has one)")
     parser.set_defaults(func=run)
     return parser
 
@@ -174,6 +195,34 @@ def _is_main_process() -> bool:
 def _checkpoints(output_dir: str) -> list[str]:
     found = glob.glob(os.path.join(output_dir, "checkpoint-*"))
     return sorted((p for p in found if p.rsplit("-", 1)[1].isdigit()), key=lambda p: int(p.rsplit("-", 1)[1]))
+
+
+def apply_recipe(args) -> None:
+    """Fill the flags left unset (None) from --recipe, else from SEED_DEFAULTS, in place. A
+    recipe's LoRA targets other than the family's default are resolved by `_lora_targets`
+    once the model is loaded; its store_true flags (--distill, --train_sparse_values) it
+    only turns on."""
+    spec = RECOVERY_RECIPES[args.recipe] if args.recipe is not None else {}
+    lora, distill = spec.get("lora"), spec.get("distill")
+    if args.recipe is not None and args.lora_r is None:
+        args.lora_r = lora["r"] if lora else 0  # a recipe without LoRA trains the kept blocks alone
+    if lora and args.lora_alpha is None:  # the recipe's scaling alpha / r, at the rank asked for
+        args.lora_alpha = lora["alpha"] / lora["r"] * args.lora_r
+    if args.learning_rate is None and "lr" in spec:
+        args.learning_rate = spec["lr"]
+    if distill:
+        args.distill = True
+        if args.distill_weight is None:
+            args.distill_weight = distill.get("kl_weight", 0.0)
+        if args.distill_hidden_weight is None:
+            args.distill_hidden_weight = distill.get("hidden_weight", 0.0)
+    if spec.get("values"):
+        args.train_sparse_values = True
+        if args.sparse_values_learning_rate is None and "values_lr_ratio" in spec:
+            args.sparse_values_learning_rate = args.learning_rate * spec["values_lr_ratio"]
+    for name, value in SEED_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def _check_args(args) -> None:
@@ -342,11 +391,15 @@ def _load(args):
     return model, tokenizer, teacher, weights_from, teacher_weights_from
 
 
-def _lora_targets(model) -> tuple[str, ...]:
+def _lora_targets(model, recipe: str | None) -> tuple[str, ...]:
+    """The LoRA targets when --target_modules is not given: the family's default, or all its
+    projections for a recipe that adapts them."""
     from ..families import UnsupportedModelError, family_of
 
+    every = recipe is not None and RECOVERY_RECIPES[recipe].get("lora", {}).get("targets") == "all"
     try:
-        return family_of(model).lora_targets
+        family = family_of(model)
+        return family.projections if every else family.lora_targets
     except UnsupportedModelError as err:
         raise CLIError(f"{err}; or name the modules to adapt with --target_modules") from err
 
@@ -360,6 +413,7 @@ def run(args) -> int:
     from ..integration.peft import lora_config
     from ..integration.train import Distillation, NonFiniteTrainingError, train, training_arguments
 
+    apply_recipe(args)
     _check_args(args)
     started = time.perf_counter()
     resume = _resolve_resume(args)
@@ -389,7 +443,7 @@ def run(args) -> int:
                                            "source": args.model_name_or_path})
     use_lora = args.lora_r > 0
     targets = ([t.strip() for t in args.target_modules.split(",") if t.strip()] if args.target_modules
-               else list(_lora_targets(model))) if use_lora else []
+               else list(_lora_targets(model, args.recipe))) if use_lora else []
     # Only what is asked for: TrainingArguments warns about deprecated fields even when False.
     device_args = {name: True for name in ("bf16", "fp16", "gradient_checkpointing") if getattr(args, name)}
     train_args = training_arguments(
@@ -403,8 +457,9 @@ def run(args) -> int:
     trains = ([f"LoRA on {','.join(targets)}"] if use_lora else []) + (
         ["the kept block values"] if args.train_sparse_values else [])
     if _is_main_process():
+        recipe = f"recipe {args.recipe}: " if args.recipe else ""
         print(f"train: {blocks.shape[0]} sequences x {args.block_size} tokens (--block_size: tokens per "
-              f"sequence) = {blocks.numel()} tokens from {args.dataset_name!r} | {' + '.join(trains)} | "
+              f"sequence) = {blocks.numel()} tokens from {args.dataset_name!r} | {recipe}{' + '.join(trains)} | "
               f"world size {train_args.world_size}{_fsdp_note(args, train_args)}")
     config = lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, targets) if use_lora else None
     distillation = None

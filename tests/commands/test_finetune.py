@@ -126,6 +126,41 @@ def test_cli_trains_the_kept_blocks_and_saves_them_as_the_sparse_base(tiny_model
         assert adapter["base_model_name_or_path"] == str(out / "sparse_base")
 
 
+def test_a_recipe_sets_the_defaults_and_explicit_flags_win(tiny_model_and_text, tmp_path):
+    from blocksparse.integration.recipes import RECOVERY_RECIPES
+    from blocksparse.integration.train import RUN_RECORD
+
+    model_dir, text = tiny_model_and_text
+    every = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+    def run(out, **extra):
+        assert cli_main(["finetune", *cli_flags(model_dir, text, out, **{"--lora-r": None, "--max_steps": 2,
+                                                                          "--save_steps": 2}, **extra),
+                         "--no_eval"]) == 0
+        record = json.loads((out / "checkpoint-2" / RUN_RECORD).read_text())
+        return record, json.loads((out / "adapter_config.json").read_text())
+
+    spec = RECOVERY_RECIPES["values_lora16_kd_hidden"]
+    record, adapter = run(tmp_path / "recipe", **{"--recipe": "values_lora16_kd_hidden"})
+    assert (record["recipe"], record["lora_r"], record["lora_alpha"]) == ("values_lora16_kd_hidden", 16, 32)
+    assert record["learning_rate"] == spec["lr"]
+    assert record["sparse_values_learning_rate"] == pytest.approx(spec["lr"] * spec["values_lr_ratio"])
+    assert record["distill"] and record["train_sparse_values"]
+    assert (record["distill_weight"], record["distill_hidden_weight"]) == (0.5, 1.0)
+    assert set(adapter["target_modules"]) == every and adapter["r"] == 16
+    assert (tmp_path / "recipe" / "checkpoint-2" / "blocksparse_values.safetensors").is_file()
+
+    record, adapter = run(tmp_path / "override", **{"--recipe": "lora16", "--lora_r": 4, "--learning_rate": 5e-4,
+                                                    "--target_modules": "q_proj,o_proj"})
+    assert (record["lora_r"], record["lora_alpha"], record["learning_rate"]) == (4, 8, 5e-4)  # alpha / r kept
+    assert not record["distill"] and not record["train_sparse_values"]
+    assert set(adapter["target_modules"]) == {"q_proj", "o_proj"}
+
+    record, adapter = run(tmp_path / "plain")  # no recipe: the reference workflow's defaults, as before
+    assert (record["recipe"], record["lora_r"], record["lora_alpha"], record["learning_rate"]) == (None, 8, 16, 1e-4)
+    assert set(adapter["target_modules"]) == {"q_proj", "v_proj"} and not record["distill"]
+
+
 def test_cli_hidden_distillation_reads_the_teacher_in_the_checkpoints_channel_order(tiny_model_and_text, tmp_path,
                                                                                      monkeypatch, capsys):
     from blocksparse.integration import train as train_module
