@@ -61,9 +61,10 @@ SEED_RECIPE = "seed"
 # 160k-token curves (README, "Recovery, measured"; the kept blocks lead from ~20 minutes),
 # and the LoRA recipe leaves a PEFT adapter and needs no teacher in memory.
 DEMO_RECIPE = "lora16"
-# Its steps of 1 x 256 tokens (and the seed recipe's beside it): ~41k tokens each, what
-# keeps the whole demo near 18 minutes on 2 CPU cores (19.1 measured, README).
-DEMO_STEPS = 160
+# Its steps of 1 x 256 tokens (and the seed recipe's beside it): ~53k tokens each, what
+# fills the whole demo's ~18 minutes on 2 CPU cores with bf16 autocast (160 steps took
+# 15.3 minutes in all; README).
+DEMO_STEPS = 208
 
 
 # What recover() trains in: fp32, or bf16 autocast (fp32 weights and optimizer).
