@@ -74,7 +74,9 @@ compute efficiency)) + one launch gap; a call sums its kernels.
 
 Both are models, not measurements: no GPU has run these kernels.
 
-`python -m blocksparse.kernels.roofline` prints the Llama-2-7B table.
+`python -m blocksparse.kernels.roofline` prints the Llama-2-7B table; `--compare` the two
+models side by side; `--tiles` the honest model's prefill for grouped-kernel tiles larger
+than the launched one.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ from ..format import DEFAULT_BLOCK_SIZE
 from .configs import DECODE_MAX_M, GROUP_SIZES, TILE_EFFICIENCY
 
 __all__ = ["Device", "DEVICES", "KernelCost", "MODELS", "MASKS", "Prediction", "PROVIDERS", "predict",
-           "default_union_density", "llama2_7b_table", "compare_table"]
+           "default_union_density", "llama2_7b_table", "compare_table", "tile_table"]
 
 PROVIDERS = ("dense", "dense_lora", "sparse", "sparse_lora")
 MODELS = ("honest", "ideal")
@@ -298,7 +300,8 @@ def _skinny(name: str, rows: int, cols: int, inner: int, e: int, extra_bytes: fl
 
 
 def _sparse_kernel(name: str, M: int, N: int, K: int, e: int, density: float, union: float, group_size: int,
-                   rank_pad: int, device: Device, block_m: int, extra_bytes: float = 0.0) -> KernelCost:
+                   rank_pad: int, device: Device, block_m: int, extra_bytes: float = 0.0,
+                   cta_slots: int = CTA_SLOTS_PER_SM) -> KernelCost:
     """Our kernel computing M x N outputs over K with `density` of the blocks present.
 
     Decode (M <= 64): every present block once, the X slab of each block re-read per
@@ -327,14 +330,15 @@ def _sparse_kernel(name: str, M: int, N: int, K: int, e: int, density: float, un
           + m_tiles * (w + meta)                           # present blocks per M tile
           + y + m_tiles * N * rank_pad * e + m_pad * rank_pad * e * groups + extra_bytes)
     flops = 2.0 * m_pad * N * K * union + 2.0 * m_pad * N * rank_pad
-    waves = _wave_factor(m_tiles * groups, device.sms * CTA_SLOTS_PER_SM)
+    waves = _wave_factor(m_tiles * groups, device.sms * cta_slots)
     return KernelCost(name, _hbm(x, w, y + meta + lora, device), l2, flops, triton=True, mma_n=bn, waves=waves)
 
 
 def predict(provider: str, M: int, N: int, K: int, *, density: float = 1.0, union_density: float | None = None,
             union_density_bwd: float | None = None, group_size: int | None = None, dtype="bf16",
             lora_rank: int = 0, dropout: bool = False, device: str = "h200", backward: bool = False,
-            block_m: int = 128, model: str = "honest", masks: str = "grouped") -> Prediction:
+            block_m: int = 128, model: str = "honest", masks: str = "grouped",
+            cta_slots: int = CTA_SLOTS_PER_SM) -> Prediction:
     """Predicted bytes, FLOPs and time of one call of `provider` (see the module docstring).
 
     density: fraction of 16x16 blocks present (sparse providers). union_density: the
@@ -344,7 +348,8 @@ def predict(provider: str, M: int, N: int, K: int, *, density: float = 1.0, unio
     (1, 2, 4, 8) (what the autotuner would do). union_density_bwd: the same for the
     transposed mask (dX kernel), by default measured like union_density when that was
     omitted, else union_density. dropout: LoRA dropout on (its Philox and, unfused, its
-    kernels). backward=True: forward + backward with W frozen.
+    kernels). backward=True: forward + backward with W frozen. block_m, cta_slots: the
+    grouped kernel's token tile and CTAs per SM (the launched configs: 128 and 2).
     """
     if provider not in PROVIDERS:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
@@ -372,7 +377,7 @@ def predict(provider: str, M: int, N: int, K: int, *, density: float = 1.0, unio
     e = _ELEMENT_BYTES[dtype]
     r = lora_rank
     options = dict(dtype=dtype, lora_rank=lora_rank, dropout=dropout, device=device, backward=backward,
-                   block_m=block_m, model=model, masks=masks)
+                   block_m=block_m, model=model, masks=masks, cta_slots=cta_slots)
 
     if provider.startswith("sparse") and M > DECODE_MAX_M and group_size is None:
         candidates = [predict(provider, M, N, K, density=density, group_size=g,
@@ -413,7 +418,8 @@ def predict(provider: str, M: int, N: int, K: int, *, density: float = 1.0, unio
         rank_pad = math.ceil(r / BLOCK) * BLOCK
         if r:
             kernels.append(_skinny("T = drop(X) A^T", M, r, K, e, keep_bits, triton=True, alu_ops=philox))
-        kernels.append(_sparse_kernel("Y = X W^T (+T B^T)", M, N, K, e, density, union, g, rank_pad, dev, block_m))
+        kernels.append(_sparse_kernel("Y = X W^T (+T B^T)", M, N, K, e, density, union, g, rank_pad, dev, block_m,
+                                      cta_slots=cta_slots))
         if backward:
             if union_density_bwd is not None:
                 union_bwd = union_density_bwd
@@ -422,7 +428,7 @@ def predict(provider: str, M: int, N: int, K: int, *, density: float = 1.0, unio
             else:
                 union_bwd = measured(True)
             kernels.append(_sparse_kernel("dX = dY W (+dT A)", M, K, N, e, density, union_bwd, g, rank_pad,
-                                          dev, block_m, keep_bits))
+                                          dev, block_m, keep_bits, cta_slots))
     if backward and r:
         ours = provider == "sparse_lora"
         kernels.append(_skinny("dT = s dY B", M, r, N, e, triton=ours))
@@ -551,6 +557,38 @@ def compare_table(device: str = "h200", sparsities=(0.5, 0.75), lora_rank: int =
     return "\n".join(lines)
 
 
+# Prefill tiles of the grouped kernel as (BM, G, CTAs per SM): the launched one first, then
+# the larger tiles that fit one CTA per SM (an fp32 accumulator of 128 registers per thread
+# at 8 warps), which no launcher picks yet. 256 x 256 would need 256 per thread.
+TILE_OPTIONS = ((128, 8, 2), (256, 8, 1), (128, 16, 1))
+
+
+def tile_table(device: str = "h200", sparsities=(0.5, 0.75), dtype="bf16") -> str:
+    """Honest-model prefill (M=2048) per Llama-2-7B decoder layer on grouped masks (union =
+    density) for each of TILE_OPTIONS, and the ceiling where only compute counts: our
+    kernels' FLOPs at Triton's efficiency against cuBLAS's dense ones at its own."""
+    dev, m = DEVICES[device], 2048
+    lines = [f"### {dev.name}, {_dtype_name(dtype)}: prefill M={m} per Llama-2-7B decoder layer, grouped masks, "
+             "by the grouped kernel's tile (honest model; only the first tile is launched today)", "",
+             "| BM x BN (G) | CTAs/SM | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |",
+             "|---|---|" + "---|" * len(sparsities)]
+    for bm, g, slots in TILE_OPTIONS:
+        cells = []
+        for s in sparsities:
+            dense = sparse = 0.0
+            for name, n, k in LLAMA2_7B_SHAPES:
+                dense += LAYER_COUNTS[name] * predict("dense", m, n, k, dtype=dtype, device=device).time_s
+                sparse += LAYER_COUNTS[name] * predict("sparse", m, n, k, density=1 - s, union_density=1 - s,
+                                                       group_size=g, block_m=bm, cta_slots=slots, dtype=dtype,
+                                                       device=device).time_s
+            cells.append(f"{dense / sparse:.2f}x")
+        lines.append(f"| {bm} x {BLOCK * g} ({g}) | {slots} | " + " | ".join(cells) + " |")
+    ceiling = dev.triton_efficiency / dev.compute_efficiency
+    lines.append("| compute only (no memory, L2 or waves) | - | "
+                 + " | ".join(f"{ceiling / (1 - s):.2f}x" for s in sparsities) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Roofline predictions for the Llama-2-7B linears, dense vs sparse.")
     parser.add_argument("--device", nargs="+", default=["h200", "h100"], choices=sorted(DEVICES))
@@ -561,10 +599,14 @@ def main(argv=None) -> int:
     parser.add_argument("--masks", default="grouped", choices=MASKS)
     parser.add_argument("--compare", action="store_true",
                         help="per-layer speedups of the ideal and the honest model side by side")
+    parser.add_argument("--tiles", action="store_true",
+                        help="prefill per layer for larger grouped-kernel tiles at one CTA per SM (honest model)")
     args = parser.parse_args(argv)
     for device in args.device:
         if args.compare:
             print(compare_table(device, args.sparsity, args.lora_rank, args.dtype))
+        elif args.tiles:
+            print(tile_table(device, args.sparsity, args.dtype))
         else:
             print(llama2_7b_table(device, args.sparsity, args.lora_rank, args.dtype, args.model, args.masks))
             print(_layer_summary(device, args.sparsity, args.lora_rank, args.dtype, args.model, args.masks))

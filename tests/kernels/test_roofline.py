@@ -5,7 +5,7 @@ import pytest
 
 from blocksparse.kernels.configs import TILE_EFFICIENCY
 from blocksparse.kernels.roofline import (DEVICES, PHILOX_OPS_PER_ELEMENT, compare_table, default_union_density,
-                                         llama2_7b_table, llama_union, main, predict)
+                                         layer_times, llama2_7b_table, llama_union, main, predict, tile_table)
 
 H200 = DEVICES["h200"]
 LAUNCH = H200.launch_us * 1e-6
@@ -181,3 +181,23 @@ def test_compare_table_puts_both_models_side_by_side():
     assert "ideal model" in table and "honest, grouped masks" in table
     assert table.count("| fine-tune step M=2048, dropout 0.05 | 50% |") == 1
     assert main(["--device", "h100", "--compare"]) == 0
+
+
+def test_tile_table_larger_tiles_at_one_cta_per_sm_and_the_compute_ceiling():
+    # One CTA per SM halves the slots the waves fill; a 256-token tile halves W's L2 re-reads.
+    p = predict("sparse", 2048, 4096, 4096, density=0.5, union_density=0.5, group_size=8, block_m=256, cta_slots=1)
+    main_kernel, = p.kernels
+    assert main_kernel.waves == pytest.approx(-(-256 // 132) * 132 / 256)  # 8 M tiles x 32 groups on 132 slots
+    launched = predict("sparse", 2048, 4096, 4096, density=0.5, union_density=0.5, group_size=8).kernels[0]
+    assert main_kernel.l2_bytes < launched.l2_bytes
+    table = tile_table("h200", sparsities=(0.5,))
+    rows = [line for line in table.splitlines() if line.startswith("| 1") or line.startswith("| 2")]
+    assert [r.split(" | ")[0] for r in rows] == ["| 128 x 128 (8)", "| 256 x 128 (8)", "| 128 x 256 (16)"]
+    # the launched row is what the per-layer summary gives for grouped masks at 50%
+    dense, sparse, _ = layer_times("h200", 0.5, 2048, False)
+    assert rows[0].endswith(f"| {dense / sparse:.2f}x |")
+    ceiling = 0.62 / 0.80 / 0.5
+    assert table.splitlines()[-1].endswith(f"| {ceiling:.2f}x |")
+    speedups = [float(r.rstrip(" |").rsplit(" ", 1)[1].rstrip("x")) for r in rows]
+    assert speedups[0] < min(speedups[1:]) and max(speedups) <= ceiling
+    assert main(["--device", "h200", "--tiles"]) == 0
