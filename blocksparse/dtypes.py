@@ -32,12 +32,18 @@ def short_name(dtype: str | torch.dtype) -> str:
 
 
 def native_bf16(device: str | torch.device = "cpu") -> bool:
-    """Whether `device` computes bf16 natively (a CUDA GPU that supports it; a CPU with
-    AVX512-BF16 or AMX), so bf16 autocast trains faster than fp32 there. Asks the device
-    when called, never at import."""
+    """Whether `device` computes bf16 natively (an NVIDIA GPU from Ampere on, a ROCm GPU with
+    bf16; a CPU with AVX512-BF16 or AMX), so bf16 autocast trains faster than fp32 there.
+    Asks the device when called, never at import."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if device.type == "cuda":  # emulated bf16 (NVIDIA before Ampere) trains slower than fp32
+        if not torch.cuda.is_available():
+            return False
+        if torch.version.hip:
+            return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type == "cpu":  # private probes (torch >= 2.5 names, then the older ones)
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_cpu_support_avx512bf16",
+                  "_is_cpu_support_amx_tile")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
     return False

@@ -690,12 +690,14 @@ def linear_torch(x2d: torch.Tensor, weight: BlockSparseWeight, bias: torch.Tenso
 def dropout_keep_mask(shape: tuple[int, ...], p: float, device: torch.device | str,
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The torch backend's LoRA dropout mask: 1 with probability 1 - p, from torch's global
-    generator, p resolved to 2^-16. Four 16-bit lanes per 64-bit draw: on a CPU the
-    generator's calls are the cost (256 x 1536: 0.5 ms against torch.rand's 1.6)."""
+    generator, p resolved to 2^-16 (and kept below 1: a p within 2^-17 of 1 drops all but
+    2^-16). Four 16-bit lanes per 64-bit draw: on a CPU the generator's calls are the cost
+    (256 x 1536: 0.5 ms against torch.rand's 1.6)."""
     numel = math.prod(shape)
     draws = torch.empty(-(-numel // 4), dtype=torch.int64, device=device).random_(-2 ** 63, None)
     lanes = draws.view(torch.int16)[:numel].view(shape)  # uniform over [-2^15, 2^15)
-    return (lanes >= round(p * 65536) - 32768).to(dtype)
+    # The threshold must stay an int16: 2^15 would wrap to -2^15 and keep everything.
+    return (lanes >= min(round(p * 65536), 65535) - 32768).to(dtype)
 
 
 def block_sparse_linear(

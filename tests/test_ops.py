@@ -357,10 +357,26 @@ def test_dropout_keep_mask_rate_and_independent_lanes(p):
     lanes = keep.view(-1, 4)
     for lane in lanes.unbind(1):
         assert abs(1 - lane.mean().item() - p) < 5 * 2 * sd + 2 ** -16
-    both = ((1 - lanes[:, 0]) * (1 - lanes[:, 1])).mean().item()
+    for i, j in ((0, 1), (1, 2), (2, 3)):
+        both = ((1 - lanes[:, i]) * (1 - lanes[:, j])).mean().item()
+        assert abs(both - p * p) < 5 * math.sqrt(p * p / (n // 4)) + 1e-4
+    both = ((1 - lanes[:-1, 3]) * (1 - lanes[1:, 0])).mean().item()  # across neighbouring draws
     assert abs(both - p * p) < 5 * math.sqrt(p * p / (n // 4)) + 1e-4
     odd = dropout_keep_mask((3, 7), p, "cpu")  # a size that is not a whole number of draws
     assert odd.shape == (3, 7)
+    torch.manual_seed(1)
+    whole = dropout_keep_mask((4, 8), p, "cpu")  # the first 21 lanes of the same draws
+    torch.manual_seed(1)
+    assert torch.equal(dropout_keep_mask((3, 7), p, "cpu").flatten(), whole.flatten()[:21])
+
+
+def test_dropout_keep_mask_near_zero_and_one():
+    torch.manual_seed(0)
+    n = 1 << 18
+    assert dropout_keep_mask((n,), 1e-7, "cpu").mean().item() == 1.0  # below 2^-17: nothing dropped
+    # within 2^-17 of 1 the threshold stays an int16 (2^15 would wrap and keep everything)
+    kept = dropout_keep_mask((n,), 1 - 1e-6, "cpu").sum().item()
+    assert kept < 30  # 2^-16 of 2^18 lanes: 4 expected
 
 
 @pytest.mark.parametrize("m", [3, 100])

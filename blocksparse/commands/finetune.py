@@ -59,8 +59,9 @@ from ..integration.recipes import RECOVERY_RECIPES
 from .args import CLIError, add_dataset_flag, add_dtype_flag, add_flag, check_finite, write_json
 
 EVAL_RESULTS = "eval_results.json"
-# The reference workflow's defaults of the flags a --recipe sets (the seed's LoRA recipe).
-SEED_DEFAULTS = {"lora_r": 8, "lora_alpha": 16, "learning_rate": 1e-4, "distill_weight": 0.5,
+# The reference workflow's defaults of the flags a --recipe sets (Wanda's lora_ft; the recipe
+# named "seed" is its adapter at a swept rate, not these values).
+REFERENCE_DEFAULTS = {"lora_r": 8, "lora_alpha": 16, "learning_rate": 1e-4, "distill_weight": 0.5,
                  "distill_hidden_weight": 0.0}
 SPARSE_BASE = "sparse_base"  # where a model sparsified on the fly is saved, inside --output_dir
 # A --block_size this small is a sparse block edge typed into run_clm's flag.
@@ -111,14 +112,15 @@ def add_parser(subparsers):
              help="a measured recovery recipe (README, 'Recovery, measured'): what it trains, its loss and its "
                   "learning rate become the defaults of --lora_r, --lora_alpha, --target_modules, "
                   "--learning_rate, --distill*, --train_sparse_values and --sparse_values_learning_rate; "
-                  "flags given explicitly win (default: none, the reference workflow's defaults)")
+                  "values given explicitly win (its --distill and --train_sparse_values it turns on; pick "
+                  "another recipe to leave them off) (default: none, the reference workflow's defaults)")
     lora = parser.add_argument_group("LoRA")
     add_flag(lora, "--lora_r", type=int, default=None,
              help=f"rank; 0 = no adapter (with --train_sparse_values) (default: the --recipe's, else "
-                  f"{SEED_DEFAULTS['lora_r']})")
+                  f"{REFERENCE_DEFAULTS['lora_r']})")
     add_flag(lora, "--lora_alpha", type=float, default=None,
              help=f"alpha; scaling = alpha / r (default: the --recipe's alpha / r times r, else "
-                  f"{SEED_DEFAULTS['lora_alpha']:g})")
+                  f"{REFERENCE_DEFAULTS['lora_alpha']:g})")
     add_flag(lora, "--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input (default: %(default)s)")
     add_flag(lora, "--target_modules", default=None,
              help="comma-separated module names to adapt (default: the model family's, q_proj,v_proj "
@@ -129,7 +131,7 @@ def add_parser(subparsers):
     add_flag(train, "--num_train_epochs", type=float, default=1.0, help="(default: %(default)s)")
     add_flag(train, "--max_steps", type=int, default=-1, help="overrides --num_train_epochs when > 0")
     add_flag(train, "--learning_rate", type=float, default=None,
-             help=f"(default: the --recipe's, else {SEED_DEFAULTS['learning_rate']:g})")
+             help=f"(default: the --recipe's, else {REFERENCE_DEFAULTS['learning_rate']:g})")
     add_flag(train, "--per_device_train_batch_size", type=int, default=1, help="(default: %(default)s)")
     add_flag(train, "--per_device_eval_batch_size", type=int, default=1,
              help="windows per forward pass in the final eval (default: %(default)s)")
@@ -166,7 +168,7 @@ def add_parser(subparsers):
                   "or the dense model itself when --sparsity sparsifies it)")
     add_flag(distill, "--distill_weight", type=float, default=None,
              help=f"weight of the KL term; CE gets 1 - weight (default: the --recipe's, else "
-                  f"{SEED_DEFAULTS['distill_weight']})")
+                  f"{REFERENCE_DEFAULTS['distill_weight']})")
     add_flag(distill, "--distill_temperature", type=float, default=1.0, help="(default: %(default)s)")
     add_flag(distill, "--teacher_cache", default=None,
              help="a safetensors file of the teacher's top-k logits of the training blocks: used when it "
@@ -176,7 +178,7 @@ def add_parser(subparsers):
              help="logits per position kept in a new --teacher_cache (default: %(default)s; 8 bytes each)")
     add_flag(distill, "--distill_hidden_weight", type=float, default=None,
              help=f"weight of the per-layer hidden-state term (SquareHead), added to the rest "
-                  f"(default: the --recipe's, else {SEED_DEFAULTS['distill_hidden_weight']})")
+                  f"(default: the --recipe's, else {REFERENCE_DEFAULTS['distill_hidden_weight']})")
 
     values = parser.add_argument_group("sparse fine-tuning (optional)")
     add_flag(values, "--train_sparse_values", action="store_true",
@@ -198,10 +200,12 @@ def _checkpoints(output_dir: str) -> list[str]:
 
 
 def apply_recipe(args) -> None:
-    """Fill the flags left unset (None) from --recipe, else from SEED_DEFAULTS, in place. A
+    """Fill the flags left unset (None) from --recipe, else from REFERENCE_DEFAULTS, in place. A
     recipe's LoRA targets other than the family's default are resolved by `_lora_targets`
     once the model is loaded; its store_true flags (--distill, --train_sparse_values) it
     only turns on."""
+    from ..integration.train import Distillation
+
     spec = RECOVERY_RECIPES[args.recipe] if args.recipe is not None else {}
     lora, distill = spec.get("lora"), spec.get("distill")
     if args.recipe is not None and args.lora_r is None:
@@ -212,15 +216,15 @@ def apply_recipe(args) -> None:
         args.learning_rate = spec["lr"]
     if distill:
         args.distill = True
-        if args.distill_weight is None:
-            args.distill_weight = distill.get("kl_weight", 0.0)
+        if args.distill_weight is None:  # what recover() builds: Distillation's defaults where it is silent
+            args.distill_weight = distill.get("kl_weight", Distillation.kl_weight)
         if args.distill_hidden_weight is None:
-            args.distill_hidden_weight = distill.get("hidden_weight", 0.0)
+            args.distill_hidden_weight = distill.get("hidden_weight", Distillation.hidden_weight)
     if spec.get("values"):
         args.train_sparse_values = True
         if args.sparse_values_learning_rate is None and "values_lr_ratio" in spec:
             args.sparse_values_learning_rate = args.learning_rate * spec["values_lr_ratio"]
-    for name, value in SEED_DEFAULTS.items():
+    for name, value in REFERENCE_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
 
@@ -233,8 +237,9 @@ def _check_args(args) -> None:
             raise CLIError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.lora_r < (0 if args.train_sparse_values else 1):
         raise CLIError(f"--lora_r must be >= 1 (or 0 with --train_sparse_values: no adapter), got {args.lora_r}")
+    by_recipe = f" (--recipe {args.recipe})" if args.recipe else ""
     if args.eval_base and args.lora_r == 0:
-        raise CLIError("--eval_base compares with and without the adapter; --lora_r 0 trains none")
+        raise CLIError(f"--eval_base compares with and without the adapter; --lora_r 0{by_recipe} trains none")
     if args.sparse_values_learning_rate is not None and not args.train_sparse_values:
         raise CLIError("--sparse_values_learning_rate needs --train_sparse_values")
     if args.sparse_values_learning_rate is not None and args.sparse_values_learning_rate <= 0:
@@ -266,7 +271,8 @@ def _check_args(args) -> None:
     if args.bf16 and args.fp16:
         raise CLIError("give --bf16 or --fp16, not both")
     if args.fsdp and args.train_sparse_values:
-        raise CLIError("--fsdp trains LoRA adapters; --train_sparse_values under FSDP is not supported yet")
+        raise CLIError(f"--fsdp trains LoRA adapters; --train_sparse_values{by_recipe} under FSDP is not supported "
+                       "yet")
     if args.fsdp and args.fp16:
         raise CLIError("--fsdp with --fp16: the loss scaler would check for infs per rank, not over the shards; "
                        "use --bf16")

@@ -565,8 +565,9 @@ TILE_OPTIONS = ((128, 8, 2), (256, 8, 1), (128, 16, 1))
 
 def tile_table(device: str = "h200", sparsities=(0.5, 0.75), dtype="bf16") -> str:
     """Honest-model prefill (M=2048) per Llama-2-7B decoder layer on grouped masks (union =
-    density) for each of TILE_OPTIONS, and the ceiling where only compute counts: our
-    kernels' FLOPs at Triton's efficiency against cuBLAS's dense ones at its own."""
+    density: masks grouped G block rows deep, so the G=16 tile needs `prune --row-group 16`,
+    not the demo's 8) for each of TILE_OPTIONS, and the ceiling where only compute counts:
+    our kernels' FLOPs at Triton's efficiency against cuBLAS's dense ones at its own."""
     dev, m = DEVICES[device], 2048
     lines = [f"### {dev.name}, {_dtype_name(dtype)}: prefill M={m} per Llama-2-7B decoder layer, grouped masks, "
              "by the grouped kernel's tile (honest model; only the first tile is launched today)", "",
@@ -597,10 +598,12 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--model", default="honest", choices=MODELS)
     parser.add_argument("--masks", default="grouped", choices=MASKS)
-    parser.add_argument("--compare", action="store_true",
-                        help="per-layer speedups of the ideal and the honest model side by side")
-    parser.add_argument("--tiles", action="store_true",
-                        help="prefill per layer for larger grouped-kernel tiles at one CTA per SM (honest model)")
+    view = parser.add_mutually_exclusive_group()
+    view.add_argument("--compare", action="store_true",
+                      help="per-layer speedups of the ideal and the honest model side by side")
+    view.add_argument("--tiles", action="store_true",
+                      help="prefill per layer for larger grouped-kernel tiles at one CTA per SM (honest model, "
+                           "grouped masks as deep as each tile's G)")
     args = parser.parse_args(argv)
     for device in args.device:
         if args.compare:

@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from blocksparse.commands import main
@@ -37,7 +38,7 @@ def test_demo_runs_every_stage_and_writes_the_report(tiny_dir, corpus_file, tmp_
         assert saved[key]["learning_rate"] == RECOVERY_RECIPES[name]["lr"]
     assert saved["recovered"]["ppl"] != saved["seed_recovered"]["ppl"]
     # "auto" precision: bf16 autocast where this CPU computes bf16 natively, for both runs
-    precision = "bf16" if native_bf16("cpu") else "fp32"
+    precision = "bf16" if native_bf16("cuda" if torch.cuda.is_available() else "cpu") else "fp32"
     assert saved["settings"]["precision"] == precision
     assert saved["recovery"]["precision"] == saved["seed_recovery"]["precision"] == precision
     for kind in ("dense", "sparse", "dense_lora", "sparse_lora"):

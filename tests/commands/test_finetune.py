@@ -126,7 +126,7 @@ def test_cli_trains_the_kept_blocks_and_saves_them_as_the_sparse_base(tiny_model
         assert adapter["base_model_name_or_path"] == str(out / "sparse_base")
 
 
-def test_a_recipe_sets_the_defaults_and_explicit_flags_win(tiny_model_and_text, tmp_path):
+def test_a_recipe_sets_the_defaults_and_explicit_flags_win(tiny_model_and_text, tmp_path, capsys):
     from blocksparse.integration.recipes import RECOVERY_RECIPES
     from blocksparse.integration.train import RUN_RECORD
 
@@ -159,6 +159,15 @@ def test_a_recipe_sets_the_defaults_and_explicit_flags_win(tiny_model_and_text, 
     record, adapter = run(tmp_path / "plain")  # no recipe: the reference workflow's defaults, as before
     assert (record["recipe"], record["lora_r"], record["lora_alpha"], record["learning_rate"]) == (None, 8, 16, 1e-4)
     assert set(adapter["target_modules"]) == {"q_proj", "v_proj"} and not record["distill"]
+
+    capsys.readouterr()  # the recipe is part of the run: resuming it under another is refused
+    assert cli_main(["finetune", *cli_flags(model_dir, text, tmp_path / "plain", **{"--lora-r": None,
+                                                                                   "--max_steps": 4}),
+                     "--recipe", "lora16", "--resume_from_checkpoint", "last"]) == 2
+    assert "--recipe None there, lora16 now" in capsys.readouterr().err
+    assert cli_main(["finetune", *cli_flags(model_dir, text, tmp_path / "values", **{"--lora-r": None}),
+                     "--recipe", "values_kd_hidden", "--eval_base"]) == 2
+    assert "--lora_r 0 (--recipe values_kd_hidden) trains none" in capsys.readouterr().err
 
 
 def test_cli_hidden_distillation_reads_the_teacher_in_the_checkpoints_channel_order(tiny_model_and_text, tmp_path,
