@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # The one script to run on a GPU machine (H100 / H200), inside ~8 minutes:
 #   1. versions and the GPU           5. forced kernel schedules (G = 1/2/4/8) at prefill
-#   2. the CUDA tests of the kernels  6. the compile report (sm_90, registers / spills / wgmma)
-#   3. the kernel sweep (reduced)     7. a summary: step, status, seconds, headline speedups
+#   2. the CUDA tests of the kernels  6. grouped masks, tiles autotuned (256 x 128 among them)
+#   3. the kernel sweep (reduced)     7. the compile report (sm_90, registers / spills / wgmma)
 #   4. the model benchmark (Llama-2-7B-shaped, random weights, 8 decoder layers)
+#                                     8. a summary: step, status, seconds, headline speedups
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]          # OUT_DIR, else $OUT, else runs/gpu_check
 #   bash benchmarks/gpu_check.sh --dry-run [OUT_DIR] # the same plumbing, tiny settings, on a CPU
 #   bash benchmarks/gpu_check.sh --pack [OUT_DIR]    # also: everything in one gpu_check.tar.gz,
 #                                                    # keeping only it, summary.md and gpu_check.log
 #
-# GPU_CHECK_STEPS=kernels,model (a comma list of env,tests,kernels,model,schedules,compile)
+# GPU_CHECK_STEPS=kernels,model (a comma list of env,tests,kernels,model,schedules,tiles,compile)
 # runs only those steps; the summary always comes last. GPU_CHECK_BUDGET=470 is the total
 # number of seconds the steps may take (each step's own limit shrinks to fit it).
 #
@@ -18,7 +19,7 @@
 # nothing installed): the package comes from this checkout through PYTHONPATH. Set
 # PYTHON=/path/to/python to choose another interpreter. Every step runs under its own
 # `timeout`; a failing step is reported and the next one runs. Per-step logs go to
-# OUT_DIR/logs, results to OUT_DIR/{kernels,schedules,model,compile}.
+# OUT_DIR/logs, results to OUT_DIR/{kernels,schedules,tiles,model,compile}.
 
 set -u
 
@@ -65,7 +66,7 @@ SECONDS_TAKEN=()
 SCRIPT_START=$(date +%s)
 BUDGET="${GPU_CHECK_BUDGET:-470}"  # seconds for all steps together (8 minutes with the summary)
 
-ALL_STEPS="env,tests,kernels,model,schedules,compile"
+ALL_STEPS="env,tests,kernels,model,schedules,tiles,compile"
 WANTED="${GPU_CHECK_STEPS:-$ALL_STEPS}"
 SELECTED=",$WANTED,"
 for step in ${WANTED//,/ }; do
@@ -191,11 +192,15 @@ if [ "$DRY_RUN" = 1 ]; then
     KERNEL_ARGS=(--device cpu --threads 1 --shapes 64x128 --m 1,32 --sparsity 0.5 --reps 2 --warmup 1)
     SCHEDULE_ARGS=(--device cpu --threads 1 --shapes 64x64 --m 128 --sparsity 0.5 --mode fwd --providers dense,ours
                    --schedules G2 --reps 1 --warmup 1)
+    TILE_ARGS=(--device cpu --threads 1 --mask grouped --shapes 128x128 --m 128 --sparsity 0.5 --mode both
+               --providers dense,ours --reps 1 --warmup 1)
 else
     KERNEL_ARGS=(--shapes 4096x4096,11008x4096,4096x11008 --m 1,16,64,256,2048,4096 --sparsity 0.5,0.75
                  --mode both --rep-ms 40 --time-budget 110)
     SCHEDULE_ARGS=(--shapes 4096x4096,11008x4096 --m 2048 --sparsity 0.5,0.75 --mode fwd --providers dense,ours
                    --schedules G1,G2,G4,G8,G4nc --rep-ms 40 --time-budget 30)
+    TILE_ARGS=(--mask grouped --shapes 4096x4096 --m 2048 --sparsity 0.5,0.75 --mode both --providers dense,ours
+               --rep-ms 40 --time-budget 60)
 fi
 run_step kernels 130 "$PYTHON" benchmarks/bench_kernels.py --out "$OUT_DIR/kernels" "${KERNEL_ARGS[@]}"
 
@@ -212,7 +217,15 @@ run_step model 150 "$PYTHON" benchmarks/bench_model.py --out "$OUT_DIR/model" "$
 # ---------------------------------------------------------------- 5. schedule variants (G) at prefill
 run_step schedules 45 "$PYTHON" benchmarks/bench_kernels.py --out "$OUT_DIR/schedules" "${SCHEDULE_ARGS[@]}"
 
-# ---------------------------------------------------------------- 6. compile report
+# ---------------------------------------------------------------- 6. grouped masks, autotuned tiles
+# Masks whose groups of 8 block rows share their columns (the union is the density), every
+# launch autotuned: autotune.md gives each candidate tile's time (forward and dX), the
+# sm_90 wide tile 256 x 128 at one CTA per SM against 128 x 128 at two; ~16 compiles
+# (4 tiles x 2 passes, forward and dX) come first, so it gets more time than its sweep.
+run_step tiles 90 env BLOCKSPARSE_AUTOTUNE=1 "$PYTHON" benchmarks/bench_kernels.py --out "$OUT_DIR/tiles" \
+    "${TILE_ARGS[@]}"
+
+# ---------------------------------------------------------------- 7. compile report
 if [ ! -f benchmarks/compile_report.py ]; then
     skip_step compile "benchmarks/compile_report.py not found"
 elif [ "$DRY_RUN" = 1 ]; then
@@ -223,7 +236,7 @@ else
         --json "$OUT_DIR/compile/compile_report.json"
 fi
 
-# ---------------------------------------------------------------- 7. summary
+# ---------------------------------------------------------------- 8. summary
 {
     echo "# gpu_check summary ($MODE)"
     echo

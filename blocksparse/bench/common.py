@@ -435,7 +435,7 @@ def _float(value) -> float:
 
 def headline(folder: Path) -> str:
     """Decode M=1/16, prefill M=2048 and fwd+bwd speedups at 50 % from the kernel CSVs under
-    `folder`, and every sparse-vs-dense row of the model CSVs."""
+    `folder`, the autotuned tiles' times, and every sparse-vs-dense row of the model CSVs."""
     folder = Path(folder)
     lines = []
     for path in sorted(folder.rglob("bench_kernels.csv")):
@@ -454,6 +454,9 @@ def headline(folder: Path) -> str:
             lines.append(f"kernels ({path.relative_to(folder)}), sparsity 0.5, ours vs dense (with LoRA: vs dense+lora):")
             lines.append(markdown_table(["case", "shape", "dtype", "ours ms", "baseline ms", "speedup",
                                          "modeled"], found))
+    for path in sorted(folder.rglob("autotune.md")):  # the tiles the autotuner timed (GPU)
+        lines.append(f"autotuned tiles ({path.relative_to(folder)}):")
+        lines.append(path.read_text().split("\n", 2)[2].strip())
     for path in sorted(folder.rglob("bench_model.csv")):
         found = [[r["metric"], r["mode"], r["batch"], r["tokens"], r["unit"], fmt(_float(r["dense_value"]), 4),
                   fmt(_float(r["value"]), 4), fmt_speedup(_float(r["speedup"]))]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import sys
 import time
@@ -316,6 +317,7 @@ def run(args) -> Path:
                         return out
                     run_one(log, case, m, mode, providers, schedules, backend, device, dtype, env,
                             config, roofline_dev, args)
+                    write_autotune(out)  # as it goes: a step cut short by its time limit keeps them
             del case
     write_summary(out, log.rows, env, config, union_info)
     print(f"wrote {out / 'bench_kernels.csv'}, {out / 'bench_kernels.png'}, {out / 'bench_kernels.md'}")
@@ -509,6 +511,31 @@ def write_summary(out: Path, rows: list[dict], env: dict, config: str, union_inf
     if failures:
         parts.append("\nProblems (not measured, or flagged):\n" + "\n".join(f"- {f}" for f in failures))
     (out / "bench_kernels.md").write_text("\n".join(parts) + "\n")
+    write_autotune(out)
+
+
+def write_autotune(out: Path) -> None:
+    """Under BLOCKSPARSE_AUTOTUNE=1 on a GPU: every candidate tile's time per launch key, as the
+    launcher's autotuner measured it, in autotune.md and autotune.json (nothing otherwise)."""
+    try:
+        from ..kernels.block_sparse_linear import AUTOTUNE_RECORDS
+    except ImportError:
+        return
+    if not AUTOTUNE_RECORDS:
+        return
+    (out / "autotune.json").write_text(json.dumps(AUTOTUNE_RECORDS, indent=1) + "\n")
+    rows = []
+    for r in AUTOTUNE_RECORDS:
+        best = min(c["ms"] for c in r["candidates"])
+        for c in r["candidates"]:
+            rows.append([r["regime"] + (" dX" if r["transposed"] else ""), str(r["m"]), f"{r['n']}x{r['k']}",
+                         str(r["group_size"]), f"{r['union']:.2f}", r["dtype"],
+                         "+".join(name for name in ("bias", "lora", "dropout") if r[name]) or "-",
+                         c["config"], common.fmt(c["ms"]), f"{c['ms'] / best:.2f}"])
+    (out / "autotune.md").write_text(
+        "# Autotuned tiles (BLOCKSPARSE_AUTOTUNE=1): each candidate's time, relative to the fastest\n\n"
+        + common.markdown_table(["call", "M", "N x K", "G", "union", "dtype", "fused", "tile", "ms", "vs best"],
+                                rows) + "\n")
 
 
 # --------------------------------------------------------------------------

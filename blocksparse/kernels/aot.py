@@ -9,14 +9,17 @@ then reads from the result:
   itself uses for that arch, run again on the generated PTX with Triton's flags;
 - shared memory: the compiled kernel's metadata (`shared`), checked against the
   arch's per-block opt-in limit;
-- MMA instructions in the PTX: `wgmma.mma_async` (Hopper) or `mma.sync`.
+- MMA instructions in the PTX: `wgmma.mma_async` (Hopper, and the widest N) or `mma.sync`;
+  the 16-byte async copies (`cp.async.cg`) that pipeline tile loads.
 
 It prints a markdown table, writes it as JSON with `--json FILE`, and exits 1 if any
 config fails to compile, spills (the "repair" regime excepted: the grouped
 schedules' second pass, run only for tiles that met NaN or inf), exceeds shared
 memory, or, in a prefill or backward config (the compute-bound regimes), fits
-fewer than 2 CTAs per SM (registers, shared memory, warps) or (sm_90, BM >= 64)
-lacks wgmma. Identical
+fewer than 2 CTAs per SM (registers, shared memory, warps; 1 for the sm_90 wide
+tile, `min_ctas`) or (sm_90, BM >= 64) lacks wgmma; the grouped kernel's compute-bound
+configs also fail without 16-byte cp.async or when their widest wgmma is narrower than
+the group tile (BS * G columns). Identical
 entries (same kernel, regime, constexprs, warps, stages) are compiled once.
 
     python -m blocksparse.kernels.aot --json runs/compile_report.json   (= benchmarks/compile_report.py)
@@ -46,7 +49,7 @@ import torch
 
 from ..dtypes import SHORT_NAMES, short_name, to_dtype
 from . import roofline
-from .configs import (DECODE_MAX_M, GROUP_SIZES, NUM_SMS, SMEM_BYTES, dot_precision, grad_a_config,
+from .configs import (DECODE_MAX_M, GROUP_SIZES, NUM_SMS, SMEM_BYTES, WIDE_TILE_BM, dot_precision, grad_a_config,
                       matmul_candidates, matmul_config, matmul_constexprs, matmul_plan, nonfinite_passes,
                       sdd_config, shrink_config)
 
@@ -58,6 +61,7 @@ LAUNCH_DENSITY = 0.5
 # warpgroup's wgmma tile) must use wgmma. Smaller BM (a decode-sized backward) cannot.
 WGMMA_REGIMES = ("prefill", "backward")
 WGMMA_MIN_BM = 64
+WGMMA_MAX_N = 256
 
 
 # --------------------------------------------------------------------------
@@ -126,7 +130,8 @@ def compile_specs(dtype: torch.dtype = torch.bfloat16, arch: int = 90) -> list[d
             out_dropout = transposed and lora == "lora_dropout"
             cfg, split_k, steps = matmul_plan(m, 16, g, elt, groups, entries, out_dropout=out_dropout,
                                               smem_bytes=smem, num_sms=NUM_SMS[arch], arch=arch)
-            plans = matmul_candidates(cfg, split_k, steps, elt, smem) if groups else [(cfg, split_k)]
+            plans = (matmul_candidates(cfg, split_k, steps, elt, smem, m=m, arch=arch) if groups
+                     else [(cfg, split_k)])
             for (plan, split), npass in itertools.product(plans, nonfinite_passes(g)):
                 regime = "repair" if npass == 2 else "backward" if transposed else plan.regime
                 add_matmul(regime, plan, matmul_constexprs(
@@ -218,8 +223,13 @@ def ptxas_usage(ptx: str, arch: int) -> dict:
     return {"registers": int(regs[0]), "spill_stores": stores, "spill_loads": loads, "stack_bytes": stack}
 
 
-def mma_instructions(ptx: str) -> dict:
-    return {"wgmma": len(re.findall(r"\bwgmma\.mma_async", ptx)), "mma_sync": len(re.findall(r"\bmma\.sync", ptx))}
+def ptx_instructions(ptx: str) -> dict:
+    """MMA instructions (wgmma, mma.sync), the widest wgmma's N, and the 16-byte async copies
+    (cp.async.cg moves 16 bytes or nothing) that pipeline the tile loads."""
+    wgmma_n = re.findall(r"\bwgmma\.mma_async\.sync\.aligned\.m\d+n(\d+)k\d+", ptx)
+    return {"wgmma": len(re.findall(r"\bwgmma\.mma_async", ptx)), "wgmma_n": max(map(int, wgmma_n), default=0),
+            "mma_sync": len(re.findall(r"\bmma\.sync", ptx)),
+            "cp_async_16": len(re.findall(r"\bcp\.async\.cg\.shared\.global\b", ptx))}
 
 
 def config_label(spec: dict) -> str:
@@ -245,7 +255,7 @@ def compile_one(spec: dict, arch: int, dtype: str) -> dict:
                                   options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
         ptx = compiled.asm["ptx"]
         row.update(ptxas_usage(ptx, arch))
-        row.update(mma_instructions(ptx))
+        row.update(ptx_instructions(ptx))
         row["shared_bytes"] = int(compiled.metadata.shared)
         row["status"] = "ok"
     except Exception as err:  # a config that does not compile is a reported failure, not a crash
@@ -271,6 +281,17 @@ def ctas_per_sm(row: dict) -> int:
     return min(by_regs, by_smem, SM_MAX_WARPS // row["num_warps"], SM_MAX_CTAS)
 
 
+def min_ctas(row: dict) -> int:
+    """CTAs per SM a compute-bound row needs: MIN_CTAS_COMPUTE_BOUND, but one for the sm_90 wide
+    tile (configs.WIDE_TILE_BM rows, 8 warps): its accumulator alone is 128 registers per
+    thread, one CTA by design, whose two warpgroups each run their own 128 x 128 wgmma chain.
+    Whether that hides the per-step barrier as a second CTA would is for gpu_check to measure
+    (it is an autotune candidate, never the heuristic's pick)."""
+    if int(row["arch"][3:]) >= 90 and row["constexprs"].get("BM") == WIDE_TILE_BM and row["num_warps"] == 8:
+        return 1
+    return MIN_CTAS_COMPUTE_BOUND
+
+
 def failures(row: dict) -> list[str]:
     """Why a row fails the report's requirements (empty list: it passes)."""
     if row["status"] != "ok":
@@ -284,24 +305,33 @@ def failures(row: dict) -> list[str]:
     if (arch >= 90 and row["regime"] in WGMMA_REGIMES and row["constexprs"].get("BM", WGMMA_MIN_BM) >= WGMMA_MIN_BM
             and not row["wgmma"]):
         problems.append("no wgmma in a compute-bound config on sm_90")
+    cx = row["constexprs"]
+    if row["regime"] in WGMMA_REGIMES and "G" in cx:  # the grouped kernel's main loop
+        tile_n = min(cx["BS"] * cx["G"], WGMMA_MAX_N)
+        if arch >= 90 and row["wgmma"] and row.get("wgmma_n") != tile_n:
+            problems.append(f"widest wgmma N={row.get('wgmma_n')}, the group tile is {tile_n} wide")
+        if not row.get("cp_async_16"):
+            problems.append("no 16-byte cp.async: the tile loads are not pipelined")
     if (row["regime"] in WGMMA_REGIMES and row["shared_bytes"] <= SMEM_BYTES[arch]
-            and ctas_per_sm(row) < MIN_CTAS_COMPUTE_BOUND):
+            and ctas_per_sm(row) < min_ctas(row)):
         problems.append(f"{ctas_per_sm(row)} CTA/SM in a compute-bound config ({row['registers']} registers x "
                         f"{row['num_warps']} warps, {row['shared_bytes']} B shared)")
     return problems
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| kernel | regime | dtype | config | arch | regs | spills (st/ld B) | smem B | CTAs/SM | wgmma "
-             "| mma.sync | compile s | result |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | regime | dtype | config | arch | regs | spills (st/ld B) | smem B | CTAs/SM "
+             "| wgmma (widest N) | mma.sync | cp.async 16 B | compile s | result |", "|---" * 14 + "|"]
     for r in rows:
         ok = r["status"] == "ok"
         problems = failures(r)
-        cell = (lambda key: str(r[key]) if ok else "-")
+        cell = (lambda key: str(r.get(key, "-")) if ok else "-")
         lines.append(f"| {r['kernel']} | {r['regime']} | {r['dtype']} | {r['config']} | {r['arch']} | {cell('registers')} "
                      f"| {cell('spill_stores')}/{cell('spill_loads')} | {cell('shared_bytes')} "
-                     f"| {ctas_per_sm(r) if ok else '-'} | {cell('wgmma')} "
-                     f"| {cell('mma_sync')} | {r['compile_s']} | {'; '.join(problems) if problems else 'pass'} |")
+                     f"| {ctas_per_sm(r) if ok else '-'} | {cell('wgmma')}"
+                     + (f" (n{r['wgmma_n']})" if ok and r.get("wgmma_n") else "")
+                     + f" | {cell('mma_sync')} | {cell('cp_async_16')} | {r['compile_s']} "
+                     f"| {'; '.join(problems) if problems else 'pass'} |")
     return "\n".join(lines)
 
 

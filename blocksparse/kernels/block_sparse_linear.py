@@ -429,7 +429,10 @@ def _device_limits(device: torch.device) -> tuple[int, int, int]:
 # Autotuning, opt-in (BLOCKSPARSE_AUTOTUNE=1, CUDA only): the first call of a
 # key times `matmul_candidates` with triton.testing.do_bench and keeps the
 # fastest for the process. Off by default: every candidate compiles on first use.
+# AUTOTUNE_RECORDS keeps every candidate's time per key: the tiles compared on the
+# device itself (bench/kernels.py writes them out).
 _TUNED: dict = {}
+AUTOTUNE_RECORDS: list[dict] = []
 
 
 def _autotune_enabled(device: torch.device) -> bool:
@@ -437,9 +440,25 @@ def _autotune_enabled(device: torch.device) -> bool:
             and not torch.cuda.is_current_stream_capturing())
 
 
-def _fastest(candidates: list, run) -> object:
-    times = [triton.testing.do_bench(lambda c=c: run(c), warmup=5, rep=20) for c in candidates]
-    return candidates[min(range(len(candidates)), key=times.__getitem__)]
+def _time_candidates(candidates: list, run) -> list[float]:
+    """Milliseconds of run(candidate) for each candidate; inf for one that fails to compile or
+    launch (e.g. out of shared memory on a GPU the configs do not know), unless all do."""
+    times, error = [], None
+    for c in candidates:
+        try:
+            times.append(triton.testing.do_bench(lambda c=c: run(c), warmup=5, rep=20))
+        except Exception as err:  # noqa: BLE001  (any compile or launch failure rules the candidate out)
+            times.append(float("inf"))
+            error = err
+    if error is not None and min(times) == float("inf"):
+        raise error
+    return times
+
+
+def _plan_label(cfg: KernelConfig, split_k: int) -> str:
+    cx = cfg.constexprs
+    return (f"{cx['BM']}x{cx['BS'] * cx['G']} KC={cx['KC']} w{cfg.num_warps} s{cfg.num_stages}"
+            + (f" split {split_k}" if split_k > 1 else ""))
 
 
 # --------------------------------------------------------------------------
@@ -521,11 +540,21 @@ def _sparse_matmul(x: torch.Tensor, values: torch.Tensor, luts: list[torch.Tenso
                                     precision=dot_precision(x.dtype), nonfinite_pass=nonfinite_pass))
 
     if not forced_split and _autotune_enabled(x.device) and groups:
-        key = (cfg.regime, triton.next_power_of_2(m), n_out, x.shape[1], union_col.numel(), g,
+        key = (cfg.regime, triton.next_power_of_2(m), n_out, x.shape[1], union_col.numel(), bs, g, arch,
                transposed, x.dtype, bias is not None, lora_t is not None, out_dropout_p > 0)
         if key not in _TUNED:
-            candidates = matmul_candidates(cfg, split_k, union_steps, x.element_size(), smem)
-            _TUNED[key] = _fastest(candidates, lambda c: launch(*c))
+            candidates = matmul_candidates(cfg, split_k, union_steps, x.element_size(), smem, m=m, arch=arch)
+            _TUNED[key] = candidates[0]
+            if len(candidates) > 1:
+                times = _time_candidates(candidates, lambda c: launch(*c))
+                _TUNED[key] = candidates[min(range(len(candidates)), key=times.__getitem__)]
+                AUTOTUNE_RECORDS.append({
+                    "regime": cfg.regime, "m": m, "n": n_out, "k": x.shape[1], "group_size": g,
+                    "union": (union_col.numel() - 1) / max(groups * x.shape[1] // bs, 1),
+                    "transposed": transposed, "dtype": str(x.dtype).removeprefix("torch."),
+                    "bias": bias is not None, "lora": lora_t is not None, "dropout": out_dropout_p > 0,
+                    "chosen": _plan_label(*_TUNED[key]),
+                    "candidates": [{"config": _plan_label(*c), "ms": t} for c, t in zip(candidates, times)]})
         cfg, split_k = _TUNED[key]
     launch(cfg, split_k)
     return y

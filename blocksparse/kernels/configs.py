@@ -70,7 +70,11 @@ def matmul_config(m: int, block_size: int, group_size: int, element_size: int, *
     `dropout_epilogue`: the backward's LoRA dropout (the stored keep bits applied
     to the LoRA term) takes 8 warps from a 128x64 tile on, and BM=64 above it, to
     keep two CTAs per SM (sm_90 compile report: G=8 at BM=128 took 143 registers
-    at 8 warps, one CTA, and spilled at 4; at BM=64, 113 at 8 warps).
+    at 8 warps, one CTA, and spilled at 4).
+    On sm_90 a 64-row tile of 16-bit inputs takes 4 warps: one warpgroup's wgmma spans its 64
+    rows, and 8 warps split the tile's N between two warpgroups (G=8: two m64n64
+    wgmma instead of one m64n128; the dropout dX above: 141 registers at 4 warps,
+    two CTAs per SM).
     Before Hopper (mma.sync, no wgmma) a 128-wide group tile takes BM=64: the
     128x128 tile compiled to 191-197 registers at 8 warps on sm_80, one CTA per
     SM; 64x128 at 4 warps is 168 and three.
@@ -90,7 +94,7 @@ def matmul_config(m: int, block_size: int, group_size: int, element_size: int, *
         tile = bm * bs * group_size
         # fp32 inputs take the ieee (FMA) dot: twice the registers per element.
         big = 128 * 64 if dropout_epilogue or element_size == 4 else 128 * 128
-        warps = 8 if tile >= big else 4
+        warps = 8 if tile >= big and not (arch == 90 and bm == 64 and element_size == 2) else 4
     kc = max(1, bk // bs)
     stage_bytes = (bm * kc * bs + kc * bs * bs * group_size) * element_size
     stages = fit_stages(stage_bytes, smem_bytes, wanted_stages)
@@ -136,11 +140,23 @@ def split_k_for(m_tiles: int, groups: int, union_steps: float, num_sms: int) -> 
     return pow2_at_most(min(-(-2 * num_sms // programs), math.ceil(union_steps)), 8)
 
 
-def matmul_candidates(cfg: KernelConfig, split_k: int, union_steps: float, element_size: int,
-                      smem_bytes: int) -> list[tuple[KernelConfig, int]]:
-    """What autotuning tries around the heuristic `cfg`: few, so first calls stay short.
+# The wide prefill tile, an autotune candidate on sm_90 for 16-bit inputs over M > 512 at b=16,
+# G=8 (the configuration the compile report checks; the autotuner's keys round M up to a power
+# of two, so every M of a key is offered it or none is): WIDE_TILE_BM x 128 at 8 warps, two
+# warpgroups of 128 x 128 wgmma each. Its fp32 accumulator alone is 128 registers per thread,
+# so it runs one CTA per SM; per token it reads the group's W tiles and look-up tables half as
+# often as 128 x 128 (`roofline --tiles`).
+WIDE_TILE_BM = 256
+WIDE_TILE_MIN_M = 513
 
-    Decode: the union split and a shallower K step. Prefill: warps and BM.
+
+def matmul_candidates(cfg: KernelConfig, split_k: int, union_steps: float, element_size: int,
+                      smem_bytes: int, *, m: int, arch: int = DEFAULT_ARCH) -> list[tuple[KernelConfig, int]]:
+    """What autotuning tries around the heuristic `cfg` for M tokens on compute capability
+    `arch`: few, so first calls stay short.
+
+    Decode: the union split and a shallower K step. Prefill: warps and BM, and on sm_90
+    the wide tile (WIDE_TILE_BM); there a 64-row 16-bit tile runs 4 warps only (matmul_config).
     """
     cx = cfg.constexprs
     bs, g, kc, bm = cx["BS"], cx["G"], cx["KC"], cx["BM"]
@@ -154,9 +170,12 @@ def matmul_candidates(cfg: KernelConfig, split_k: int, union_steps: float, eleme
         splits = sorted({max(1, split_k // 2), split_k, min(8, split_k * 2)})
         splits = [s for s in splits if s == 1 or s <= math.ceil(union_steps)]
         return [(make(bm, k, cfg.num_warps), s) for k in (kc, max(1, kc // 2)) for s in splits]
-    shapes = {(bm, cfg.num_warps), (bm, 8 if cfg.num_warps == 4 else 4)}
+    shapes = {(bm, w) for w in ((4,) if arch == 90 and bm == 64 and element_size == 2 else (4, 8))}
     if bm == 128:
         shapes.add((64, 4))
+        # bm = 128 at b=16, G=8: no dropout epilogue (that takes BM=64).
+        if arch == 90 and element_size == 2 and (bs, g) == (16, 8) and m >= WIDE_TILE_MIN_M:
+            shapes.add((WIDE_TILE_BM, 8))
     return [(make(b, kc, w), split_k) for b, w in sorted(shapes)]
 
 

@@ -180,17 +180,40 @@ def test_gpu_check_script_parses():
 
 
 def test_gpu_check_dry_run_on_cpu(tmp_path):
-    # Two steps keep it short (bench_model's quick path is tested above); all run in `make gpu-check`.
+    # Three steps keep it short (bench_model's quick path is tested above); all run in `make gpu-check`.
     out = tmp_path / "gpu_check"
-    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_STEPS": "env,kernels"}
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_STEPS": "env,kernels,tiles"}
     env.pop("OUT", None)
     result = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--dry-run", str(out)], env=env,
                             capture_output=True, text=True, timeout=300)
     summary = (out / "summary.md").read_text()
-    for step in ("env", "kernels"):
+    for step in ("env", "kernels", "tiles"):
         assert f"| {step} | ok |" in summary, result.stdout[-3000:]
     assert "| tests |" not in summary and "| model |" not in summary
     assert "| decode M=1 | 64x128 | fp32 |" in summary  # the headline table read the sweep's CSV
     assert result.returncode == 0
-    for path in ("kernels/bench_kernels.csv", "kernels/bench_kernels.png", "logs/kernels.log", "gpu_check.log"):
+    for path in ("kernels/bench_kernels.csv", "kernels/bench_kernels.png", "logs/kernels.log", "gpu_check.log",
+                 "tiles/bench_kernels.csv", "logs/tiles.log"):
         assert (out / path).is_file(), path
+
+
+def test_autotune_records_written_as_a_table(tmp_path, monkeypatch):
+    """What the autotuner measured (GPU, BLOCKSPARSE_AUTOTUNE=1) lands in autotune.md/json;
+    without records no file appears."""
+    pytest.importorskip("triton")
+    import blocksparse.kernels.block_sparse_linear as bsl
+
+    bench = load_script("bench_kernels")
+    monkeypatch.setattr(bsl, "AUTOTUNE_RECORDS", [])
+    bench.write_autotune(tmp_path)
+    assert not (tmp_path / "autotune.md").exists()
+    monkeypatch.setattr(bsl, "AUTOTUNE_RECORDS", [{
+        "regime": "prefill", "m": 2048, "n": 4096, "k": 4096, "group_size": 8, "union": 0.5, "transposed": True,
+        "dtype": "bfloat16", "bias": False, "lora": True, "dropout": True, "chosen": "256x128 KC=4 w8 s5",
+        "candidates": [{"config": "128x128 KC=4 w8 s5", "ms": 0.5}, {"config": "256x128 KC=4 w8 s5", "ms": 0.4}]}])
+    bench.write_autotune(tmp_path)
+    table = (tmp_path / "autotune.md").read_text()
+    assert "| prefill dX | 2048 | 4096x4096 | 8 | 0.50 | bfloat16 | lora+dropout | 128x128 KC=4 w8 s5 |" in table
+    assert table.rstrip().endswith("| 1.00 |") and "| 1.25 |" in table
+    headline = load_script("_common").headline(tmp_path)
+    assert "autotuned tiles (autotune.md):" in headline and "| 256x128 KC=4 w8 s5 |" in headline

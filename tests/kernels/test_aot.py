@@ -72,7 +72,8 @@ def run_report(args, tmp_path, extra_path=None):
 def row(**overrides):
     base = {"kernel": "_k", "regime": "prefill", "dtype": "bf16", "arch": "sm_90", "config": "BM=128 w8 s3",
             "constexprs": {"BM": 128}, "status": "ok", "registers": 120, "spill_stores": 0, "spill_loads": 0, "stack_bytes": 0,
-            "shared_bytes": 60000, "num_warps": 8, "wgmma": 4, "mma_sync": 0, "compile_s": 1.0}
+            "shared_bytes": 60000, "num_warps": 8, "wgmma": 4, "wgmma_n": 128, "mma_sync": 0, "cp_async_16": 16,
+            "compile_s": 1.0}
     base.update(overrides)
     return base
 
@@ -87,6 +88,10 @@ def test_failure_rules():
     assert report.failures(row(registers=200, num_warps=8, shared_bytes=50000)) == [
         "1 CTA/SM in a compute-bound config (200 registers x 8 warps, 50000 B shared)"]
     assert report.failures(row(registers=200, num_warps=8, shared_bytes=50000, regime="decode")) == []
+    wide = dict(registers=216, num_warps=8, shared_bytes=150000, constexprs={"BM": 256})  # one CTA by design
+    assert report.failures(row(**wide)) == []
+    assert report.failures(row(**wide, arch="sm_80", wgmma=0, mma_sync=8)) != []
+    assert report.failures(row(**dict(wide, num_warps=4))) != []
     assert report.ctas_per_sm(row(registers=128, num_warps=4, shared_bytes=73888)) == 3  # shared memory binds
     assert report.ctas_per_sm(row(registers=60, num_warps=4, shared_bytes=1000)) == 8    # 64 regs x 128 threads
     assert report.failures(row(wgmma=0, mma_sync=8)) == ["no wgmma in a compute-bound config on sm_90"]
@@ -94,10 +99,16 @@ def test_failure_rules():
     assert report.failures(row(wgmma=0, mma_sync=8, regime="backward", constexprs={"BM": 16})) == []
     assert report.failures(row(wgmma=0, mma_sync=8, constexprs={})) != []
     assert report.failures(row(arch="sm_80", wgmma=0, mma_sync=8)) == []
+    grouped = {"BM": 128, "BS": 16, "G": 8}
+    assert report.failures(row(constexprs=grouped)) == []
+    assert report.failures(row(constexprs=grouped, wgmma_n=64)) == ["widest wgmma N=64, the group tile is 128 wide"]
+    assert report.failures(row(constexprs=grouped, cp_async_16=0)) == [
+        "no 16-byte cp.async: the tile loads are not pipelined"]
+    assert report.failures(row(constexprs=grouped, cp_async_16=0, regime="decode")) == []
     assert report.failures(row(arch="sm_80", shared_bytes=200000)) == ["shared memory 200000 B > 166912 B"]
     assert report.failures(row(status="error: CompilationError: boom")) == ["error: CompilationError: boom"]
     table = report.markdown([row(), row(status="error: X: y")])
-    assert "| pass |" in table and "| error: X: y |" in table
+    assert "| pass |" in table and "| error: X: y |" in table and "| 4 (n128) | 0 | 16 |" in table
 
 
 def test_stand_in_kernels(tmp_path):

@@ -481,12 +481,65 @@ def test_every_autotune_candidate_computes_the_same(monkeypatch, m):
     monkeypatch.setattr(bsl, "_autotune_enabled", lambda device: True)
     monkeypatch.setattr(bsl.triton.testing, "do_bench", fake_bench)
     monkeypatch.setattr(bsl, "_TUNED", {})
+    monkeypatch.setattr(bsl, "AUTOTUNE_RECORDS", [])
     got = block_sparse_linear_triton(x, weight, group_size=2)
     assert len(bsl._TUNED) == 1
     (cfg, split_k), = bsl._TUNED.values()
-    candidates = bsl.matmul_candidates(*_heuristic_args(bsl, weight, m))
+    candidates = bsl.matmul_candidates(*_heuristic_args(bsl, weight, m), m=m)
     assert len(ran) == len(candidates) >= 3 and (cfg, split_k) == candidates[-1]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_wide_tile_candidate_forward_and_grads(monkeypatch):
+    """The sm_90 wide tile (256 x 128 at G=8, 16-bit inputs, M > 512), which autotuning may
+    pick, gives the heuristic tile's output and gradients (bias and LoRA fused)."""
+    import blocksparse.kernels.block_sparse_linear as bsl
+    from blocksparse.kernels.configs import WIDE_TILE_BM
+
+    if DEVICE == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the wide tile is an sm_90 candidate")
+    weight = make_weight(128, 96, 0.5, torch.bfloat16)
+    x0, bias, a, b = (torch.randn(*shape, device=DEVICE).to(torch.bfloat16)
+                      for shape in ((600, 96), (128,), (RANK, 96), (128, RANK)))
+
+    def run():
+        x = x0.clone().requires_grad_()
+        y = block_sparse_linear_triton(x, weight, bias, a, b, scaling=0.5, group_size=8)
+        y.float().square().sum().backward()
+        return y.detach(), x.grad
+
+    expected = run()
+    offered = []
+
+    def wide_fastest(candidates, launch):
+        offered.append([c.constexprs["BM"] for c, _ in candidates])
+        return [0.0 if c.constexprs["BM"] == WIDE_TILE_BM else 1.0 for c, _ in candidates]
+
+    monkeypatch.setattr(bsl, "_autotune_enabled", lambda device: True)
+    monkeypatch.setattr(bsl, "_time_candidates", wide_fastest)
+    monkeypatch.setattr(bsl, "_TUNED", {})
+    monkeypatch.setattr(bsl, "AUTOTUNE_RECORDS", [])
+    got = run()
+    assert len(offered) == 2 and all(WIDE_TILE_BM in bms for bms in offered)  # forward and dX
+    assert [r["chosen"].split()[0] for r in bsl.AUTOTUNE_RECORDS] == [f"{WIDE_TILE_BM}x128"] * 2
+    assert [r["transposed"] for r in bsl.AUTOTUNE_RECORDS] == [False, True]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
+def test_an_autotune_candidate_that_fails_is_ruled_out(monkeypatch):
+    import blocksparse.kernels.block_sparse_linear as bsl
+
+    monkeypatch.setattr(bsl.triton.testing, "do_bench", lambda fn, **_: fn())
+
+    def run(candidate):
+        if candidate == "too big":
+            raise RuntimeError("out of resources: shared memory")
+        return 1.5
+
+    assert bsl._time_candidates(["fits", "too big"], run) == [1.5, float("inf")]
+    with pytest.raises(RuntimeError, match="out of resources"):
+        bsl._time_candidates(["too big", "too big"], run)
 
 
 def _heuristic_args(bsl, weight, m):
