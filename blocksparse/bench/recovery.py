@@ -12,6 +12,7 @@ with the same settings; the table and the plot are rewritten from all results.
 
     python -m blocksparse.bench.recovery --out runs/recovery --budgets 10000,40000,160000
     python -m blocksparse.bench.recovery --out runs/recovery --recipes seed,lora16 --sweep 1
+    python -m blocksparse.bench.recovery --out runs/recovery_bf16 --recipes lora16 --precision bf16
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..integration.recipes import RECOVERY_RECIPES
+from ..integration.recipes import PRECISIONS, RECOVERY_RECIPES
 from . import common
 
 DEFAULT_RECIPES = ",".join(RECOVERY_RECIPES)
@@ -34,7 +35,7 @@ VALIDATION_WINDOWS = 12
 def settings_of(args) -> dict:
     """What a recipe's numbers depend on besides the recipe: results are reused only when these match."""
     return {name: getattr(args, name) for name in ("checkpoint", "model", "dataset", "seqlen", "eval_windows",
-                                                   "train_seqlen", "batch_size", "budgets", "sweep")}
+                                                   "train_seqlen", "batch_size", "budgets", "sweep", "precision")}
 
 
 def recipe_settings(args, name: str) -> dict:
@@ -114,7 +115,8 @@ def train_curve(recipe: str, lr: float, start: Path, teacher, windows: torch.Ten
 
     recover(model, tokenizer, args.dataset, folder / "run", recipe, math.ceil(budgets[-1] / tokens_per_step),
             args.batch_size, args.train_seqlen, lr, teacher=teacher, hidden_order=hidden_channel_order(start),
-            lr_scheduler_type="constant_with_warmup", callbacks=[EvaluateAtBudgets()], progress=False)
+            lr_scheduler_type="constant_with_warmup", callbacks=[EvaluateAtBudgets()], progress=False,
+            precision=args.precision)
     print(f"  done in {(time.perf_counter() - started) / 60:.1f} min")
     return points
 
@@ -164,7 +166,8 @@ def run_recipes(args) -> None:
 def _read(path: Path, settings: dict) -> dict | None:
     if path.is_file():
         found = json.loads(path.read_text())
-        if found.get("settings") == settings:
+        # Results written before --precision existed trained in fp32.
+        if {"precision": "fp32", **found.get("settings", {})} == settings:
             return found
     return None
 
@@ -186,7 +189,8 @@ def write_report(args) -> None:
                     + [f"{r['tokens_per_s']:.0f}", f"{r['points'][-1]['train_s'] / 60:.1f}"])
     env = common.environment(torch.device("cpu"))
     lines = [f"Dense {base['dense']:.2f}, one-shot {base['one_shot']:.2f} ({base['windows']} held-out windows of "
-             f"{args.seqlen} tokens); {args.batch_size} x {args.train_seqlen} tokens per step; "
+             f"{args.seqlen} tokens); {args.batch_size} x {args.train_seqlen} tokens per step, "
+             f"{'bf16 autocast' if args.precision == 'bf16' else 'fp32'}; "
              f"{env.get('device_name', 'CPU')}, torch {env.get('torch', '?')}.", "", common.markdown_table(header, rows),
              ""] + [f"- `{r['recipe']}`: {r['about']}" for r in results]
     (args.out / "recovery.md").write_text("\n".join(lines) + "\n")
@@ -228,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--train-seqlen", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="what training computes in: fp32, or bf16 autocast (weights and optimizer fp32; "
+                             "the demo's on CPUs with native bf16)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the table and plot from the results")
     return parser
 

@@ -27,6 +27,7 @@ def test_recipes_train_their_curves_and_the_report_names_each(tiny_dir, corpus_f
         assert {s["lr"] for s in result["sweep"]} == {RECOVERY_RECIPES[name]["lr"] * f for f in (0.5, 2)}
     table = (out / "recovery.md").read_text()
     assert "| seed |" in table and "| values_kd_hidden |" in table and (out / "recovery.png").is_file()
+    assert "tokens per step, fp32;" in table
     capsys.readouterr()
     assert recovery.main(argv) == 0  # a rerun reuses both recipes
     assert capsys.readouterr().out.count("done earlier with the same settings, skipped") == 2
@@ -39,3 +40,11 @@ def test_bad_arguments_are_one_line(tmp_path):
         recovery.main(["--out", str(tmp_path), "--budgets", "ten"])
     with pytest.raises(SystemExit, match="no results in"):
         recovery.main(["--out", str(tmp_path), "--report-only"])
+
+
+def test_results_from_before_the_precision_flag_count_as_fp32(tmp_path):
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps({"settings": {"model": "m", "recipe": {"lr": 1e-3}}}))
+    assert recovery._read(path, {"model": "m", "recipe": {"lr": 1e-3}, "precision": "fp32"}) is not None
+    assert recovery._read(path, {"model": "m", "recipe": {"lr": 1e-3}, "precision": "bf16"}) is None
+    assert recovery._read(path, {"model": "n", "recipe": {"lr": 1e-3}, "precision": "fp32"}) is None
