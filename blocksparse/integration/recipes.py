@@ -56,12 +56,11 @@ RECOVERY_RECIPES = {
 }
 # The seed's recipe, which the demo trains beside its own at the same budget.
 SEED_RECIPE = "seed"
-# The demo's recovery step. Per minute of fp32 training, LoRA r=16 on all seven projections
-# and the kept blocks trained with distillation were level at the demo's budget on the
-# 160k-token curves, and the kept blocks with LoRA and distillation led; under the demo's
-# bf16 autocast that recipe's steps took 2.5x the seed's (1.4x in fp32) and it fell behind
-# (README, "What `make demo` shows"). The LoRA recipe also leaves a PEFT adapter and needs no
-# teacher in memory.
+# The demo's recovery step. Per minute of training, LoRA r=16 on all seven projections and
+# the kept blocks trained with distillation were level at the demo's budget on the 160k-token
+# curves; the kept blocks with LoRA and distillation recover more per token but cost 2x
+# lora16's steps, and at the demo's budget fell behind it (README, "What `make demo` shows").
+# The LoRA recipe also leaves a PEFT adapter and needs no teacher in memory.
 DEMO_RECIPE = "lora16"
 # Its steps of 1 x 256 tokens (and the seed recipe's beside it): ~53k tokens each, what
 # fills the whole demo's ~18 minutes on 2 CPU cores with bf16 autocast (160 steps took
