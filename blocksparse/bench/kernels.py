@@ -511,7 +511,6 @@ def write_summary(out: Path, rows: list[dict], env: dict, config: str, union_inf
     if failures:
         parts.append("\nProblems (not measured, or flagged):\n" + "\n".join(f"- {f}" for f in failures))
     (out / "bench_kernels.md").write_text("\n".join(parts) + "\n")
-    write_autotune(out)
 
 
 def write_autotune(out: Path) -> None:

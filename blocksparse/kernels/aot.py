@@ -287,7 +287,7 @@ def min_ctas(row: dict) -> int:
     thread, one CTA by design, whose two warpgroups each run their own 128 x 128 wgmma chain.
     Whether that hides the per-step barrier as a second CTA would is for gpu_check to measure
     (it is an autotune candidate, never the heuristic's pick)."""
-    if int(row["arch"][3:]) >= 90 and row["constexprs"].get("BM") == WIDE_TILE_BM and row["num_warps"] == 8:
+    if int(row["arch"][3:]) == 90 and row["constexprs"].get("BM") == WIDE_TILE_BM and row["num_warps"] == 8:
         return 1
     return MIN_CTAS_COMPUTE_BOUND
 

@@ -61,6 +61,12 @@ def fit_stages(stage_bytes: int, smem_bytes: int, wanted: int) -> int:
     return 3
 
 
+def one_warpgroup_tile(bm: int, element_size: int, arch: int) -> bool:
+    """On sm_90 a 64-row 16-bit tile runs 4 warps: one warpgroup's wgmma spans its 64 rows, and
+    8 warps would split the tile's N between two warpgroups (narrower wgmma)."""
+    return arch == 90 and bm == 64 and element_size == 2
+
+
 def matmul_config(m: int, block_size: int, group_size: int, element_size: int, *,
                   dropout_epilogue: bool = False, smem_bytes: int = SMEM_BYTES[80],
                   arch: int = DEFAULT_ARCH) -> KernelConfig:
@@ -94,7 +100,7 @@ def matmul_config(m: int, block_size: int, group_size: int, element_size: int, *
         tile = bm * bs * group_size
         # fp32 inputs take the ieee (FMA) dot: twice the registers per element.
         big = 128 * 64 if dropout_epilogue or element_size == 4 else 128 * 128
-        warps = 8 if tile >= big and not (arch == 90 and bm == 64 and element_size == 2) else 4
+        warps = 8 if tile >= big and not one_warpgroup_tile(bm, element_size, arch) else 4
     kc = max(1, bk // bs)
     stage_bytes = (bm * kc * bs + kc * bs * bs * group_size) * element_size
     stages = fit_stages(stage_bytes, smem_bytes, wanted_stages)
@@ -156,7 +162,7 @@ def matmul_candidates(cfg: KernelConfig, split_k: int, union_steps: float, eleme
     `arch`: few, so first calls stay short.
 
     Decode: the union split and a shallower K step. Prefill: warps and BM, and on sm_90
-    the wide tile (WIDE_TILE_BM); there a 64-row 16-bit tile runs 4 warps only (matmul_config).
+    the wide tile (WIDE_TILE_BM); there a 64-row 16-bit tile runs 4 warps only (one_warpgroup_tile).
     """
     cx = cfg.constexprs
     bs, g, kc, bm = cx["BS"], cx["G"], cx["KC"], cx["BM"]
@@ -170,7 +176,7 @@ def matmul_candidates(cfg: KernelConfig, split_k: int, union_steps: float, eleme
         splits = sorted({max(1, split_k // 2), split_k, min(8, split_k * 2)})
         splits = [s for s in splits if s == 1 or s <= math.ceil(union_steps)]
         return [(make(bm, k, cfg.num_warps), s) for k in (kc, max(1, kc // 2)) for s in splits]
-    shapes = {(bm, w) for w in ((4,) if arch == 90 and bm == 64 and element_size == 2 else (4, 8))}
+    shapes = {(bm, w) for w in ((4,) if one_warpgroup_tile(bm, element_size, arch) else (4, 8))}
     if bm == 128:
         shapes.add((64, 4))
         # bm = 128 at b=16, G=8: no dropout epilogue (that takes BM=64).
