@@ -115,6 +115,7 @@ def fsdp_lora_worker(rank: int, world_size: int, init_file: str, out_file: str, 
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
+    from blocksparse.integration.fsdp import end_process_group
     from blocksparse.integration.peft import get_peft_model, lora_config
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
@@ -157,9 +158,11 @@ def fsdp_lora_worker(rank: int, world_size: int, init_file: str, out_file: str, 
                            "lora_b_trained": all(bool(t.abs().sum() > 0) for t in lora_b),
                            "lora_b_count": len(lora_b), "values_count": len(values)}, f)
         del model, optimizer, values, full, loss
-        _leave_process_group()
-    finally:
+        dist.barrier()  # no rank tears its connections down while another still uses them
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    end_process_group()
 
 
 def fsdp_skeleton_worker(rank: int, world_size: int, init_file: str, checkpoint: str, out_file: str):
@@ -172,7 +175,7 @@ def fsdp_skeleton_worker(rank: int, world_size: int, init_file: str, checkpoint:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from blocksparse.integration.checkpoint import load_sparse_pretrained, sparse_skeleton
-    from blocksparse.integration.fsdp import load_weights, shard_model
+    from blocksparse.integration.fsdp import end_process_group, load_weights, shard_model
     from blocksparse.integration.peft import get_peft_model, lora_config
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
@@ -201,19 +204,8 @@ def fsdp_skeleton_worker(rank: int, world_size: int, init_file: str, checkpoint:
                            "same_keys": sorted(full) == sorted(k for k in expected if k in full),
                            "differ": [k for k in full if not torch.equal(full[k], expected[k])]}, f)
         del model, values, logits, full
-        _leave_process_group()
-    finally:
+        dist.barrier()  # no rank tears its connections down while another still uses them
+    except BaseException:
         dist.destroy_process_group()
-
-
-def _leave_process_group() -> None:
-    """Before a test worker destroys its gloo process group: free what still holds it (a sharded
-    model's DTensors and their device mesh; PEFT models sit in reference cycles, which only the
-    collector frees) and wait for the other ranks. Left to the interpreter's exit, that teardown
-    aborted 2 of 50 two-rank runs ("terminate called without an active exception"; 0 of 100 since)."""
-    import gc
-
-    import torch.distributed as dist
-
-    gc.collect()
-    dist.barrier()  # no rank tears its connections down while another still uses them
+        raise
+    end_process_group()

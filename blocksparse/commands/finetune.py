@@ -411,6 +411,14 @@ def _lora_targets(model, recipe: str | None) -> tuple[str, ...]:
 
 
 def run(args) -> int:
+    from ..integration.fsdp import end_process_group
+
+    code = _run(args)
+    end_process_group()  # under torchrun; a rank whose run failed raises past it, as before
+    return code
+
+
+def _run(args) -> int:
     from ..integration.checkpoint import hidden_channel_order, is_sparse_checkpoint, save_sparse_pretrained
     from ..integration.data import DatasetError, eval_tokens, train_token_blocks
     from ..integration.evaluate import count_windows, perplexity
