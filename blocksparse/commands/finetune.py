@@ -41,8 +41,7 @@ without it every default is the reference workflow's.
 (`--distill_weight`) and, with `--distill_hidden_weight`, SquareHead's per-layer
 normalised hidden-state MSE (`--teacher_model`; by default the model a pruned
 checkpoint was made from, or the dense model itself when it was sparsified on
-the fly). `--fit_adapter_steps N` fits the LoRA adapter to that teacher layer
-by layer before training (`integration/adapter_fit.py`; one process).
+the fly).
 """
 
 from __future__ import annotations
@@ -56,14 +55,14 @@ import time
 
 from ..dtypes import DTYPES
 from ..format import SUPPORTED_BLOCK_SIZES
-from ..integration.recipes import FIT_SAMPLES, FIT_SEQLEN, RECOVERY_RECIPES
+from ..integration.recipes import RECOVERY_RECIPES
 from .args import CLIError, add_dataset_flag, add_dtype_flag, add_flag, check_finite, write_json
 
 EVAL_RESULTS = "eval_results.json"
 # The reference workflow's defaults of the flags a --recipe sets (Wanda's lora_ft; the recipe
 # named "seed" is its adapter at a swept rate, not these values).
 REFERENCE_DEFAULTS = {"lora_r": 8, "lora_alpha": 16, "learning_rate": 1e-4, "distill_weight": 0.5,
-                 "distill_hidden_weight": 0.0, "fit_adapter_steps": 0, "fit_adapter_lr": 1e-2}
+                 "distill_hidden_weight": 0.0}
 SPARSE_BASE = "sparse_base"  # where a model sparsified on the fly is saved, inside --output_dir
 # A --block_size this small is a sparse block edge typed into run_clm's flag.
 MIN_SEQUENCE_TOKENS = 65
@@ -75,7 +74,7 @@ RUN_FLAGS = ("recipe", "model_name_or_path", "sparsity", "sparse_block_size", "d
              "per_device_train_batch_size", "gradient_accumulation_steps", "warmup_steps", "lr_scheduler_type",
              "weight_decay", "seed", "bf16", "fp16", "distill", "teacher_model", "distill_weight",
              "distill_temperature", "distill_hidden_weight", "train_sparse_values", "sparse_values_learning_rate",
-             "teacher_cache_topk", "fit_adapter_steps", "fit_adapter_lr")
+             "teacher_cache_topk")
 
 
 def add_parser(subparsers):
@@ -181,14 +180,6 @@ def add_parser(subparsers):
              help=f"weight of the per-layer hidden-state term (SquareHead), added to the rest "
                   f"(default: the --recipe's, else {REFERENCE_DEFAULTS['distill_hidden_weight']})")
 
-    fit = parser.add_argument_group("adapter fit (optional)")
-    add_flag(fit, "--fit_adapter_steps", type=int, default=None,
-             help="before training, fit the LoRA adapter to the dense teacher (--teacher_model) layer by layer, "
-                  f"this many Adam steps a layer on {FIT_SAMPLES} x {FIT_SEQLEN} tokens of the train split; 0 = off "
-                  "(default: the --recipe's, else 0)")
-    add_flag(fit, "--fit_adapter_lr", type=float, default=None,
-             help=f"its learning rate (default: the --recipe's, else {REFERENCE_DEFAULTS['fit_adapter_lr']:g})")
-
     values = parser.add_argument_group("sparse fine-tuning (optional)")
     add_flag(values, "--train_sparse_values", action="store_true",
              help="train the kept block values too (the block structure stays fixed); with --lora_r 0 alone")
@@ -216,7 +207,7 @@ def apply_recipe(args) -> None:
     from ..integration.train import Distillation
 
     spec = RECOVERY_RECIPES[args.recipe] if args.recipe is not None else {}
-    lora, distill, fit = spec.get("lora"), spec.get("distill"), spec.get("fit")
+    lora, distill = spec.get("lora"), spec.get("distill")
     if args.recipe is not None and args.lora_r is None:
         args.lora_r = lora["r"] if lora else 0  # a recipe without LoRA trains the kept blocks alone
     if lora and args.lora_alpha is None:  # the recipe's scaling alpha / r, at the rank asked for
@@ -229,11 +220,6 @@ def apply_recipe(args) -> None:
             args.distill_weight = distill.get("kl_weight", Distillation.kl_weight)
         if args.distill_hidden_weight is None:
             args.distill_hidden_weight = distill.get("hidden_weight", Distillation.hidden_weight)
-    if fit:
-        if args.fit_adapter_steps is None:
-            args.fit_adapter_steps = fit["steps"]
-        if args.fit_adapter_lr is None:
-            args.fit_adapter_lr = fit["lr"]
     if spec.get("values"):
         args.train_sparse_values = True
         if args.sparse_values_learning_rate is None and "values_lr_ratio" in spec:
@@ -280,14 +266,6 @@ def _check_args(args) -> None:
         raise CLIError("--teacher_cache needs --distill")
     if args.teacher_cache_topk < 1:
         raise CLIError(f"--teacher_cache_topk must be >= 1, got {args.teacher_cache_topk}")
-    if args.fit_adapter_steps < 0 or not args.fit_adapter_lr > 0:
-        raise CLIError(f"--fit_adapter_steps must be >= 0 and --fit_adapter_lr > 0, got {args.fit_adapter_steps} "
-                       f"and {args.fit_adapter_lr}")
-    if args.fit_adapter_steps and args.lora_r == 0:
-        raise CLIError(f"--fit_adapter_steps fits a LoRA adapter; --lora_r 0{by_recipe} trains none")
-    if args.fit_adapter_steps and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise CLIError(f"--fit_adapter_steps{by_recipe} runs in one process, not under torchrun: fit and train "
-                       "on one device, or pass --fit_adapter_steps 0")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise CLIError(f"--output_dir {args.output_dir!r} is a file; expected a directory")
     if args.bf16 and args.fp16:
@@ -393,7 +371,7 @@ def _load(args):
     if args.sparsity is not None:
         if is_sparse:
             raise CLIError(f"{args.model_name_or_path!r} is already block-sparse; drop --sparsity")
-        if (args.distill or args.fit_adapter_steps) and args.teacher_model is None:
+        if args.distill and args.teacher_model is None:
             teacher = copy.deepcopy(model)
         try:
             sparsify_model(model, sparsity=args.sparsity, block_size=args.sparse_block_size)
@@ -402,11 +380,10 @@ def _load(args):
     elif not is_sparse and _is_main_process():
         print(f"note: {args.model_name_or_path!r} has no block-sparse layers; training plain LoRA "
               "(pass a sparse checkpoint, or --sparsity S to sparsify on the fly)")
-    if (args.distill or args.fit_adapter_steps) and teacher is None:
+    if args.distill and teacher is None:
         source = args.teacher_model or pruned_from(args.model_name_or_path)
         if source is None:
-            needs = "--distill" if args.distill else "--fit_adapter_steps"
-            raise CLIError(f"{needs} needs --teacher_model (the dense model the checkpoint was pruned from)")
+            raise CLIError("--distill needs --teacher_model (the dense model the checkpoint was pruned from)")
         try:
             # A teacher cache is computed from the teacher before training: read whole then.
             found = (load_skeleton(os.path.expanduser(source), dtype=DTYPES[args.dtype])
@@ -500,7 +477,7 @@ def _run(args) -> int:
               f"world size {train_args.world_size}{_fsdp_note(args, train_args)}")
     config = lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, targets) if use_lora else None
     distillation = None
-    if args.distill:
+    if teacher is not None:
         cache = _teacher_cache(args, teacher, blocks) if args.teacher_cache else None
         try:  # a checkpoint pruned with permuted channels: the teacher's hidden states in its order
             order = hidden_channel_order(args.model_name_or_path) if args.distill_hidden_weight > 0 else None
@@ -508,15 +485,12 @@ def _run(args) -> int:
                                         hidden_weight=args.distill_hidden_weight, cache=cache, hidden_order=order)
         except ValueError as err:  # a malformed recorded order, or one of another size
             raise CLIError(str(err)) from err
-    initialize = None
-    if args.fit_adapter_steps:
-        initialize = _adapter_fit(args, tokenizer, teacher)
     try:
         trained, trainer, output = train(
             model, blocks, train_args, config, train_sparse_values=args.train_sparse_values,
             values_learning_rate=args.sparse_values_learning_rate, distillation=distillation,
             resume_from_checkpoint=resume, run_record=_run_settings(args), fsdp=args.fsdp,
-            weights_from=weights_from, teacher_weights_from=teacher_weights_from, initialize=initialize)
+            weights_from=weights_from, teacher_weights_from=teacher_weights_from)
     except ValueError as err:  # e.g. no module matches --target_modules
         raise CLIError(str(err)) from err
     except NonFiniteTrainingError as err:
@@ -579,26 +553,6 @@ def _run(args) -> int:
                                                                if args.train_sparse_values else []))
     print(f"{saved} saved to {args.output_dir} in {(time.perf_counter() - started) / 60:.1f} min")
     return 0
-
-
-def _adapter_fit(args, tokenizer, teacher):
-    """train()'s `initialize` for --fit_adapter_steps: the adapter fitted to the teacher on
-    calibration windows of the train split."""
-    from ..integration.adapter_fit import fit_adapter
-    from ..integration.checkpoint import hidden_channel_order
-    from ..integration.data import DatasetError, calibration_samples
-
-    try:
-        calib = calibration_samples(tokenizer, args.dataset_name, FIT_SAMPLES, FIT_SEQLEN)
-        order = hidden_channel_order(args.model_name_or_path)
-    except (DatasetError, ValueError) as err:
-        raise CLIError(f"--fit_adapter_steps: {err}") from err
-
-    def initialize(model):
-        report = fit_adapter(model, teacher, calib, steps=args.fit_adapter_steps, lr=args.fit_adapter_lr,
-                             hidden_order=order)
-        print(f"adapter fitted to {args.teacher_model or 'the dense model'} in {report['seconds']:.0f} s")
-    return initialize
 
 
 def _fsdp_note(args, train_args) -> str:

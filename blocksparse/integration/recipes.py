@@ -36,17 +36,13 @@ def prune_recipe(family: Family) -> dict:
 
 # Recovery recipes: what trains and with which loss, compared by `blocksparse bench recovery`
 # (README, "Recovery, measured"). LoRA targets "seed" = the family's default (q_proj, v_proj),
-# "all" = its seven projections. fit: the adapter fitted to the dense model layer by layer
-# before training (`adapter_fit.fit_adapter`'s steps and lr, on FIT_SAMPLES calibration windows). lr: the base rate the benchmark's sweep multiplies (where a
+# "all" = its seven projections. lr: the base rate the benchmark's sweep multiplies (where a
 # 0.3 / 1 / 3x sweep at 10k tokens chose its top multiple, the base moved up to it).
 RECOVERY_RECIPES = {
     "seed": dict(lora=dict(r=8, alpha=16, targets="seed"), lr=3e-4,
                  about="the seed's adapter: LoRA r=8 on q/v, LM loss (its rate swept)"),
     "lora16": dict(lora=dict(r=16, alpha=32, targets="all"), lr=1e-3,
                    about="LoRA r=16 on all seven projections, LM loss"),
-    "lora16_fit": dict(lora=dict(r=16, alpha=32, targets="all"), lr=1e-3, fit=dict(steps=64, lr=1e-2),
-                       about="LoRA r=16 on all seven projections, fitted to the dense model layer by layer "
-                             "first (64 steps a layer), LM loss"),
     "lora16_kd": dict(lora=dict(r=16, alpha=32, targets="all"), lr=1e-3, distill=dict(kl_weight=0.5),
                       about="+ logit KD (KL to the dense teacher, weight 0.5)"),
     "lora16_kd_hidden": dict(lora=dict(r=16, alpha=32, targets="all"), lr=1e-3,
@@ -72,9 +68,6 @@ DEMO_RECIPE = "lora16"
 DEMO_STEPS = 208
 
 
-# The adapter fit's calibration: windows x tokens of the train split, as the demo's pruning.
-FIT_SAMPLES, FIT_SEQLEN = 16, 512
-
 # What recover() trains in: fp32, or bf16 autocast (fp32 weights and optimizer).
 PRECISIONS = ("fp32", "bf16")
 
@@ -96,20 +89,18 @@ def recover(model: nn.Module, tokenizer, dataset: str, out: str | Path, recipe: 
     `lr_scheduler_type`; no checkpoints. learning_rate: default the recipe's; lora_r
     (alpha = 2r) and target_modules override its LoRA; progress: a tqdm bar; precision:
     "fp32", or "bf16" (autocast; the weights, adapter and optimizer stay fp32). teacher: the
-    dense model the recipe distils from or fits its adapter to, if it does (hidden_order: its hidden channels'
+    dense model the recipe distils from, if it does (hidden_order: its hidden channels'
     order in the student, `checkpoint.hidden_channel_order`). Returns the trained model (the
     PeftModel, adapter unmerged, when the recipe has LoRA) and {"recipe", "about",
-    "learning_rate", "precision", "seconds", "train_tokens", "train_loss"}, with "fit_seconds"
-    (part of "seconds") for a recipe that fits its adapter first."""
+    "learning_rate", "precision", "seconds", "train_tokens", "train_loss"}."""
     from ..families import family_of
     from .data import train_token_blocks
     from .peft import lora_config
     from .train import Distillation, train, training_arguments
 
     spec = RECOVERY_RECIPES[recipe]
-    if ("distill" in spec or "fit" in spec) and teacher is None:
-        raise ValueError(f"recipe {recipe!r} {'distils from' if 'distill' in spec else 'fits its adapter to'} "
-                         "the dense model: pass its teacher")
+    if "distill" in spec and teacher is None:
+        raise ValueError(f"recipe {recipe!r} distils from the dense model: pass its teacher")
     check_overrides(recipe, lora_r, target_modules)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -121,17 +112,6 @@ def recover(model: nn.Module, tokenizer, dataset: str, out: str | Path, recipe: 
         alpha = spec["lora"]["alpha"] if lora_r is None else 2 * lora_r
         lora = lora_config(r=r, lora_alpha=alpha, lora_dropout=0.05, target_modules=tuple(targets))
     distillation = Distillation(teacher, hidden_order=hidden_order, **spec["distill"]) if "distill" in spec else None
-    fit_report: dict = {}
-    initialize = None
-    if "fit" in spec:
-        from .adapter_fit import fit_adapter
-        from .data import calibration_samples
-
-        calib = calibration_samples(tokenizer, dataset, FIT_SAMPLES, FIT_SEQLEN)
-
-        def initialize(peft_model):
-            fit_report.update(fit_adapter(peft_model, teacher, calib, hidden_order=hidden_order, progress=progress,
-                                          **spec["fit"]))
     blocks = train_token_blocks(tokenizer, dataset, train_seqlen, max_samples=steps * batch_size)
     args = training_arguments(str(out), max_steps=steps, per_device_train_batch_size=batch_size,
                               learning_rate=lr, lr_scheduler_type=lr_scheduler_type,
@@ -141,14 +121,12 @@ def recover(model: nn.Module, tokenizer, dataset: str, out: str | Path, recipe: 
     trained, trainer, train_output = train(model, blocks, args, lora, train_sparse_values=bool(spec.get("values")),
                                            values_learning_rate=(lr * spec.get("values_lr_ratio", 1.0)
                                                                  if spec.get("values") else None),
-                                           distillation=distillation, callbacks=callbacks, initialize=initialize)
+                                           distillation=distillation, callbacks=callbacks)
     # Tokens the steps consumed (a corpus with fewer blocks than steps x batch is repeated).
-    info = {"recipe": recipe, "about": spec["about"], "learning_rate": lr, "precision": precision,
-            "seconds": time.perf_counter() - start, "train_tokens": round(blocks.numel() * (trainer.state.epoch or 0)),
-            "train_loss": train_output.training_loss}
-    if fit_report:
-        info["fit_seconds"] = fit_report["seconds"]
-    return trained, info
+    return trained, {"recipe": recipe, "about": spec["about"], "learning_rate": lr, "precision": precision,
+                     "seconds": time.perf_counter() - start,
+                     "train_tokens": round(blocks.numel() * (trainer.state.epoch or 0)),
+                     "train_loss": train_output.training_loss}
 
 
 def latency(models: dict[str, nn.Module], prompt: torch.Tensor, decode_tokens: int,

@@ -441,7 +441,7 @@ def _callbacks():
 def train(model, train_blocks: torch.Tensor, args, lora=None, *, train_sparse_values: bool = False,
           values_learning_rate: float | None = None, distillation: Distillation | None = None,
           resume_from_checkpoint=None, callbacks=None, run_record: dict | None = None, fsdp: bool = False,
-          weights_from: str | None = None, teacher_weights_from: str | None = None, initialize=None):
+          weights_from: str | None = None, teacher_weights_from: str | None = None):
     """Train `model` (block-sparse or dense) on `train_blocks` [N, L]: a LoRA adapter
     (`lora`, a LoraConfig, registered here for BlockSparseLinear), the kept block values
     (`train_sparse_values`: every BlockSparseLinear's values, structure fixed, at
@@ -456,9 +456,7 @@ def train(model, train_blocks: torch.Tensor, args, lora=None, *, train_sparse_va
     only: trained block values are saved whole, which is not built under FSDP. weights_from:
     with fsdp on several ranks, `model` is `model.load_skeleton(weights_from)` and each rank
     reads its own shards of that checkpoint once the model is sharded (teacher_weights_from:
-    the same for the distillation teacher, which is sharded too). initialize: called with the
-    model once its adapter is attached, before training and unless resuming (e.g. the adapter
-    fit, `adapter_fit.fit_adapter`); one process only. Returns
+    the same for the distillation teacher, which is sharded too). Returns
     (model, trainer, train_output), model the PeftModel when `lora` is given (sharded with
     `fsdp`). LoRA weights are drawn after seeding with `args.seed`, so runs with equal
     seeds start equal. Raises NonFiniteTrainingError when the loss or a trained
@@ -479,8 +477,6 @@ def train(model, train_blocks: torch.Tensor, args, lora=None, *, train_sparse_va
     if sharded and not args.save_only_model:
         raise ValueError("fsdp needs TrainingArguments(save_only_model=True): the optimizer state is saved "
                          "sharded (blocksparse.integration.fsdp), not by the Trainer")
-    if initialize is not None and args.world_size > 1:
-        raise ValueError("initialize (the adapter fit) runs in one process, not under torchrun")
     if sharded and args.fp16:
         raise ValueError("fsdp with fp16: the loss scaler would check for infs per rank, not over the shards; "
                          "use bf16")
@@ -490,8 +486,6 @@ def train(model, train_blocks: torch.Tensor, args, lora=None, *, train_sparse_va
         model = get_peft_model(model, lora)  # freezes everything but the adapter
     else:
         model.requires_grad_(False)
-    if initialize is not None and resume_from_checkpoint is None:  # a resumed run reads its adapter
-        initialize(model)  # before the kept blocks train: its backward passes need no gradient for them
     if train_sparse_values:
         layers = [m for m in model.modules() if isinstance(m, BlockSparseLinear)]
         if not layers:

@@ -18,12 +18,6 @@ from .calibration import layer_output, slice_kwargs
 REFINE_PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
 
 
-def relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Each token's squared error relative to its target's squared norm, averaged over tokens:
-    the sink token's norm is ~100x the others, so an absolute error would fit nothing else."""
-    return ((out - target).square().sum(-1) / target.square().sum(-1).clamp_min(1e-12)).mean()
-
-
 def refine_layer(layer: nn.Module, weights: Mapping[str, tuple[nn.Parameter, torch.Tensor]],
                  hidden: Sequence[torch.Tensor], kwargs: Sequence[dict], targets: Sequence[torch.Tensor],
                  steps: int, lr: float, micro_batch: int = 2,
@@ -33,7 +27,9 @@ def refine_layer(layer: nn.Module, weights: Mapping[str, tuple[nn.Parameter, tor
 
     weights: {name: (weight parameter, boolean element mask)}; the mask is re-applied after every
     step, so the block pattern is unchanged; lr is relative to each matrix's RMS weight.
-    The loss is `relative_error`. sink: (hidden, kwargs, targets) of the one-token sink
+    The loss is each token's squared error relative to its target's squared norm,
+    averaged over tokens: the sink token's norm is ~100x the others, so an absolute
+    error would fit nothing else. sink: (hidden, kwargs, targets) of the one-token sink
     probes (`sink_probe_ids`); each step adds their mean loss (a micro-batch of
     `sink_micro_batch` of them) to the windows', so the sink counts as much as all the
     other tokens: a refinement fitted to the windows alone broke the sink for first tokens
@@ -53,7 +49,8 @@ def refine_layer(layer: nn.Module, weights: Mapping[str, tuple[nn.Parameter, tor
         h, t = h.float(), t.float()
         with torch.autocast(h.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             out = layer_output(layer(h, **kw)).float()
-        return relative_error(out, t)
+        err = (out - t).square().sum(-1) / t.square().sum(-1).clamp_min(1e-12)
+        return err.mean()
 
     def mean_loss():
         def mean(parts):

@@ -170,34 +170,6 @@ def test_a_recipe_sets_the_defaults_and_explicit_flags_win(tiny_model_and_text, 
     assert "--lora_r 0 (--recipe values_kd_hidden) trains none" in capsys.readouterr().err
 
 
-def test_the_adapter_fit_runs_before_training_not_when_resuming_and_refuses_what_it_cannot(
-        tiny_model_and_text, tmp_path, capsys, monkeypatch):
-    from blocksparse.integration.train import RUN_RECORD
-
-    model_dir, text = tiny_model_and_text
-    out = tmp_path / "fit"
-    flags = cli_flags(model_dir, text, out, **{"--lora-r": None, "--max_steps": 2, "--save_steps": 2})
-    assert cli_main(["finetune", *flags, "--recipe", "lora16_fit", "--no_eval"]) == 0
-    assert "adapter fitted to the dense model in" in capsys.readouterr().out
-    record = json.loads((out / "checkpoint-2" / RUN_RECORD).read_text())
-    assert (record["recipe"], record["fit_adapter_steps"], record["fit_adapter_lr"]) == ("lora16_fit", 64, 1e-2)
-    resumed = cli_flags(model_dir, text, out, **{"--lora-r": None, "--max_steps": 4})
-    assert cli_main(["finetune", *resumed, "--recipe", "lora16_fit", "--resume_from_checkpoint", "last",
-                     "--no_eval"]) == 0
-    assert "adapter fitted" not in capsys.readouterr().out  # the checkpoint holds the adapter
-
-    refused = {("--fit_adapter_steps", "2", "--lora_r", "0", "--train_sparse_values"):
-               "--fit_adapter_steps fits a LoRA adapter; --lora_r 0 trains none",
-               ("--fit_adapter_steps", "-1"): "--fit_adapter_steps must be >= 0 and --fit_adapter_lr > 0, got -1"}
-    for extra, message in refused.items():
-        assert cli_main(["finetune", *cli_flags(model_dir, text, tmp_path / "no", **{"--lora-r": None}),
-                         *extra]) == 2
-        assert message in capsys.readouterr().err
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert cli_main(["finetune", *cli_flags(model_dir, text, tmp_path / "no"), "--fit_adapter_steps", "2"]) == 2
-    assert "--fit_adapter_steps runs in one process, not under torchrun" in capsys.readouterr().err
-
-
 def test_cli_hidden_distillation_reads_the_teacher_in_the_checkpoints_channel_order(tiny_model_and_text, tmp_path,
                                                                                      monkeypatch, capsys):
     from blocksparse.integration import train as train_module
