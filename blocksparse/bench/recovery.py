@@ -10,9 +10,15 @@ budget on validation windows taken from the end of the eval text, apart from the
 reported windows at its start. Finished recipes are skipped when the command is rerun
 with the same settings; the table and the plot are rewritten from all results.
 
+A curve's own wall time is not a speed measurement where the machine's speed drifts
+(a shared VM's moved 1.6x within a day): `--speed` times every recipe's steps in one
+process, interleaved (a few short runs of each, in turn, medians), and the table's tokens/s
+and minutes and the plot's per-minute panel then come from that measurement.
+
     python -m blocksparse.bench.recovery --out runs/recovery --budgets 10000,40000,160000
     python -m blocksparse.bench.recovery --out runs/recovery --recipes seed,lora16 --sweep 1
     python -m blocksparse.bench.recovery --out runs/recovery_bf16 --recipes lora16 --precision bf16
+    python -m blocksparse.bench.recovery --out runs/recovery --report-only --speed
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -30,12 +37,19 @@ from . import common
 
 DEFAULT_RECIPES = ",".join(RECOVERY_RECIPES)
 VALIDATION_WINDOWS = 12
+# The first steps of a run (the Trainer's set-up, the allocator settling) are left out of its step times.
+SPEED_WARMUP_STEPS = 2
 
 
 def settings_of(args) -> dict:
     """What a recipe's numbers depend on besides the recipe: results are reused only when these match."""
     return {name: getattr(args, name) for name in ("checkpoint", "model", "dataset", "seqlen", "eval_windows",
                                                    "train_seqlen", "batch_size", "budgets", "sweep", "precision")}
+
+
+def speed_settings(args) -> dict:
+    """What a step's time depends on besides the recipe: speed.json is used only when these match."""
+    return {name: getattr(args, name) for name in ("checkpoint", "model", "train_seqlen", "batch_size", "precision")}
 
 
 def recipe_settings(args, name: str) -> dict:
@@ -121,6 +135,56 @@ def train_curve(recipe: str, lr: float, start: Path, teacher, windows: torch.Ten
     return points
 
 
+def measure_speed(args) -> dict:
+    """Seconds per training step of each of --recipes, from the one-shot checkpoint, in one
+    process: `--speed-rounds` rounds that run every recipe for `--speed-steps` steps in turn
+    (a slow moment of the machine hits them all); per run the median of its step times after
+    SPEED_WARMUP_STEPS, per recipe the median over rounds. Written to OUT/speed.json."""
+    from transformers import TrainerCallback
+
+    from ..integration.checkpoint import hidden_channel_order, pruned_from
+    from ..integration.model import load_model
+    from ..integration.recipes import recover
+
+    start = one_shot_checkpoint(args)
+    teacher, tokenizer = load_model(pruned_from(start) or args.model)
+    runs: dict[str, list[float]] = {name: [] for name in args.recipe_list}
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.ends = []
+
+        def on_step_end(self, args_, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+
+    print(f"\n== speed: {args.speed_rounds} rounds of {args.speed_steps} steps per recipe, interleaved")
+    for round_ in range(args.speed_rounds):
+        for name in args.recipe_list:
+            model, _ = load_model(str(start))
+            times = StepTimes()
+            recover(model, tokenizer, args.dataset, args.out / "speed_run", name, args.speed_steps, args.batch_size,
+                    args.train_seqlen, teacher=teacher, hidden_order=hidden_channel_order(start),
+                    callbacks=[times], progress=False, precision=args.precision)
+            steps = [b - a for a, b in zip(times.ends[SPEED_WARMUP_STEPS - 1:], times.ends[SPEED_WARMUP_STEPS:])]
+            runs[name].append(statistics.median(steps))
+            print(f"  round {round_ + 1}, {name}: {runs[name][-1]:.3f} s per step")
+    speed = {"s_per_step": {name: statistics.median(t) for name, t in runs.items()}, "runs": runs,
+             "steps": args.speed_steps, "rounds": args.speed_rounds,
+             "tokens_per_step": args.batch_size * args.train_seqlen, "settings": speed_settings(args),
+             "environment": common.environment(torch.device("cpu"))}
+    common.write_json(args.out / "speed.json", speed)
+    return speed
+
+
+def read_speed(args) -> dict | None:
+    """OUT/speed.json if it was measured with these settings (`speed_settings`), else None."""
+    path = args.out / "speed.json"
+    if not path.is_file():
+        return None
+    speed = json.loads(path.read_text())
+    return speed if speed.get("settings") == speed_settings(args) else None
+
+
 def run_recipes(args) -> None:
     from ..integration.checkpoint import pruned_from
     from ..integration.data import eval_tokens
@@ -181,33 +245,52 @@ def write_report(args) -> None:
     if base is None or not results:
         raise SystemExit(f"no results in {args.out} for these settings: run the recipes first")
     budgets = sorted({p["tokens"] for r in results for p in r["points"]})
-    header = ["recipe", "lr"] + [f"{b // 1000}k tokens" for b in budgets] + ["tokens/s", "CPU min"]
+    speed = read_speed(args)
+    if speed is not None and not all(r["recipe"] in speed["s_per_step"] for r in results):
+        missing = [r["recipe"] for r in results if r["recipe"] not in speed["s_per_step"]]
+        print(f"speed.json lacks {', '.join(missing)}: tokens/s and minutes from each curve's own run")
+        speed = None
+    # Seconds of training to each point: the interleaved measurement's, else the curve's own.
+    seconds = ({r["recipe"]: [p["tokens"] / speed["tokens_per_step"] * speed["s_per_step"][r["recipe"]]
+                              for p in r["points"]] for r in results} if speed is not None else
+               {r["recipe"]: [p["train_s"] for p in r["points"]] for r in results})
+    timing = "interleaved" if speed is not None else "this run"
+    header = (["recipe", "lr"] + [f"{b // 1000}k tokens" for b in budgets]
+              + [f"tokens/s ({timing})", f"CPU min ({timing})"])
     rows = []
     for r in results:
         at = {p["tokens"]: p["ppl"] for p in r["points"]}
         rows.append([r["recipe"], f"{r['lr']:g}"] + [f"{at[b]:.1f}" if b in at else "" for b in budgets]
-                    + [f"{r['tokens_per_s']:.0f}", f"{r['points'][-1]['train_s'] / 60:.1f}"])
+                    + [f"{r['points'][-1]['tokens'] / max(seconds[r['recipe']][-1], 1e-9):.0f}",
+                       f"{seconds[r['recipe']][-1] / 60:.1f}"])
     env = common.environment(torch.device("cpu"))
+    how = ("each curve's own wall time (runs at different times; not comparable where the machine's speed "
+           "drifts: `--speed`)" if speed is None else
+           f"from `--speed`: every recipe's steps timed in one process, {speed['rounds']} interleaved rounds of "
+           f"{speed['steps']} steps, medians")
     lines = [f"Dense {base['dense']:.2f}, one-shot {base['one_shot']:.2f} ({base['windows']} held-out windows of "
              f"{args.seqlen} tokens); {args.batch_size} x {args.train_seqlen} tokens per step, "
              f"{'bf16 autocast' if args.precision == 'bf16' else 'fp32'}; "
-             f"{env.get('device_name', 'CPU')}, torch {env.get('torch', '?')}.", "", common.markdown_table(header, rows),
-             ""] + [f"- `{r['recipe']}`: {r['about']}" for r in results]
+             f"{env.get('device_name', 'CPU')}, torch {env.get('torch', '?')}. Tokens/s and minutes: {how}.", "",
+             common.markdown_table(header, rows), ""] + [f"- `{r['recipe']}`: {r['about']}" for r in results]
     (args.out / "recovery.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
     def draw(fig, axes):
         # Left: per training token; right: per minute of training (the cost a recipe's
         # teacher pass or extra parameters add), which is what chooses the demo's recipe.
-        for ax, key, label in ((axes[0][0], "tokens", "training tokens"),
-                               (axes[0][1], "train_s", "minutes of training (this machine)")):
-            scale = 60.0 if key == "train_s" else 1.0
+        minutes_label = ("minutes of training (interleaved speed measurement)" if speed is not None
+                         else "minutes of training (each curve's own run)")
+        for ax, per_minute, label in ((axes[0][0], False, "training tokens"), (axes[0][1], True, minutes_label)):
+            xs = {r["recipe"]: ([s / 60 for s in seconds[r["recipe"]]] if per_minute
+                                else [p["tokens"] for p in r["points"]]) for r in results}
             for r in results:
-                ax.plot([0] + [p[key] / scale for p in r["points"]],
-                        [base["one_shot"]] + [p["ppl"] for p in r["points"]], marker="o", label=r["recipe"])
+                ax.plot([0] + xs[r["recipe"]], [base["one_shot"]] + [p["ppl"] for p in r["points"]], marker="o",
+                        label=r["recipe"])
             ax.axhline(base["dense"], color="gray", linestyle="--", label=f"dense {base['dense']:.1f}")
-            first = min(p[key] for r in results for p in r["points"]) / scale
+            first = min(x for v in xs.values() for x in v)
             ax.set_xscale("symlog", linthresh=max(first, 1e-3))
+            ax.set_xlim(left=0)  # no negative decades in the margin
             ax.set_yscale("log")
             ax.set_xlabel(label)
             ax.set_ylabel("held-out perplexity")
@@ -236,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what training computes in: fp32, or bf16 autocast (weights and optimizer fp32; "
                              "the demo's on CPUs with native bf16)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the table and plot from the results")
+    parser.add_argument("--speed", action="store_true",
+                        help="time every recipe of --recipes in one process, interleaved, for the table's tokens/s "
+                             "and minutes and the per-minute plot (with --report-only: no curves are trained)")
+    parser.add_argument("--speed-steps", type=int, default=16, help="steps per timed run (default: %(default)s)")
+    parser.add_argument("--speed-rounds", type=int, default=3, help="runs per recipe (default: %(default)s)")
     return parser
 
 
@@ -252,6 +340,9 @@ def resolve_defaults(args) -> None:
                          f"{args.sweep!r}") from None
     if not args.budget_list or args.budget_list[0] < 1 or not args.sweep_list or min(args.sweep_list) <= 0:
         raise SystemExit("--budgets must be positive token counts and --sweep positive multiples")
+    if args.speed_steps <= SPEED_WARMUP_STEPS or args.speed_rounds < 1:
+        raise SystemExit(f"--speed-steps must be > {SPEED_WARMUP_STEPS} (the first are left out) and "
+                         f"--speed-rounds >= 1, got {args.speed_steps} and {args.speed_rounds}")
     for name in ("seqlen", "eval_windows", "train_seqlen", "batch_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -261,6 +352,8 @@ def run(args) -> Path:
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         run_recipes(args)
+    if args.speed:
+        measure_speed(args)
     write_report(args)
     return args.out
 

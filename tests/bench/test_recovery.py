@@ -33,6 +33,32 @@ def test_recipes_train_their_curves_and_the_report_names_each(tiny_dir, corpus_f
     assert capsys.readouterr().out.count("done earlier with the same settings, skipped") == 2
 
 
+def test_the_interleaved_speed_measurement_gives_the_tables_speeds(tiny_dir, corpus_file, tmp_path):
+    out = tmp_path / "recovery"
+    argv = ["--out", str(out), "--model", str(tiny_dir), "--dataset", str(corpus_file), "--sparsity", "0.3",
+            "--recipes", "seed,lora16", "--budgets", "64", "--sweep", "1", "--seqlen", "32", "--eval-windows", "2",
+            "--train-seqlen", "32"]
+    assert recovery.main(argv) == 0
+    assert "CPU min (this run)" in (out / "recovery.md").read_text()
+    assert recovery.main(argv + ["--report-only", "--speed", "--speed-steps", "4", "--speed-rounds", "2"]) == 0
+    speed = json.loads((out / "speed.json").read_text())
+    assert set(speed["s_per_step"]) == {"seed", "lora16"} and speed["tokens_per_step"] == 32
+    for name, runs in speed["runs"].items():
+        assert len(runs) == 2 and all(t > 0 for t in runs)
+        assert speed["s_per_step"][name] == pytest.approx(sorted(runs)[0] / 2 + sorted(runs)[1] / 2)
+    table = (out / "recovery.md").read_text()
+    assert "tokens/s (interleaved)" in table and "2 interleaved rounds of 4 steps" in table
+    for name in ("seed", "lora16"):  # 64 tokens at the measured seconds per 32-token step
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        assert row.split("|")[-3].strip() == f"{32 / speed['s_per_step'][name]:.0f}"
+        assert row.split("|")[-2].strip() == f"{2 * speed['s_per_step'][name] / 60:.1f}"
+    # Another step size or precision has other speeds: the measurement is not used for it.
+    same, other, bf16 = (recovery.build_parser().parse_args(a) for a in
+                         (argv, [*argv[:-1], "48"], [*argv, "--precision", "bf16"]))
+    assert recovery.read_speed(same) == speed
+    assert recovery.read_speed(other) is None and recovery.read_speed(bf16) is None
+
+
 def test_bad_arguments_are_one_line(tmp_path):
     with pytest.raises(SystemExit, match="--recipes: unknown nope"):
         recovery.main(["--out", str(tmp_path), "--recipes", "seed,nope"])
@@ -40,6 +66,8 @@ def test_bad_arguments_are_one_line(tmp_path):
         recovery.main(["--out", str(tmp_path), "--budgets", "ten"])
     with pytest.raises(SystemExit, match="no results in"):
         recovery.main(["--out", str(tmp_path), "--report-only"])
+    with pytest.raises(SystemExit, match="--speed-steps must be > 2"):
+        recovery.main(["--out", str(tmp_path), "--speed", "--speed-steps", "2"])
 
 
 def test_results_from_before_the_precision_flag_count_as_fp32(tmp_path):
