@@ -135,19 +135,31 @@ def train_curve(recipe: str, lr: float, start: Path, teacher, windows: torch.Ten
     return points
 
 
-def measure_speed(args) -> dict:
+def start_and_teacher(args) -> tuple[Path, str, object, object]:
+    """(the one-shot checkpoint, the teacher's name, the teacher, the tokenizer): the teacher is
+    the dense model the checkpoint records, else --model; loaded once for the curves and the
+    speed measurement."""
+    from ..integration.checkpoint import pruned_from
+    from ..integration.model import load_model
+
+    start = one_shot_checkpoint(args)
+    teacher_name = pruned_from(start) or args.model
+    teacher, tokenizer = load_model(teacher_name)
+    return start, teacher_name, teacher, tokenizer
+
+
+def measure_speed(args, start: Path, teacher, tokenizer) -> dict:
     """Seconds per training step of each of --recipes, from the one-shot checkpoint, in one
     process: `--speed-rounds` rounds that run every recipe for `--speed-steps` steps in turn
     (a slow moment of the machine hits them all); per run the median of its step times after
     SPEED_WARMUP_STEPS, per recipe the median over rounds. Written to OUT/speed.json."""
     from transformers import TrainerCallback
 
-    from ..integration.checkpoint import hidden_channel_order, pruned_from
+    from ..integration.checkpoint import hidden_channel_order
     from ..integration.model import load_model
     from ..integration.recipes import recover
 
-    start = one_shot_checkpoint(args)
-    teacher, tokenizer = load_model(pruned_from(start) or args.model)
+    hidden_order = hidden_channel_order(start)
     runs: dict[str, list[float]] = {name: [] for name in args.recipe_list}
 
     class StepTimes(TrainerCallback):
@@ -163,8 +175,7 @@ def measure_speed(args) -> dict:
             model, _ = load_model(str(start))
             times = StepTimes()
             recover(model, tokenizer, args.dataset, args.out / "speed_run", name, args.speed_steps, args.batch_size,
-                    args.train_seqlen, teacher=teacher, hidden_order=hidden_channel_order(start),
-                    callbacks=[times], progress=False, precision=args.precision)
+                    args.train_seqlen, teacher=teacher, hidden_order=hidden_order, callbacks=[times], progress=False, precision=args.precision)
             steps = [b - a for a, b in zip(times.ends[SPEED_WARMUP_STEPS - 1:], times.ends[SPEED_WARMUP_STEPS:])]
             runs[name].append(statistics.median(steps))
             print(f"  round {round_ + 1}, {name}: {runs[name][-1]:.3f} s per step")
@@ -185,16 +196,12 @@ def read_speed(args) -> dict | None:
     return speed if speed.get("settings") == speed_settings(args) else None
 
 
-def run_recipes(args) -> None:
-    from ..integration.checkpoint import pruned_from
+def run_recipes(args, start: Path, teacher_name: str, teacher, tokenizer) -> None:
     from ..integration.data import eval_tokens
     from ..integration.evaluate import perplexity
     from ..integration.model import load_model
 
-    start = one_shot_checkpoint(args)
     settings = settings_of(args)
-    teacher_name = pruned_from(start) or args.model
-    teacher, tokenizer = load_model(teacher_name)
     reported, validation = _eval_sets(eval_tokens(tokenizer, args.dataset), args)
     baseline = args.out / "baseline.json"
     if _read(baseline, settings) is None:
@@ -221,10 +228,8 @@ def run_recipes(args) -> None:
         lr = min(sweep, key=lambda s: s["validation_ppl"])["lr"] if sweep else recipe["lr"] * args.sweep_list[0]
         print(f" curve: lr {lr:g}")
         points = train_curve(name, lr, start, teacher, reported, args.budget_list, args, folder)
-        last = points[-1]
         common.write_json(result_file, {"recipe": name, "about": recipe["about"], "lr": lr, "sweep": sweep,
-                                        "points": points, "tokens_per_s": last["tokens"] / max(last["train_s"], 1e-9),
-                                        "settings": recipe_settings(args, name)})
+                                        "points": points, "settings": recipe_settings(args, name)})
 
 
 def _read(path: Path, settings: dict) -> dict | None:
@@ -350,10 +355,12 @@ def resolve_defaults(args) -> None:
 
 def run(args) -> Path:
     args.out.mkdir(parents=True, exist_ok=True)
-    if not args.report_only:
-        run_recipes(args)
-    if args.speed:
-        measure_speed(args)
+    if not args.report_only or args.speed:
+        start, teacher_name, teacher, tokenizer = start_and_teacher(args)
+        if not args.report_only:
+            run_recipes(args, start, teacher_name, teacher, tokenizer)
+        if args.speed:
+            measure_speed(args, start, teacher, tokenizer)
     write_report(args)
     return args.out
 
