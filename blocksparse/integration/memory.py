@@ -17,7 +17,10 @@ their product, and the LoRA terms of the backend: the torch backend (CPU) keeps 
 adapted linear its input, its dropout output and T = x A^T (checked against the
 saved tensors of tiny models in tests/integration/test_memory.py, within 15%); the
 Triton op keeps only the inputs dA or dW need, once per shared input, T, and its
-dropout keep mask packed one bit per element (checked the same way, in the interpreter). Plus the fp32 log-softmax of the logits and its gradient.
+dropout keep mask packed one bit per element (checked the same way, in the interpreter). Plus
+the LM loss: `linear_cross_entropy` holds one chunk of logits at a time (fp32, and the
+compute dtype's copy) and keeps the final hidden states' gradient; under FSDP the Trainer
+computes Hugging Face's loss, whose fp32 log-softmax of the logits and its gradient stay.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..families import FAMILIES
+from .lm_loss import CHUNK_BYTES
 
 # The Llama row of the families table: the projections pruned, and the seed's LoRA targets.
 PROJECTIONS = FAMILIES["llama"].projections
@@ -183,7 +187,9 @@ def estimate(shape: Shape, setup: Setup) -> dict[str, float]:
         "trained values: gradients + Adam": kept * s * (1 + ADAM_STATES) / w if setup.train_values else 0.0,
         "FSDP gathered layers (2)": 2 * (1.0 - setup.sparsity) * layer_params * s if setup.fsdp else 0.0,
         "activations (decoder layers)": layer_acts,
-        "logits (fp32 log-softmax + gradient)": tokens * shape.vocab * 8,
+        "LM loss (logits)": (tokens * shape.vocab * 8 if setup.fsdp else
+                             min(tokens, max(1, CHUNK_BYTES // (4 * shape.vocab))) * shape.vocab * (4 + (s if s < 4 else 0))
+                             + tokens * shape.hidden * s),
     }
     out["total"] = sum(out.values())
     return out

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..prune.permute import check_order
+from .lm_loss import linear_cross_entropy
 
 # Written into every checkpoint-N after the Trainer has saved it: the run's `run_record`,
 # and the trained block values when there are any (a PEFT checkpoint holds only the adapter).
@@ -258,6 +259,7 @@ def _trainer_class():
                 # Its loss is a per-micro-batch mean: the Trainer scales it for accumulation.
                 self.loss_is_scaled_for_ga = False
             self.values, self.values_learning_rate = list(values), values_learning_rate
+            self._head_copy = None
 
         def _save(self, output_dir=None, state_dict=None):
             if not self.sharded:
@@ -318,7 +320,10 @@ def _trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             d = self.distillation
             if d is None:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                head = None if return_outputs or self.sharded else _loss_head(self.accelerator.unwrap_model(model))
+                if head is None:
+                    return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                return self._lm_loss(model, inputs, num_items_in_batch, *head)
             hidden = d.hidden_weight > 0
             cached = inputs.pop("teacher_values", None), inputs.pop("teacher_indices", None)
             outputs = model(**inputs, output_hidden_states=hidden)
@@ -337,7 +342,46 @@ def _trainer_class():
                                                            d.hidden_order)
             return (loss, outputs) if return_outputs else loss
 
+        def _lm_loss(self, model, inputs, num_items_in_batch, base, lm_head):
+            # The model's own loss by `linear_cross_entropy`, without a logits tensor: for the
+            # forward the head is an identity, so the "logits" are the final hidden states. The
+            # Trainer's num_items_in_batch and token-averaging rules as its compute_loss applies
+            # them to the model's loss.
+            base.set_output_embeddings(nn.Identity())
+            try:
+                hidden = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+            finally:
+                base.set_output_embeddings(lm_head)
+            counted = num_items_in_batch if self.model_accepts_loss_kwargs else None
+            with self.accelerator.autocast():  # the head's products in the mixed precision the forward ran in
+                weight, device = lm_head.weight, hidden.device.type
+                if torch.is_autocast_enabled(device) and not weight.requires_grad:
+                    # The frozen head's autocast copy, made again only when the weight changes.
+                    key = (weight.data_ptr(), weight._version, torch.get_autocast_dtype(device))
+                    if self._head_copy is None or self._head_copy[0] != key:
+                        self._head_copy = key, weight.detach().to(key[2])
+                    weight = self._head_copy[1]
+                loss = linear_cross_entropy(hidden, weight, inputs["labels"], counted)
+            if self.args.average_tokens_across_devices and counted is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            return loss
+
     return RecoveryTrainer
+
+
+def _loss_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """(the causal LM, its lm_head) where the logits are lm_head(final hidden states), a
+    plain linear (a family of blocksparse.families: no logit scaling or soft-capping), so
+    `linear_cross_entropy` computes the model's loss; else None."""
+    from ..families import FAMILIES
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(getattr(base, "config", None), "model_type", None) not in FAMILIES:
+        return None
+    head = base.get_output_embeddings()
+    if type(head) is not nn.Linear or head.bias is not None:
+        return None
+    return base, head
 
 
 def _all_finite(params) -> bool:

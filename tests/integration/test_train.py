@@ -266,3 +266,48 @@ def test_a_full_teacher_cache_gives_the_live_teachers_loss_curve(tmp_path):
         load_teacher_cache(tmp_path / "cache.safetensors", memorisable_blocks(n=16, seed=3))
     with pytest.raises(ValueError, match="a teacher cache holds logits only"):
         Distillation(None, hidden_weight=1.0, cache=cache)
+
+
+def test_the_lm_loss_without_logits_is_the_models_own_and_the_head_comes_back(tmp_path):
+    from blocksparse.integration.train import _loss_head, _trainer_class
+
+    model = peft.get_peft_model(sparsify_model(make_tiny_llama(), sparsity=0.5), lora_config(lora_dropout=0.0))
+    assert _loss_head(model) is not None  # the path under test, not Hugging Face's
+    with torch.no_grad():  # a nonzero adapter, so that its gradients reach A too
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    trainer = _trainer_class()(model=model, args=arguments(tmp_path), train_dataset=TokenBlocks(memorisable_blocks()),
+                               data_collator=default_data_collator)
+    head = model.get_base_model().get_output_embeddings()
+    inputs = default_data_collator([trainer.train_dataset[i] for i in range(2)])
+    inputs["labels"][0, :5] = -100
+    trained = [p for p in model.parameters() if p.requires_grad]
+    for num_items in (None, torch.tensor(40)):
+        ours = trainer.compute_loss(model, dict(inputs), num_items_in_batch=num_items)
+        theirs = Trainer.compute_loss(trainer, model, dict(inputs), num_items_in_batch=num_items)
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+        for got, want in zip(torch.autograd.grad(ours, trained), torch.autograd.grad(theirs, trained)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert model.get_base_model().get_output_embeddings() is head
+    broken = dict(inputs, input_ids=inputs["input_ids"][:, :0])  # the forward raises
+    with pytest.raises(Exception):
+        trainer.compute_loss(model, broken)
+    assert model.get_base_model().get_output_embeddings() is head
+
+
+def test_under_bf16_training_the_heads_products_run_in_bf16(tmp_path, monkeypatch):
+    import blocksparse.integration.train as train_module
+
+    seen, real = [], train_module.linear_cross_entropy
+
+    def spy(hidden, weight, labels, num_items_in_batch=None):
+        seen.append((weight.dtype, torch.is_autocast_enabled("cpu")))
+        return real(hidden, weight, labels, num_items_in_batch)
+
+    monkeypatch.setattr(train_module, "linear_cross_entropy", spy)
+    model = sparsify_model(make_tiny_llama(), sparsity=0.5)
+    _, trainer, _ = train(model, memorisable_blocks(), arguments(tmp_path, max_steps=3, bf16=True, save_strategy="no"),
+                          lora_config(lora_dropout=0.0))
+    assert seen == [(torch.bfloat16, True)] * 3
+    assert all(torch.isfinite(torch.tensor(losses(trainer))))
