@@ -2,7 +2,7 @@
 
 dense perplexity -> 16x16 block pruning (the best one-shot recipe) -> perplexity
 -> recovery through the fused op (the demo's recipe, and the seed's LoRA recipe at the
-same token budget beside it) -> perplexity with the adapter unmerged -> latency dense vs
+same token budget beside it: on a CPU in a second process, side by side) -> perplexity with the adapter unmerged -> latency dense vs
 block-sparse -> a table, greedy text samples of each stage, `report.md`, `results.json`
 and `demo.png` in the output folder.
 """
@@ -54,6 +54,9 @@ def add_parser(subparsers):
     add_flag(parser, "--seed_recipe", action=argparse.BooleanOptionalAction, default=True,
              help=f"also train the seed's recipe ({RECOVERY_RECIPES[SEED_RECIPE]['about']}) at the same "
                   "budget, for comparison (default: on)")
+    add_flag(parser, "--side_by_side", action=argparse.BooleanOptionalAction, default=None,
+             help="train the seed's recipe in a second process beside the demo's, the CPU threads split "
+                  "between them (default: on a CPU with 2 or more threads)")
     add_flag(parser, "--steps", type=int, default=DEMO_STEPS, help="training steps (default: %(default)s)")
     add_flag(parser, "--batch_size", type=int, default=1, help="sequences per step (default: %(default)s)")
     add_flag(parser, "--train_seqlen", type=int, default=256,
@@ -131,6 +134,35 @@ def _plot(stages: list[tuple[str, float]], timing: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _train_seed_recipe(checkpoint: str, dataset: str, folder: str, adapter_dir: str, steps: int, batch_size: int,
+                      train_seqlen: int, precision: str, threads: int) -> dict:
+    """The seed's recipe from the one-shot `checkpoint`, in a process of its own with
+    `threads` threads (the demo's side-by-side run); saves the adapter to `adapter_dir` and
+    returns recover()'s record."""
+    from ..integration.model import load_model
+
+    torch.set_num_threads(threads)
+    model, tokenizer = load_model(checkpoint)
+    trained, info = recover(model, tokenizer, dataset, folder, SEED_RECIPE, steps, batch_size, train_seqlen,
+                            precision=precision, progress=False)
+    trained.save_pretrained(adapter_dir)
+    return {**info, "threads": threads}
+
+
+def _threads_back(pending, threads: int):
+    """A TrainerCallback that gives the training process `threads` threads again once the
+    side-by-side run (`pending`, an AsyncResult) has finished."""
+    from transformers import TrainerCallback
+
+    class ThreadsBack(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if pending.ready() and torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+                print(f"   [the seed's run has finished: {threads} threads from step {state.global_step + 1}]")
+
+    return ThreadsBack()
+
+
 def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str = "default",
              sparsity: float = 0.5, block_size: int = 16, row_group: int = DEMO_ROW_GROUP,
              union_density: float | None = None, seqlen: int = 512, nsamples: int = 16,
@@ -138,13 +170,17 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
              steps: int = DEMO_STEPS, batch_size: int = 1, train_seqlen: int = 256,
              learning_rate: float | None = None, lora_r: int | None = None,
              target_modules: tuple[str, ...] | None = None, decode_tokens: int = 32,
-             sample_tokens: int = 32, precision: str = "auto") -> dict:
+             sample_tokens: int = 32, precision: str = "auto", side_by_side: bool | None = None) -> dict:
     """Run every stage and write the report folder; returns the results dict.
 
     recipe: the recovery recipe (`recipes.RECOVERY_RECIPES`; learning_rate, lora_r and
     target_modules override its own); seed_recipe: also train the seed's recipe at the same
     budget, from the same one-shot model, for the table. precision: the recovery steps'
     ("auto": bf16 autocast where the training device computes bf16 natively, else fp32).
+    side_by_side: train the seed's recipe in a second process while this one trains the
+    recipe, the CPU threads split between them until the seed's run ends (None: where
+    training runs on a CPU with 2 or more threads). Small models' steps use 2 threads
+    poorly, so two runs on 1 thread each finish sooner than one after the other.
     """
     from ..families import family_of
     from ..integration.data import calibration_samples, eval_tokens
@@ -159,6 +195,10 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
         precision = "bf16" if native_bf16("cuda" if torch.cuda.is_available() else "cpu") else "fp32"
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be 'auto' or one of {PRECISIONS}, got {precision!r}")
+    seed_recipe = seed_recipe and recipe != SEED_RECIPE
+    if side_by_side is None:
+        side_by_side = not torch.cuda.is_available() and torch.get_num_threads() >= 2
+    side_by_side = side_by_side and seed_recipe
     started = time.perf_counter()
     stage_seconds: dict[str, float] = {}
 
@@ -182,7 +222,6 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
                              f"(its projections: {', '.join(family.projections)})")
     prune_settings = prune_recipe(family)
     held_out = eval_tokens(tokenizer, dataset)
-    seed_recipe = seed_recipe and recipe != SEED_RECIPE
 
     def ppl(m, stage):
         print(f"\n== {stage}")
@@ -194,6 +233,7 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
                                       block_size=block_size, row_group=row_group,
                                       union_density=union_density, seqlen=seqlen, nsamples=nsamples,
                                       eval_windows=eval_windows, recipe=recipe, seed_recipe=seed_recipe,
+                                      side_by_side=side_by_side,
                                       steps=steps, batch_size=batch_size, train_seqlen=train_seqlen,
                                       learning_rate=learning_rate, lora_r=lora_r, precision=precision,
                                       target_modules=None if target_modules is None else list(target_modules),
@@ -217,16 +257,47 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
     def recovery(name: str, student, folder: Path, **overrides):
         print(f"\n== recovery, {name}: {RECOVERY_RECIPES[name]['about']}; {steps} steps x {batch_size} x "
               f"{train_seqlen} tokens, fused block-sparse op")
-        return timed(f"recovery ({name})", recover, student, tokenizer, dataset, folder, name, steps,
-                     batch_size, train_seqlen, teacher=dense_model, hidden_order=hidden_order,
-                     precision=precision, **overrides)
+        return recover(student, tokenizer, dataset, folder, name, steps, batch_size, train_seqlen,
+                       teacher=dense_model, hidden_order=hidden_order, precision=precision, **overrides)
 
+    def side_by_side_runs(threads: int) -> tuple:
+        from multiprocessing import get_context
+
+        from ..integration.checkpoint import save_sparse_pretrained
+
+        # The child reads the one-shot model from disk (spawned: no forked thread pools).
+        one_shot = save_sparse_pretrained(model, tokenizer, out / "one_shot", report=report)
+        theirs = max(1, threads // 2)
+        mine = max(1, threads - theirs)
+        print(f"\n== the seed's recipe ({SEED_RECIPE}) in a second process on {theirs} of {threads} threads, "
+              f"beside the demo's recipe on {mine}")
+        with get_context("spawn").Pool(1) as pool:
+            pending = pool.apply_async(_train_seed_recipe, (str(one_shot), dataset, str(out / "seed"),
+                                                            str(out / "seed_adapter"), steps, batch_size,
+                                                            train_seqlen, precision, theirs))
+            torch.set_num_threads(mine)
+            try:
+                trained, info = recovery(recipe, model, out / "recovery", callbacks=[_threads_back(pending, threads)],
+                                         **overrides)
+                return trained, info, pending.get()  # raises the child's error
+            finally:
+                torch.set_num_threads(threads)
+
+    overrides = dict(learning_rate=learning_rate, lora_r=lora_r, target_modules=target_modules)
     seed_model = None
-    if seed_recipe:
-        seed_model, results["seed_recovery"] = recovery(SEED_RECIPE, copy.deepcopy(model), out / "seed")
+    if side_by_side:
+        recovered, results["recovery"], results["seed_recovery"] = timed(
+            f"recovery ({SEED_RECIPE} and {recipe}, side by side)", side_by_side_runs, torch.get_num_threads())
+        seed_model = load_adapter(copy.deepcopy(sparse_model), out / "seed_adapter")
         results["seed_recovered"] = ppl(seed_model, f"block-sparse model + the seed's recipe ({SEED_RECIPE})")
-    recovered, results["recovery"] = recovery(recipe, model, out / "recovery", learning_rate=learning_rate,
-                                              lora_r=lora_r, target_modules=target_modules)
+    else:
+        if seed_recipe:
+            seed_model, results["seed_recovery"] = timed(f"recovery ({SEED_RECIPE})", recovery, SEED_RECIPE,
+                                                         copy.deepcopy(model), out / "seed")
+            seed_model.save_pretrained(out / "seed_adapter")
+            results["seed_recovered"] = ppl(seed_model, f"block-sparse model + the seed's recipe ({SEED_RECIPE})")
+        recovered, results["recovery"] = timed(f"recovery ({recipe})", recovery, recipe, model, out / "recovery",
+                                               **overrides)
     has_lora = "lora" in RECOVERY_RECIPES[recipe]
     if has_lora:
         recovered.save_pretrained(out / "adapter")
@@ -247,8 +318,6 @@ def run_demo(out: str | os.PathLike, model_name: str = "default", dataset: str =
     # recipe's, or the seed recipe's when the recipe trains none).
     adapter_model = recovered if has_lora else seed_model
     if adapter_model is not None:
-        if not has_lora:
-            adapter_model.save_pretrained(out / "seed_adapter")
         adapter_dir = out / ("adapter" if has_lora else "seed_adapter")
         models.update(dense_lora=load_adapter(copy.deepcopy(dense_model), adapter_dir), sparse_lora=adapter_model)
     print("\n== latency: dense vs block-sparse" + (", each alone and with the same LoRA adapter (unmerged)"
@@ -280,7 +349,8 @@ def _table(results: dict) -> str:
 
     def trained(info: dict) -> str:
         return (f"{info['about']}; lr {info['learning_rate']:g}; {info['train_tokens']:,} tokens in "
-                f"{info['seconds'] / 60:.1f} min" + (", bf16 autocast" if info.get("precision") == "bf16" else ""))
+                f"{info['seconds'] / 60:.1f} min" + (", bf16 autocast" if info.get("precision") == "bf16" else "")
+                + (", side by side" if results["settings"].get("side_by_side") else ""))
 
     rows = [
         ("dense", results["dense"]["ppl"], ""),
@@ -344,7 +414,7 @@ def run(args) -> int:
         run_demo(args.out, args.model, args.dataset, args.sparsity, args.sparse_block_size, args.row_group,
                  args.union_density, args.seqlen, args.nsamples, args.eval_windows or None, args.recipe,
                  args.seed_recipe, args.steps, args.batch_size, args.train_seqlen, args.learning_rate,
-                 args.lora_r, targets, args.decode_tokens, args.sample_tokens, args.precision)
+                 args.lora_r, targets, args.decode_tokens, args.sample_tokens, args.precision, args.side_by_side)
     except (OSError, ValueError) as err:
         raise CLIError(str(err)) from err
     return 0

@@ -14,16 +14,20 @@ from blocksparse.integration.recipes import DEMO_RECIPE, RECOVERY_RECIPES, SEED_
 from blocksparse.integration.train import VALUES_FILE
 
 
-@pytest.mark.parametrize("row_group", [1, 2])
-def test_demo_runs_every_stage_and_writes_the_report(tiny_dir, corpus_file, tmp_path, row_group):
+@pytest.mark.parametrize("row_group, side_by_side", [(1, True), (2, False)])
+def test_demo_runs_every_stage_and_writes_the_report(tiny_dir, corpus_file, tmp_path, row_group, side_by_side):
     model_dir, text = tiny_dir, corpus_file
     out = tmp_path / "demo"
+    threads = torch.get_num_threads()
     results = run_demo(out, model_name=str(model_dir), dataset=str(text), sparsity=0.3, row_group=row_group,
                        seqlen=32, nsamples=4, eval_windows=3, steps=3, batch_size=2, train_seqlen=32, lora_r=4,
-                       decode_tokens=2)
+                       decode_tokens=2, side_by_side=side_by_side)
+    assert torch.get_num_threads() == threads  # the threads given back after the side-by-side run
     for name in ("report.md", "results.json", "demo.png", "adapter/adapter_config.json",
-                 "adapter/adapter_model.safetensors"):
+                 "adapter/adapter_model.safetensors", "seed_adapter/adapter_config.json"):
         assert (out / name).is_file(), name
+    # The side-by-side run reads the one-shot model from the checkpoint the demo writes.
+    assert (out / "one_shot" / "blocksparse_config.json").is_file() == side_by_side
     saved = json.loads((out / "results.json").read_text())
     assert saved["settings"]["sparsity"] == 0.3
     # The recipe keeps layer 0's MLP and every v_proj dense; the rest meet the budget,
@@ -55,8 +59,11 @@ def test_demo_runs_every_stage_and_writes_the_report(tiny_dir, corpus_file, tmp_
     assert " ".join(found["prompts"][0].split()) in report
     # Where the time went, stage by stage, adding up to no more than the whole run.
     seconds = saved["stage_seconds"]
-    assert set(seconds) == {"load", "perplexity", "samples", "prune", f"recovery ({SEED_RECIPE})",
-                            f"recovery ({DEMO_RECIPE})", "latency"}
+    recovery = ({f"recovery ({SEED_RECIPE} and {DEMO_RECIPE}, side by side)"} if side_by_side else
+                {f"recovery ({SEED_RECIPE})", f"recovery ({DEMO_RECIPE})"})
+    assert set(seconds) == {"load", "perplexity", "samples", "prune", "latency"} | recovery
+    assert saved["settings"]["side_by_side"] == side_by_side
+    assert (", side by side" in report) == side_by_side
     assert all(t > 0 for t in seconds.values()) and sum(seconds.values()) <= saved["seconds"]
     assert seconds["prune"] == saved["prune"]["seconds"] and f"| prune | {seconds['prune']:.1f} |" in report
 
@@ -102,10 +109,16 @@ def test_cli_overrides_reach_the_recipe_and_not_the_seed_run(tiny_dir, corpus_fi
     saved = json.loads((out / "results.json").read_text())
     assert saved["recovery"]["learning_rate"] == 0.002
     assert saved["seed_recovery"]["learning_rate"] == RECOVERY_RECIPES[SEED_RECIPE]["lr"]
-    assert calls == [(SEED_RECIPE, {"learning_rate": None, "lora_r": None, "target_modules": None,
-                                    "precision": "bf16"}),
-                     (DEMO_RECIPE, {"learning_rate": 0.002, "lora_r": 4, "target_modules": ("q_proj", "o_proj"),
-                                    "precision": "bf16"})]
+    mine = [(DEMO_RECIPE, {"learning_rate": 0.002, "lora_r": 4, "target_modules": ("q_proj", "o_proj"),
+                           "precision": "bf16"})]
+    if saved["settings"]["side_by_side"]:  # the seed's run called recover() in its own process
+        assert calls == mine
+    else:
+        assert calls == [(SEED_RECIPE, {"learning_rate": None, "lora_r": None, "target_modules": None,
+                                        "precision": "bf16"})] + mine
+    seed = json.loads((out / "seed_adapter" / "adapter_config.json").read_text())
+    assert seed["r"] == 8 and seed["lora_alpha"] == 16 and set(seed["target_modules"]) == {"q_proj", "v_proj"}
+    assert saved["seed_recovery"]["precision"] == "bf16"
     assert "bf16 autocast" in (out / "report.md").read_text()
 
     assert main(["demo", "--out", str(tmp_path / "bad"), "--model", str(tiny_dir), "--dataset", str(corpus_file),
