@@ -61,7 +61,7 @@ from .args import CLIError, add_dataset_flag, add_dtype_flag, add_flag, check_fi
 EVAL_RESULTS = "eval_results.json"
 # The reference workflow's defaults of the flags a --recipe sets (Wanda's lora_ft; the recipe
 # named "seed" is its adapter at a swept rate, not these values).
-REFERENCE_DEFAULTS = {"lora_r": 8, "lora_alpha": 16, "learning_rate": 1e-4, "distill_weight": 0.5,
+REFERENCE_DEFAULTS = {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "learning_rate": 1e-4, "distill_weight": 0.5,
                  "distill_hidden_weight": 0.0}
 SPARSE_BASE = "sparse_base"  # where a model sparsified on the fly is saved, inside --output_dir
 # A --block_size this small is a sparse block edge typed into run_clm's flag.
@@ -121,7 +121,8 @@ def add_parser(subparsers):
     add_flag(lora, "--lora_alpha", type=float, default=None,
              help=f"alpha; scaling = alpha / r (default: the --recipe's alpha / r times r, else "
                   f"{REFERENCE_DEFAULTS['lora_alpha']:g})")
-    add_flag(lora, "--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input (default: %(default)s)")
+    add_flag(lora, "--lora_dropout", type=float, default=None,
+             help=f"dropout on the LoRA input (default: the --recipe's, else {REFERENCE_DEFAULTS['lora_dropout']:g})")
     add_flag(lora, "--target_modules", default=None,
              help="comma-separated module names to adapt (default: the model family's, q_proj,v_proj "
                   "for Llama, Mistral and Qwen2; all seven projections for a --recipe that adapts them)")
@@ -212,6 +213,8 @@ def apply_recipe(args) -> None:
         args.lora_r = lora["r"] if lora else 0  # a recipe without LoRA trains the kept blocks alone
     if lora and args.lora_alpha is None:  # the recipe's scaling alpha / r, at the rank asked for
         args.lora_alpha = lora["alpha"] / lora["r"] * args.lora_r
+    if lora and args.lora_dropout is None:
+        args.lora_dropout = lora["dropout"]
     if args.learning_rate is None and "lr" in spec:
         args.learning_rate = spec["lr"]
     if distill:

@@ -36,23 +36,25 @@ def prune_recipe(family: Family) -> dict:
 
 # Recovery recipes: what trains and with which loss, compared by `blocksparse bench recovery`
 # (README, "Recovery, measured"). LoRA targets "seed" = the family's default (q_proj, v_proj),
-# "all" = its seven projections. lr: the base rate the benchmark's sweep multiplies (where a
-# 0.3 / 1 / 3x sweep at 10k tokens chose its top multiple, the base moved up to it).
+# "all" = its seven projections; dropout on the LoRA input. lr: the base rate the benchmark's
+# sweep multiplies (where a 0.3 / 1 / 3x sweep at 10k tokens chose its top multiple, the base
+# moved up to it). `lora16` trains without dropout: one pass over unseen text leaves it
+# nothing to regularise, and its keep masks cost 1.1-1.3x in step time (docs/DESIGN.md, 6b').
 RECOVERY_RECIPES = {
-    "seed": dict(lora=dict(r=8, alpha=16, targets="seed"), lr=3e-4,
-                 about="the seed's adapter: LoRA r=8 on q/v, LM loss (its rate swept)"),
-    "lora16": dict(lora=dict(r=16, alpha=32, targets="all"), lr=1e-3,
-                   about="LoRA r=16 on all seven projections, LM loss"),
-    "lora16_kd": dict(lora=dict(r=16, alpha=32, targets="all"), lr=1e-3, distill=dict(kl_weight=0.5),
-                      about="+ logit KD (KL to the dense teacher, weight 0.5)"),
-    "lora16_kd_hidden": dict(lora=dict(r=16, alpha=32, targets="all"), lr=1e-3,
+    "seed": dict(lora=dict(r=8, alpha=16, dropout=0.05, targets="seed"), lr=3e-4,
+                 about="the seed's adapter: LoRA r=8 on q/v, dropout 0.05, LM loss (its rate swept)"),
+    "lora16": dict(lora=dict(r=16, alpha=32, dropout=0.0, targets="all"), lr=1e-3,
+                   about="LoRA r=16 on all seven projections, no dropout, LM loss"),
+    "lora16_kd": dict(lora=dict(r=16, alpha=32, dropout=0.05, targets="all"), lr=1e-3, distill=dict(kl_weight=0.5),
+                      about="+ logit KD (KL to the dense teacher, weight 0.5), LoRA dropout 0.05"),
+    "lora16_kd_hidden": dict(lora=dict(r=16, alpha=32, dropout=0.05, targets="all"), lr=1e-3,
                              distill=dict(kl_weight=0.5, hidden_weight=1.0),
-                             about="+ logit KD and SquareHead hidden-state distillation"),
+                             about="+ logit KD and SquareHead hidden-state distillation, LoRA dropout 0.05"),
     "values_kd_hidden": dict(values=True, lr=3e-4, distill=dict(kl_weight=0.5, hidden_weight=1.0),
                              about="the kept blocks trained, KD + hidden-state distillation"),
-    "values_lora16_kd_hidden": dict(values=True, lora=dict(r=16, alpha=32, targets="all"), lr=1e-3,
+    "values_lora16_kd_hidden": dict(values=True, lora=dict(r=16, alpha=32, dropout=0.05, targets="all"), lr=1e-3,
                                     values_lr_ratio=0.1, distill=dict(kl_weight=0.5, hidden_weight=1.0),
-                                    about="kept blocks + LoRA r=16, KD + hidden-state distillation"),
+                                    about="kept blocks + LoRA r=16 (dropout 0.05), KD + hidden-state distillation"),
 }
 # The seed's recipe, which the demo trains beside its own at the same budget.
 SEED_RECIPE = "seed"
@@ -110,7 +112,7 @@ def recover(model: nn.Module, tokenizer, dataset: str, out: str | Path, recipe: 
         family, r = family_of(model), lora_r or spec["lora"]["r"]
         targets = target_modules or (family.lora_targets if spec["lora"]["targets"] == "seed" else family.projections)
         alpha = spec["lora"]["alpha"] if lora_r is None else 2 * lora_r
-        lora = lora_config(r=r, lora_alpha=alpha, lora_dropout=0.05, target_modules=tuple(targets))
+        lora = lora_config(r=r, lora_alpha=alpha, lora_dropout=spec["lora"]["dropout"], target_modules=tuple(targets))
     distillation = Distillation(teacher, hidden_order=hidden_order, **spec["distill"]) if "distill" in spec else None
     blocks = train_token_blocks(tokenizer, dataset, train_seqlen, max_samples=steps * batch_size)
     args = training_arguments(str(out), max_steps=steps, per_device_train_batch_size=batch_size,

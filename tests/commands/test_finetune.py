@@ -148,6 +148,7 @@ def test_a_recipe_sets_the_defaults_and_explicit_flags_win(tiny_model_and_text, 
     assert record["distill"] and record["train_sparse_values"]
     assert (record["distill_weight"], record["distill_hidden_weight"]) == (0.5, 1.0)
     assert set(adapter["target_modules"]) == every and adapter["r"] == 16
+    assert adapter["lora_dropout"] == record["lora_dropout"] == spec["lora"]["dropout"] == 0.05
     assert (tmp_path / "recipe" / "checkpoint-2" / "blocksparse_values.safetensors").is_file()
 
     record, adapter = run(tmp_path / "override", **{"--recipe": "lora16", "--lora_r": 4, "--learning_rate": 5e-4,
@@ -155,9 +156,13 @@ def test_a_recipe_sets_the_defaults_and_explicit_flags_win(tiny_model_and_text, 
     assert (record["lora_r"], record["lora_alpha"], record["learning_rate"]) == (4, 8, 5e-4)  # alpha / r kept
     assert not record["distill"] and not record["train_sparse_values"]
     assert set(adapter["target_modules"]) == {"q_proj", "o_proj"}
+    assert adapter["lora_dropout"] == RECOVERY_RECIPES["lora16"]["lora"]["dropout"] == 0.0
+    record, adapter = run(tmp_path / "dropout", **{"--recipe": "lora16", "--lora_dropout": 0.1})
+    assert adapter["lora_dropout"] == 0.1
 
     record, adapter = run(tmp_path / "plain")  # no recipe: the reference workflow's defaults, as before
     assert (record["recipe"], record["lora_r"], record["lora_alpha"], record["learning_rate"]) == (None, 8, 16, 1e-4)
+    assert adapter["lora_dropout"] == 0.05
     assert set(adapter["target_modules"]) == {"q_proj", "v_proj"} and not record["distill"]
 
     capsys.readouterr()  # the recipe is part of the run: resuming it under another is refused
