@@ -64,10 +64,10 @@ SEED_RECIPE = "seed"
 # lora16's steps, and at the demo's budget fell behind it (README, "What `make demo` shows").
 # The LoRA recipe also leaves a PEFT adapter and needs no teacher in memory.
 DEMO_RECIPE = "lora16"
-# Its steps of 1 x 256 tokens (and the seed recipe's beside it): ~53k tokens each, what
-# fills the whole demo's ~18 minutes on 2 CPU cores with bf16 autocast (160 steps took
-# 15.3 minutes in all; README).
-DEMO_STEPS = 208
+# Its steps of 1 x 256 tokens (and the seed recipe's beside it): ~92k tokens each, what
+# the whole demo's ~12-13 minutes on 2 CPU cores hold with bf16 autocast, as long as the
+# previous demo's 208 steps one run after the other took in the same hour (README).
+DEMO_STEPS = 360
 
 
 # What recover() trains in: fp32, or bf16 autocast (fp32 weights and optimizer).
