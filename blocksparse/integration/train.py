@@ -320,7 +320,9 @@ def _trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             d = self.distillation
             if d is None:
-                head = None if return_outputs or self.sharded else _loss_head(self.accelerator.unwrap_model(model))
+                # Label smoothing or a custom loss function: the Trainer's own path.
+                own = return_outputs or self.sharded or self.label_smoother is not None or self.compute_loss_func
+                head = None if own else _loss_head(self.accelerator.unwrap_model(model))
                 if head is None:
                     return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
                 return self._lm_loss(model, inputs, num_items_in_batch, *head)

@@ -290,6 +290,11 @@ def test_the_lm_loss_without_logits_is_the_models_own_and_the_head_comes_back(tm
         for got, want in zip(torch.autograd.grad(ours, trained), torch.autograd.grad(theirs, trained)):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     assert model.get_base_model().get_output_embeddings() is head
+    smoothing = _trainer_class()(model=model, args=arguments(tmp_path, label_smoothing_factor=0.1),
+                                 train_dataset=TokenBlocks(memorisable_blocks()), data_collator=default_data_collator)
+    torch.testing.assert_close(smoothing.compute_loss(model, dict(inputs)),  # the Trainer's smoothed loss
+                               Trainer.compute_loss(smoothing, model, dict(inputs)), rtol=0, atol=0)
+    assert not torch.allclose(smoothing.compute_loss(model, dict(inputs)), trainer.compute_loss(model, dict(inputs)))
     broken = dict(inputs, input_ids=inputs["input_ids"][:, :0])  # the forward raises
     with pytest.raises(Exception):
         trainer.compute_loss(model, broken)
