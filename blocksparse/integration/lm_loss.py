@@ -25,14 +25,18 @@ IGNORE_INDEX = -100
 CHUNK_BYTES = 256 << 20
 
 
+def chunk_rows(vocab: int) -> int:
+    """Tokens per chunk: its fp32 logits within CHUNK_BYTES."""
+    return max(1, CHUNK_BYTES // (4 * vocab))
+
+
 class _SummedCrossEntropy(torch.autograd.Function):
     """Summed cross entropy of hidden [T, H] @ weight [V, H]^T against labels [T]; its
     gradients are computed in the forward, chunk by chunk, and scaled in the backward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels):
-        vocab = weight.shape[0]
-        rows = max(1, CHUNK_BYTES // (4 * vocab))
+        rows = chunk_rows(weight.shape[0])
         need_weight = ctx.needs_input_grad[1]
         exact = torch.promote_types(hidden.dtype, torch.float32)  # the softmax's dtype
         total = torch.zeros((), dtype=exact, device=hidden.device)

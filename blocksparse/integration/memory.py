@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..families import FAMILIES
-from .lm_loss import CHUNK_BYTES
+from .lm_loss import chunk_rows
 
 # The Llama row of the families table: the projections pruned, and the seed's LoRA targets.
 PROJECTIONS = FAMILIES["llama"].projections
@@ -188,7 +188,7 @@ def estimate(shape: Shape, setup: Setup) -> dict[str, float]:
         "FSDP gathered layers (2)": 2 * (1.0 - setup.sparsity) * layer_params * s if setup.fsdp else 0.0,
         "activations (decoder layers)": layer_acts,
         "LM loss (logits)": (tokens * shape.vocab * 8 if setup.fsdp else
-                             min(tokens, max(1, CHUNK_BYTES // (4 * shape.vocab))) * shape.vocab * (4 + (s if s < 4 else 0))
+                             min(tokens, chunk_rows(shape.vocab)) * shape.vocab * (4 + (s if s < 4 else 0))
                              + tokens * shape.hidden * s),
     }
     out["total"] = sum(out.values())
