@@ -155,6 +155,13 @@ def quantiles(samples: list[float]) -> tuple[float, float, float]:
     return statistics.median(ordered), cuts[1], cuts[7]
 
 
+def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """(intercept, slope) of the least-squares line through (xs, ys) (>= 2 distinct xs)."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - slope * mx, slope
+
+
 CPU_CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 
 

@@ -37,6 +37,10 @@ from . import common
 
 DEFAULT_RECIPES = ",".join(RECOVERY_RECIPES)
 VALIDATION_WINDOWS = 12
+# The reference fine-tuning budget (the seed's issue: 30,000 training sequences of 1024 tokens,
+# scripts/run_lora_finetune_block.sh's MAX_TRAIN_SAMPLES and BLOCK_SIZE), where the report
+# extrapolates each curve to.
+REFERENCE_TOKENS = 30_000 * 1024
 # The first steps of a run (the Trainer's set-up, the allocator settling) are left out of its step times.
 SPEED_WARMUP_STEPS = 2
 
@@ -232,6 +236,46 @@ def run_recipes(args, start: Path, teacher_name: str, teacher, tokenizer) -> Non
                                         "points": points, "settings": recipe_settings(args, name)})
 
 
+def power_law(points: list[dict], dense: float) -> tuple[float, float]:
+    """(a, b) of ln(ppl / dense) = a * tokens^-b: the log-perplexity gap as a power law of the
+    training tokens, least squares in log-log over a curve's points (>= 2, above dense)."""
+    if len(points) < 2 or any(p["ppl"] <= dense for p in points):
+        raise ValueError(f"a power law needs >= 2 points above dense {dense}, got "
+                         f"{[round(p['ppl'], 2) for p in points]}")
+    intercept, slope = common.fit_line([math.log(p["tokens"]) for p in points],
+                                       [math.log(math.log(p["ppl"] / dense)) for p in points])
+    return math.exp(intercept), -slope
+
+
+def ratio_after(a: float, b: float, tokens: float) -> float:
+    """Perplexity over dense after `tokens` by the power law (a, b)."""
+    return math.exp(a * tokens ** -b)
+
+
+def tokens_for(a: float, b: float, ratio: float) -> float:
+    """Training tokens after which the power law (a, b) reaches `ratio` x dense (inf if it never does)."""
+    return (a / math.log(ratio)) ** (1.0 / b) if b > 0 else math.inf
+
+
+def projection_table(results: list[dict], dense: float) -> str:
+    """Each curve's power-law fit, extrapolated: the ratio at REFERENCE_TOKENS and the tokens to
+    3x and 1.5x dense (a projection beyond the measured points, marked so). Curves with fewer
+    than two points, or one at or below dense, have no row."""
+    rows = []
+    for r in results:
+        if len(r["points"]) < 2 or any(p["ppl"] <= dense for p in r["points"]):
+            continue  # no gap to fit
+        a, b = power_law(r["points"], dense)
+        worst = max(abs(ratio_after(a, b, p["tokens"]) * dense / p["ppl"] - 1) for p in r["points"])
+        rows.append([r["recipe"], f"{-b:.3f}", f"{worst:.1%}", f"{ratio_after(a, b, REFERENCE_TOKENS):.2f}x",
+                     f"{tokens_for(a, b, 3.0):.1e}", f"{tokens_for(a, b, 1.5):.1e}"])
+    if not rows:
+        return ""
+    return common.markdown_table(["recipe", "exponent", "fit's largest error", f"x dense at {REFERENCE_TOKENS:,} "
+                                  "tokens (projected)", "tokens to 3x (projected)", "tokens to 1.5x (projected)"],
+                                 rows)
+
+
 def _read(path: Path, settings: dict) -> dict | None:
     if path.is_file():
         found = json.loads(path.read_text())
@@ -278,6 +322,11 @@ def write_report(args) -> None:
              f"{'bf16 autocast' if args.precision == 'bf16' else 'fp32'}; "
              f"{env.get('device_name', 'CPU')}, torch {env.get('torch', '?')}. Tokens/s and minutes: {how}.", "",
              common.markdown_table(header, rows), ""] + [f"- `{r['recipe']}`: {r['about']}" for r in results]
+    fits = projection_table(results, base["dense"])
+    if fits:
+        lines += ["", "A power law of the log-perplexity gap in tokens, ln(ppl / dense) = a tokens^-b, fitted to "
+                  "each curve's points (least squares in log-log) and extrapolated: a projection, not a "
+                  "measurement.", "", fits]
     (args.out / "recovery.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

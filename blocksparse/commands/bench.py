@@ -1,10 +1,12 @@
 """`blocksparse bench`: the kernel and/or whole-model benchmark (`blocksparse.bench`),
-and the long measurements of quality: the grouped-mask trade-off and the recovery curves.
+and the long measurements of quality: the grouped-mask trade-off, the recovery curves and
+the one-shot cost of each sparsity structure (with the Llama-2-7B projection).
 
     blocksparse bench --quick --out runs/bench            # kernels and model, ~2 min on 2 CPU cores
     blocksparse bench kernels --out runs/k --args "--shapes 4096x4096 --m 1,256"
     blocksparse bench model --out runs/m --args "--config llama2-7b --num-layers 8"
     blocksparse bench recovery --out runs/recovery --args "--budgets 10000,40000"    # hours
+    blocksparse bench structures --out runs/structures --args "--curves runs/recovery"
 
 `--args` go to the benchmark unchanged (see `python -m blocksparse.bench.kernels
 --help`, or `python benchmarks/bench_kernels.py --help`, the same); with `all`,
@@ -21,7 +23,8 @@ from pathlib import Path
 from .args import CLIError, add_flag
 
 TARGETS = {"kernels": "blocksparse.bench.kernels", "model": "blocksparse.bench.model",
-           "tradeoff": "blocksparse.bench.tradeoff", "recovery": "blocksparse.bench.recovery"}
+           "tradeoff": "blocksparse.bench.tradeoff", "recovery": "blocksparse.bench.recovery",
+           "structures": "blocksparse.bench.structures"}
 ALL = ("kernels", "model")  # what `all` runs; the quality measurements take hours and have no --quick
 
 

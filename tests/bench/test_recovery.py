@@ -1,6 +1,7 @@
 """The recovery-curve benchmark end to end on the tiny model: one-shot checkpoint, sweep, curves, report."""
 
 import json
+import math
 
 import pytest
 
@@ -76,3 +77,26 @@ def test_results_from_before_the_precision_flag_count_as_fp32(tmp_path):
     assert recovery._read(path, {"model": "m", "recipe": {"lr": 1e-3}, "precision": "fp32"}) is not None
     assert recovery._read(path, {"model": "m", "recipe": {"lr": 1e-3}, "precision": "bf16"}) is None
     assert recovery._read(path, {"model": "n", "recipe": {"lr": 1e-3}, "precision": "fp32"}) is None
+
+
+def test_the_report_extrapolates_each_curve_by_its_power_law(tmp_path):
+    dense = 20.0
+    results = [{"recipe": "a", "points": [{"tokens": 1000, "ppl": 100.0}, {"tokens": 4000, "ppl": 80.0},
+                                          {"tokens": 16000, "ppl": 64.0}]},
+               {"recipe": "below_dense", "points": [{"tokens": 1000, "ppl": 30.0}, {"tokens": 4000, "ppl": 19.0}]},
+               {"recipe": "one_point", "points": [{"tokens": 1000, "ppl": 90.0}]}]
+    a, b = recovery.power_law(results[0]["points"], dense)
+    # By hand: the least-squares line through (ln tokens, ln ln ratio).
+    xs = [math.log(t) for t in (1000, 4000, 16000)]
+    ys = [math.log(math.log(p / dense)) for p in (100.0, 80.0, 64.0)]
+    slope = ((xs[0] - xs[1]) * (ys[0] - ys[1]) + (xs[2] - xs[1]) * (ys[2] - ys[1])) / (
+        (xs[0] - xs[1]) ** 2 + (xs[2] - xs[1]) ** 2)  # xs evenly spaced: the middle point is the mean
+    assert b == pytest.approx(-slope)
+    assert math.log(a) == pytest.approx(sum(ys) / 3 - slope * xs[1])
+    assert recovery.tokens_for(a, b, recovery.ratio_after(a, b, 1e6)) == pytest.approx(1e6)
+    table = recovery.projection_table(results, dense)
+    row = next(line for line in table.splitlines() if line.startswith("| a |"))
+    assert f"| {-b:.3f} |" in row and f"{recovery.ratio_after(a, b, recovery.REFERENCE_TOKENS):.2f}x" in row
+    assert "below_dense" not in table and "one_point" not in table
+    with pytest.raises(ValueError, match="a power law needs >= 2 points above dense"):
+        recovery.power_law(results[1]["points"], dense)
