@@ -276,11 +276,20 @@ def projection_table(results: list[dict], dense: float) -> str:
                                  rows)
 
 
+# What results written before a setting existed ran with: fp32 before --precision, and LoRA
+# dropout 0.05 (the finetune default) before recipes carried their own.
+PRECISION_BEFORE = "fp32"
+LORA_DROPOUT_BEFORE = 0.05
+
+
 def _read(path: Path, settings: dict) -> dict | None:
     if path.is_file():
         found = json.loads(path.read_text())
-        # Results written before --precision existed trained in fp32.
-        if {"precision": "fp32", **found.get("settings", {})} == settings:
+        then = {"precision": PRECISION_BEFORE, **found.get("settings", {})}
+        lora = then.get("recipe", {}).get("lora")
+        if lora is not None and "dropout" not in lora:
+            then["recipe"] = {**then["recipe"], "lora": {**lora, "dropout": LORA_DROPOUT_BEFORE}}
+        if then == settings:
             return found
     return None
 

@@ -100,3 +100,13 @@ def test_the_report_extrapolates_each_curve_by_its_power_law(tmp_path):
     assert "below_dense" not in table and "one_point" not in table
     with pytest.raises(ValueError, match="a power law needs >= 2 points above dense"):
         recovery.power_law(results[1]["points"], dense)
+
+
+def test_results_from_before_recipes_carried_their_dropout_ran_with_point_05(tmp_path):
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps({"settings": {"precision": "fp32", "recipe": {"lora": {"r": 16}, "lr": 1e-3}}}))
+    then = {"precision": "fp32", "recipe": {"lora": {"r": 16, "dropout": 0.05}, "lr": 1e-3}}
+    assert recovery._read(path, then) is not None
+    assert recovery._read(path, {**then, "recipe": {"lora": {"r": 16, "dropout": 0.0}, "lr": 1e-3}}) is None
+    path.write_text(json.dumps({"settings": {"precision": "fp32", "recipe": {"values": True, "lr": 3e-4}}}))
+    assert recovery._read(path, {"precision": "fp32", "recipe": {"values": True, "lr": 3e-4}}) is not None
