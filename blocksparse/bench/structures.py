@@ -191,6 +191,7 @@ def run(args) -> Path:
     windows = eval_tokens(tokenizer, args.dataset)[:, :args.eval_windows * args.seqlen]
     if "dense" not in results["ppl"]:
         results["ppl"]["dense"] = perplexity(model, windows, args.seqlen)["ppl"]
+        results["environment"] = common.environment(torch.device("cpu"))  # where the numbers were measured
     calib = calibration_samples(tokenizer, args.dataset, args.nsamples, args.seqlen)
     for structure in args.structure_list:
         if structure in results["ppl"]:
@@ -200,9 +201,8 @@ def run(args) -> Path:
         density = wanda_prune(pruned, calib, structure, args.sparsity)
         results["ppl"][structure] = perplexity(pruned, windows, args.seqlen)["ppl"]
         print(f"{structure}: density {density:.3f}, perplexity {results['ppl'][structure]:.2f}")
+        results["environment"] = common.environment(torch.device("cpu"))
         common.write_json(results_file, results)  # each structure kept as it finishes
-    results["environment"] = common.environment(torch.device("cpu"))
-    common.write_json(results_file, results)
     write_report(args, results)
     return args.out
 
