@@ -527,6 +527,7 @@ def train(model, train_blocks: torch.Tensor, args, lora=None, *, train_sparse_va
         raise ValueError("fsdp with fp16: the loss scaler would check for infs per rank, not over the shards; "
                          "use bf16")
     set_seed(args.seed)
+    use_cache = model.config.use_cache
     model.config.use_cache = False
     if lora is not None:
         model = get_peft_model(model, lora)  # freezes everything but the adapter
@@ -564,6 +565,11 @@ def train(model, train_blocks: torch.Tensor, args, lora=None, *, train_sparse_va
                           values=list(trained_block_values(model).values()),
                           values_learning_rate=values_learning_rate, sharded=sharded)
     output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    # The Trainer leaves accelerate's mixed-precision wrapper on the forward (under bf16 every
+    # later call, evaluation and timing included, ran in autocast) and the KV cache off: the
+    # model returned computes in its own dtype and caches as it did before training.
+    trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    model.config.use_cache = use_cache
     problem = guard.problem
     finite = _all_finite(guard.trained())  # on every rank: under FSDP it is a collective
     if problem is None and not math.isfinite(output.training_loss):
