@@ -330,7 +330,8 @@ def write_report(args) -> None:
              f"{args.seqlen} tokens); {args.batch_size} x {args.train_seqlen} tokens per step, "
              f"{'bf16 autocast' if args.precision == 'bf16' else 'fp32'}; "
              f"{env.get('device_name', 'CPU')}, torch {env.get('torch', '?')}. Tokens/s and minutes: {how}.", "",
-             common.markdown_table(header, rows), ""] + [f"- `{r['recipe']}`: {r['about']}" for r in results]
+             common.markdown_table(header, rows), ""] + [f"- `{r['recipe']}`: {RECOVERY_RECIPES[r['recipe']]['about']}"
+                                                      for r in results]
     fits = projection_table(results, base["dense"])
     if fits:
         lines += ["", "A power law of the log-perplexity gap in tokens, ln(ppl / dense) = a tokens^-b, fitted to "

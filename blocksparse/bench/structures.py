@@ -4,9 +4,10 @@ Wanda (score |W_ij| ||X_j||, no weight update) prunes the model's projections to
 each structure, layer by layer as its reference code does: a layer's input norms from one
 pass of the calibration windows through it, all its linears pruned, then the pass repeated
 through the pruned layer for the next one. Structures: "unstructured" (per output row, as
-Wanda), "N:M" (per row, N kept of every M consecutive inputs: 4:8, 2:4) and "BxB" blocks
-(the score summed over each tile, every block row keeping the same number of tiles: free
-masks, `blocksparse.masks`' Wanda block score). Perplexity on the recovery benchmark's held-out windows (the start of the eval text).
+Wanda), "N:M" (per row, N kept of every M consecutive inputs: 4:8, 2:4; N/M must be the
+density) and "BxB" blocks (the score summed over each tile, every block row keeping the same
+number of tiles: free masks, `blocksparse.masks`' Wanda block score). Perplexity on the
+recovery benchmark's held-out windows (the start of the eval text).
 
 Wanda's README publishes Llama-2-7B's WikiText-2 perplexity at 50% for the first three
 structures (LLAMA2_7B_WANDA), so each gives k = ln(ratio on Llama-2-7B) / ln(ratio here): the
@@ -19,8 +20,8 @@ budget (30,000 x 1024 tokens); beside it, a constant k (mean, range) for compari
 projection, not a measurement: it assumes one map for every structure, pruning recipe and stage
 of recovery (the published structures span the gaps it is read at, except the demo's one-shot,
 just beyond them), it compares this model's default corpus with WikiText-2 and our calibration
-windows with Wanda's 128 x 2048 tokens of C4, and a 7B model may recover faster per token than
-a 135M one.
+windows with Wanda's 128 windows of C4 at Llama-2's context (4096 tokens), and a 7B model may
+recover faster per token than a 135M one.
 
     python -m blocksparse.bench.structures --out runs/structures --curves docs/results/recovery/permuted_160k
 """
@@ -94,11 +95,17 @@ def wanda_prune(model: nn.Module, calib: torch.Tensor, structure: str, sparsity:
     from ..prune.calibration import advance, calibration_batches, dense_sq_norms, layer0_inputs
     from ..sparsify import target_linears
 
-    parse_structure(structure)  # bad input fails before any work
+    kind, a, b = parse_structure(structure)  # bad input fails before any work
+    if kind == "n:m" and abs(a / b - (1.0 - sparsity)) > 1e-9:
+        raise ValueError(f"{structure} keeps {a / b:.0%} of the weights; at sparsity {sparsity} use N:M with "
+                         f"N/M = {1.0 - sparsity:g}")
     model.eval()
     device = next(model.parameters()).device
     layers = decoder_layers(model)
     targets = target_linears(model)
+    if not targets:
+        raise ValueError("the model has no dense projections to prune (a block-sparse checkpoint?): give the "
+                         "dense model")
     hidden, kwargs = layer0_inputs(model, layers, calibration_batches(calib, batch_size), device)
     kept = total = 0
     for layer in layers:
@@ -154,7 +161,7 @@ def projection_rows(measured: dict[str, float], dense: float, curves: Path) -> l
         return [what, f"{ratio:.2f}x", f"{llama:.2f}x", f"{LLAMA2_7B_WANDA['dense'] * llama:.2f}",
                 f"{ratio ** k_mean:.2f}x ({ratio ** k_lo:.2f}-{ratio ** k_hi:.2f}x)"]
 
-    rows = [row("the demo's pruning recipe, one-shot (16x16, 50%)", base["one_shot"] / base["dense"])]
+    rows = [row("the curves' one-shot checkpoint", base["one_shot"] / base["dense"])]
     for result in curve_results(curves):
         if any(p["ppl"] <= base["dense"] for p in result["points"]):
             continue  # no gap to fit
@@ -198,7 +205,10 @@ def run(args) -> Path:
             print(f"{structure}: measured earlier with the same settings, skipped")
             continue
         pruned, _ = load_model(args.model)
-        density = wanda_prune(pruned, calib, structure, args.sparsity)
+        try:
+            density = wanda_prune(pruned, calib, structure, args.sparsity)
+        except ValueError as err:
+            raise SystemExit(f"{structure}: {err}") from None
         results["ppl"][structure] = perplexity(pruned, windows, args.seqlen)["ppl"]
         print(f"{structure}: density {density:.3f}, perplexity {results['ppl'][structure]:.2f}")
         results["environment"] = common.environment(torch.device("cpu"))
@@ -256,18 +266,26 @@ def resolve_defaults(args) -> None:
     args.structure_list = [s.strip() for s in args.structures.split(",") if s.strip()]
     if not args.structure_list:
         raise SystemExit("--structures: give at least one structure")
-    for structure in args.structure_list:
-        try:
-            parse_structure(structure)
-        except ValueError as err:
-            raise SystemExit(f"--structures: {err}") from None
     if not 0.0 < args.sparsity < 1.0:
         raise SystemExit(f"--sparsity must lie in (0, 1), got {args.sparsity}")
+    for structure in args.structure_list:
+        try:
+            kind, a, b = parse_structure(structure)
+        except ValueError as err:
+            raise SystemExit(f"--structures: {err}") from None
+        if kind == "n:m" and abs(a / b - (1.0 - args.sparsity)) > 1e-9:
+            raise SystemExit(f"--structures: {structure} keeps {a / b:.0%} of the weights, not the "
+                             f"{1.0 - args.sparsity:.0%} of --sparsity {args.sparsity}")
     for name in ("nsamples", "seqlen", "eval_windows"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.curves is not None and not (args.curves / "baseline.json").is_file():
-        raise SystemExit(f"--curves: expected a `bench recovery` folder with baseline.json, got {args.curves}")
+    if args.curves is not None:
+        if not (args.curves / "baseline.json").is_file():
+            raise SystemExit(f"--curves: expected a `bench recovery` folder with baseline.json, got {args.curves}")
+        published = [s for s in LLAMA2_7B_WANDA if s != "dense"]
+        if args.sparsity != PUBLISHED_SPARSITY or not set(published) & set(args.structure_list):
+            raise SystemExit(f"--curves: the projection needs --sparsity {PUBLISHED_SPARSITY} and one of "
+                             f"{', '.join(published)} in --structures (the published Llama-2-7B numbers)")
 
 
 def main(argv=None) -> int:

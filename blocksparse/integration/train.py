@@ -564,12 +564,17 @@ def train(model, train_blocks: torch.Tensor, args, lora=None, *, train_sparse_va
                           data_collator=default_data_collator, callbacks=callbacks, distillation=distillation,
                           values=list(trained_block_values(model).values()),
                           values_learning_rate=values_learning_rate, sharded=sharded)
-    output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    # The Trainer leaves accelerate's mixed-precision wrapper on the forward (under bf16 every
-    # later call, evaluation and timing included, ran in autocast) and the KV cache off: the
-    # model returned computes in its own dtype and caches as it did before training.
-    trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-    model.config.use_cache = use_cache
+    try:
+        output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    finally:
+        # The Trainer leaves accelerate's mixed-precision wrapper on the forward (under bf16 every
+        # later call, evaluation and timing included, ran in autocast) and the KV cache off: the
+        # model returned computes in its own dtype and caches as it did before training. (accelerate's
+        # unwrap_model(keep_fp32_wrapper=False) would also strip transformers' own decorators.)
+        original = model.__dict__.pop("_original_forward", None)
+        if original is not None:
+            model.forward = original
+        model.config.use_cache = use_cache
     problem = guard.problem
     finite = _all_finite(guard.trained())  # on every rank: under FSDP it is a collective
     if problem is None and not math.isfinite(output.training_loss):

@@ -1,14 +1,16 @@
 """The structure benchmark: Wanda's masks per structure, the sequential pruning, the projection's arithmetic."""
 
+import copy
 import json
 import math
 
 import pytest
 import torch
 
+from blocksparse import sparsify_model
 from blocksparse.bench import recovery, structures
-from blocksparse.prune.calibration import dense_sq_norms, layer0_inputs, calibration_batches
 from blocksparse.families import decoder_layers
+from blocksparse.prune.calibration import advance, calibration_batches, dense_sq_norms, layer0_inputs
 from blocksparse.sparsify import target_linears
 
 
@@ -115,3 +117,42 @@ def test_the_command_measures_each_structure_once_and_writes_the_projection(tiny
     capsys.readouterr()
     assert structures.main(argv) == 0
     assert capsys.readouterr().out.count("measured earlier with the same settings, skipped") == 3
+
+
+def test_each_later_layer_is_scored_on_the_pruned_layers_before_it(tiny_llama):
+    calib, cpu = torch.randint(0, 256, (4, 32)), torch.device("cpu")
+    reference = copy.deepcopy(tiny_llama)
+    structures.wanda_prune(tiny_llama, calib, "unstructured", 0.5)
+    pruned = target_linears(tiny_llama)
+    layers = decoder_layers(reference)
+    second = {n: lin for n, lin in target_linears(reference).items() if n.startswith("model.layers.1.")}
+    hidden, kwargs = layer0_inputs(reference, layers, calibration_batches(calib, 8), cpu)
+    dense_sq = dense_sq_norms(layers[:2], hidden, kwargs, [{}, second], cpu)  # layer 1 on dense inputs
+    # By hand: layer 0 as the function pruned it, then layer 1's input norms on its outputs.
+    layers[0].load_state_dict(decoder_layers(tiny_llama)[0].state_dict())
+    advance(layers[0], hidden, kwargs)
+    sq = dense_sq_norms([layers[1]], hidden, kwargs, [second], cpu)
+    differs = False
+    for name, lin in second.items():
+        expected = structures.structure_mask(lin.weight.abs() * sq[name].float().sqrt()[None, :], "unstructured", 0.5)
+        assert torch.equal(pruned[name].weight, lin.weight * expected)
+        on_dense = structures.structure_mask(lin.weight.abs() * dense_sq[name].float().sqrt()[None, :],
+                                             "unstructured", 0.5)
+        differs |= not torch.equal(expected, on_dense)
+    assert differs  # the check tells the sequential scheme from scoring every layer on dense inputs
+
+
+def test_bad_pruning_inputs_are_one_line(tiny_llama, tmp_path):
+    with pytest.raises(ValueError, match="1:4 keeps 25% of the weights; at sparsity 0.5 use N:M with N/M = 0.5"):
+        structures.wanda_prune(tiny_llama, torch.randint(0, 256, (2, 16)), "1:4", 0.5)
+    with pytest.raises(SystemExit, match="--structures: 1:4 keeps 25% of the weights"):
+        structures.main(["--structures", "1:4"])
+    sparse = sparsify_model(tiny_llama, sparsity=0.5)
+    with pytest.raises(ValueError, match="no dense projections to prune"):
+        structures.wanda_prune(sparse, torch.randint(0, 256, (2, 16)), "unstructured", 0.5)
+    curves = tmp_path / "curves"
+    curves.mkdir()
+    (curves / "baseline.json").write_text(json.dumps({"dense": 20.0, "one_shot": 200.0}))
+    for argv in (["--structures", "16x16"], ["--sparsity", "0.75", "--structures", "unstructured"]):
+        with pytest.raises(SystemExit, match="--curves: the projection needs --sparsity 0.5"):
+            structures.main([*argv, "--curves", str(curves)])

@@ -318,16 +318,20 @@ def test_under_bf16_training_the_heads_products_run_in_bf16(tmp_path, monkeypatc
     assert all(torch.isfinite(torch.tensor(losses(trainer))))
 
 
-def test_after_bf16_training_the_model_computes_in_its_own_dtype_and_caches_again(tmp_path):
+@pytest.mark.parametrize("with_lora", [True, False])
+def test_after_bf16_training_the_model_computes_in_its_own_dtype_and_caches_again(tmp_path, with_lora):
     model = sparsify_model(make_tiny_llama(), sparsity=0.5)
     assert model.config.use_cache
     trained, _, _ = train(model, memorisable_blocks(), arguments(tmp_path, max_steps=2, bf16=True, save_strategy="no"),
-                          lora_config(lora_dropout=0.0))
+                          lora_config(lora_dropout=0.0) if with_lora else None, train_sparse_values=not with_lora)
     seen = []
-    layer = trained.get_base_model().model.layers[0].mlp.down_proj
+    base = trained.get_base_model() if with_lora else trained
+    layer = base.model.layers[0].mlp.down_proj
     handle = layer.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
     with torch.inference_mode():
         trained(input_ids=memorisable_blocks(n=1))
     handle.remove()
     assert seen == [torch.float32]  # accelerate's autocast wrapper gone: fp32 weights compute in fp32
-    assert trained.get_base_model().config.use_cache
+    assert base.config.use_cache
+    with torch.inference_mode():  # the model's own forward, transformers' decorators included
+        assert isinstance(trained(input_ids=memorisable_blocks(n=1), return_dict=False), tuple)
