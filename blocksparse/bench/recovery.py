@@ -107,6 +107,7 @@ def train_curve(recipe: str, lr: float, start: Path, teacher, windows: torch.Ten
     from ..integration.evaluate import perplexity
     from ..integration.model import load_model
     from ..integration.recipes import recover
+    from ..integration.train import own_forward
 
     model, tokenizer = load_model(str(start))
     tokens_per_step = args.batch_size * args.train_seqlen
@@ -125,7 +126,8 @@ def train_curve(recipe: str, lr: float, start: Path, teacher, windows: torch.Ten
             train_seconds[0] += time.perf_counter() - self.clock
             self.pending.pop(0)
             was_training = model.training
-            result = perplexity(model, windows, args.seqlen)
+            with own_forward(model):  # scored in the model's own dtype, as the one-shot baseline
+                result = perplexity(model, windows, args.seqlen)
             model.train(was_training)
             points.append({"tokens": seen, "ppl": result["ppl"], "train_s": round(train_seconds[0], 1)})
             print(f"  {seen} tokens: perplexity {result['ppl']:.2f} ({train_seconds[0] / 60:.1f} min of training)")

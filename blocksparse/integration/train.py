@@ -18,6 +18,7 @@ saving that step, and `train` raises NonFiniteTrainingError.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -484,6 +485,23 @@ def _callbacks():
     return StopOnNonFinite, RecordRun
 
 
+@contextlib.contextmanager
+def own_forward(model: nn.Module):
+    """`model` computing in its own dtype inside the block, as `train` returns it: the
+    mixed-precision wrapper accelerate puts on the forward during a bf16/fp16 run (autocast,
+    outputs cast to fp32) set aside, e.g. to score the model mid-run in its own precision."""
+    original = model.__dict__.get("_original_forward")
+    if original is None:  # no mixed precision: nothing wraps the forward
+        yield model
+        return
+    wrapped = model.forward
+    model.forward = original
+    try:
+        yield model
+    finally:
+        model.forward = wrapped
+
+
 def train(model, train_blocks: torch.Tensor, args, lora=None, *, train_sparse_values: bool = False,
           values_learning_rate: float | None = None, distillation: Distillation | None = None,
           resume_from_checkpoint=None, callbacks=None, run_record: dict | None = None, fsdp: bool = False,
@@ -569,8 +587,9 @@ def train(model, train_blocks: torch.Tensor, args, lora=None, *, train_sparse_va
     finally:
         # The Trainer leaves accelerate's mixed-precision wrapper on the forward (under bf16 every
         # later call, evaluation and timing included, ran in autocast) and the KV cache off: the
-        # model returned computes in its own dtype and caches as it did before training. (accelerate's
-        # unwrap_model(keep_fp32_wrapper=False) would also strip transformers' own decorators.)
+        # model returned computes in its own dtype (`own_forward`, for good) and caches as it did
+        # before training. (accelerate's unwrap_model(keep_fp32_wrapper=False) would also strip
+        # transformers' own decorators from the forward.)
         original = model.__dict__.pop("_original_forward", None)
         if original is not None:
             model.forward = original

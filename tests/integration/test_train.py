@@ -4,6 +4,7 @@
 import peft
 import pytest
 import torch
+from torch import nn
 from transformers import Trainer, TrainerCallback, default_data_collator, set_seed
 
 from blocksparse import BlockSparseLinear, sparsify_model
@@ -335,3 +336,27 @@ def test_after_bf16_training_the_model_computes_in_its_own_dtype_and_caches_agai
     assert base.config.use_cache
     with torch.inference_mode():  # the model's own forward, transformers' decorators included
         assert isinstance(trained(input_ids=memorisable_blocks(n=1), return_dict=False), tuple)
+
+
+def test_own_forward_scores_mid_run_in_the_models_dtype_and_training_goes_on_in_bf16(tmp_path):
+    from blocksparse.integration.train import own_forward
+
+    seen = []
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            layer = model.get_base_model().model.layers[0].mlp.down_proj
+            handle = layer.register_forward_hook(lambda module, inputs, out: seen.append(out.dtype))
+            with torch.inference_mode():
+                model(input_ids=memorisable_blocks(n=1))  # as the Trainer runs it: bf16 autocast
+                with own_forward(model):
+                    model(input_ids=memorisable_blocks(n=1))
+                model(input_ids=memorisable_blocks(n=1))  # the wrapper is back for the next step
+            handle.remove()
+
+    model = sparsify_model(make_tiny_llama(), sparsity=0.5)
+    train(model, memorisable_blocks(), arguments(tmp_path, max_steps=2, bf16=True, save_strategy="no"),
+          lora_config(lora_dropout=0.0), callbacks=[Probe()])
+    assert seen == [torch.bfloat16, torch.float32, torch.bfloat16] * 2
+    with own_forward(nn.Linear(2, 2)) as plain:  # a model no wrapper was put on: left as it is
+        assert "forward" not in plain.__dict__
