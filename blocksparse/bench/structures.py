@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..masks import blocks_per_row, element_mask, select_block_mask
+from ..masks import SCORES, blocks_per_row, element_mask, select_block_mask
 from . import common
 from .recovery import REFERENCE_TOKENS, power_law, ratio_after
 
@@ -64,6 +64,15 @@ def parse_structure(text: str) -> tuple[str, int, int]:
                 return kind, a, b
     raise ValueError(f"a structure is 'unstructured', N:M (1 <= N < M, e.g. 2:4) or BxB (square blocks, "
                      f"e.g. 16x16), got {text!r}")
+
+
+def check_structure(structure: str, sparsity: float) -> tuple[str, int, int]:
+    """parse_structure, and an N:M structure's density must be 1 - sparsity (it fixes its own)."""
+    kind, a, b = parse_structure(structure)
+    if kind == "n:m" and abs(a / b - (1.0 - sparsity)) > 1e-9:
+        raise ValueError(f"{structure} keeps {a / b:.0%} of the weights; at sparsity {sparsity} use N:M with "
+                         f"N/M = {1.0 - sparsity:g}")
+    return kind, a, b
 
 
 def structure_mask(scores: torch.Tensor, structure: str, sparsity: float) -> torch.Tensor:
@@ -95,10 +104,7 @@ def wanda_prune(model: nn.Module, calib: torch.Tensor, structure: str, sparsity:
     from ..prune.calibration import advance, calibration_batches, dense_sq_norms, layer0_inputs
     from ..sparsify import target_linears
 
-    kind, a, b = parse_structure(structure)  # bad input fails before any work
-    if kind == "n:m" and abs(a / b - (1.0 - sparsity)) > 1e-9:
-        raise ValueError(f"{structure} keeps {a / b:.0%} of the weights; at sparsity {sparsity} use N:M with "
-                         f"N/M = {1.0 - sparsity:g}")
+    check_structure(structure, sparsity)  # bad input fails before any work
     model.eval()
     device = next(model.parameters()).device
     layers = decoder_layers(model)
@@ -112,7 +118,7 @@ def wanda_prune(model: nn.Module, calib: torch.Tensor, structure: str, sparsity:
         linears = {name: lin for name, lin in targets.items() if any(lin is m for m in layer.modules())}
         sq = dense_sq_norms([layer], hidden, kwargs, [linears], device)  # the pass with the dense layer
         for name, lin in linears.items():
-            scores = lin.weight.detach().float().abs() * sq[name].float().sqrt()[None, :].to(device)
+            scores = SCORES["wanda"].elementwise(lin.weight.detach().float(), sq[name].float().to(device))
             mask = structure_mask(scores, structure, sparsity)
             lin.weight.mul_(mask.to(lin.weight.dtype))
             kept += int(mask.sum())
@@ -270,12 +276,9 @@ def resolve_defaults(args) -> None:
         raise SystemExit(f"--sparsity must lie in (0, 1), got {args.sparsity}")
     for structure in args.structure_list:
         try:
-            kind, a, b = parse_structure(structure)
+            check_structure(structure, args.sparsity)
         except ValueError as err:
             raise SystemExit(f"--structures: {err}") from None
-        if kind == "n:m" and abs(a / b - (1.0 - args.sparsity)) > 1e-9:
-            raise SystemExit(f"--structures: {structure} keeps {a / b:.0%} of the weights, not the "
-                             f"{1.0 - args.sparsity:.0%} of --sparsity {args.sparsity}")
     for name in ("nsamples", "seqlen", "eval_windows"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

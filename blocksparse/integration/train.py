@@ -485,12 +485,16 @@ def _callbacks():
     return StopOnNonFinite, RecordRun
 
 
+# Where accelerate keeps a model's own forward while its mixed-precision wrapper replaces it.
+_ORIGINAL_FORWARD = "_original_forward"
+
+
 @contextlib.contextmanager
 def own_forward(model: nn.Module):
     """`model` computing in its own dtype inside the block, as `train` returns it: the
     mixed-precision wrapper accelerate puts on the forward during a bf16/fp16 run (autocast,
     outputs cast to fp32) set aside, e.g. to score the model mid-run in its own precision."""
-    original = model.__dict__.get("_original_forward")
+    original = model.__dict__.get(_ORIGINAL_FORWARD)
     if original is None:  # no mixed precision: nothing wraps the forward
         yield model
         return
@@ -590,7 +594,7 @@ def train(model, train_blocks: torch.Tensor, args, lora=None, *, train_sparse_va
         # model returned computes in its own dtype (`own_forward`, for good) and caches as it did
         # before training. (accelerate's unwrap_model(keep_fp32_wrapper=False) would also strip
         # transformers' own decorators from the forward.)
-        original = model.__dict__.pop("_original_forward", None)
+        original = model.__dict__.pop(_ORIGINAL_FORWARD, None)
         if original is not None:
             model.forward = original
         model.config.use_cache = use_cache
